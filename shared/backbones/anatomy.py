@@ -1,0 +1,148 @@
+"""Backbone anatomies: where a model keeps its blocks, sublayers, norms and tokens.
+
+PEFT methods never reach into model internals; they ask an `Anatomy`. Supporting a new
+backbone family means writing one `Anatomy` subclass and registering the model class it
+recognises with `@register_anatomy(...)`.
+
+Vocabulary used by every method:
+- block: one transformer layer, in forward order;
+- sublayer ("mhsa" or "ffn") of a block, described by a `Sublayer`:
+    entry  - a module whose first positional input is the sublayer's input
+             (after its pre-norm in pre-LN models);
+    exit   - the `nn.Linear` whose output is the sublayer's output, before the residual add;
+    norm   - the LayerNorm that belongs to the sublayer (pre-norm, or post-norm in BERT);
+- tokens: the (B, N, D) sequence that flows between blocks, `num_prefix` leading
+  non-patch tokens (CLS, distillation, registers) and the patch grid.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.heads import Tokens
+
+PLACEMENTS = ("mhsa", "ffn")
+
+
+@dataclass(frozen=True)
+class Sublayer:
+    entry: nn.Module
+    exit: nn.Linear
+    norm: nn.Module | None
+    dim: int  # width of the residual stream at this sublayer
+
+
+class UnsupportedMethod(ValueError):
+    """A method cannot be attached to this backbone family (the message says why)."""
+
+
+class Anatomy(abc.ABC):
+    """Base class. Subclasses fill in the family-specific parts."""
+
+    family = "abstract"
+    model_classes: tuple[type, ...] = ()
+    # Why prompts / prefixes cannot be used (None when they can).
+    prompt_unsupported: str | None = None
+    prefix_unsupported: str | None = None
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # --- structure -----------------------------------------------------------------------
+    @abc.abstractmethod
+    def blocks(self) -> list[nn.Module]:
+        """Transformer blocks in forward order."""
+
+    @abc.abstractmethod
+    def sublayer(self, block: nn.Module, placement: str) -> Sublayer:
+        """The "mhsa" or "ffn" sublayer of `block`."""
+
+    def final_norm(self) -> nn.Module | None:
+        return None
+
+    def norms(self) -> list[nn.Module]:
+        """Every normalisation layer (LayerNorm, RMSNorm, BatchNorm, GroupNorm)."""
+        return [m for m in self.model.modules() if _is_norm(m)]
+
+    @property
+    def embed_dim(self) -> int:
+        return self.sublayer(self.blocks()[0], "ffn").dim
+
+    # --- tokens --------------------------------------------------------------------------
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 0
+
+    def grid(self) -> tuple[int, int] | None:
+        return None
+
+    def token_blocks(self) -> list[nn.Module]:
+        """Blocks whose first input is the (B, N, D) token sequence (prompt insertion points)."""
+        if self.prompt_unsupported:
+            raise UnsupportedMethod(self.prompt_unsupported)
+        return self.blocks()
+
+    # --- attention internals, for prefix tuning -------------------------------------------
+    def attention(self, block: nn.Module) -> nn.Module:
+        raise UnsupportedMethod(self.prefix_unsupported or f"{self.family}: no attention access")
+
+    def attention_heads(self, attn: nn.Module) -> int:
+        raise UnsupportedMethod(self.prefix_unsupported or f"{self.family}: no attention access")
+
+    def qkv(self, attn: nn.Module, x: torch.Tensor):
+        """Project (B, N, D) to q, k, v each (B, H, N, hd)."""
+        raise UnsupportedMethod(self.prefix_unsupported or f"{self.family}: no attention access")
+
+    def attention_output(self, attn: nn.Module, ctx: torch.Tensor, inputs: tuple):
+        """Project the attention context (B, N, H*hd) and return what the module returns."""
+        raise UnsupportedMethod(self.prefix_unsupported or f"{self.family}: no attention access")
+
+    # --- features ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def forward_tokens(self, inputs) -> Tokens:
+        """Run the backbone; return tokens after its final norm."""
+
+    def fingerprint_id(self) -> str:
+        """A human-readable backbone id (checkpoint name or architecture)."""
+        cfg = getattr(self.model, "config", None)
+        name = getattr(cfg, "name_or_path", "") if cfg is not None else ""
+        if not name:
+            pcfg = getattr(self.model, "pretrained_cfg", None) or {}
+            name = pcfg.get("hf_hub_id") or pcfg.get("architecture") or ""
+        return name or type(self.model).__name__
+
+
+def _is_norm(m: nn.Module) -> bool:
+    if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
+        return True
+    return type(m).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+_REGISTRY: list[type[Anatomy]] = []
+
+
+def register_anatomy(cls: type[Anatomy]) -> type[Anatomy]:
+    _REGISTRY.append(cls)
+    return cls
+
+
+def anatomy(model: nn.Module) -> Anatomy:
+    """The anatomy of `model` (its most specific registered class wins)."""
+    for cls in _REGISTRY:
+        if cls.model_classes and isinstance(model, cls.model_classes):
+            return cls(model)
+    known = ", ".join(c.model_classes[0].__name__ for c in _REGISTRY if c.model_classes)
+    raise TypeError(f"no anatomy for {type(model).__name__}; supported backbone classes: {known}")
+
+
+def sdpa_with_prefix(q, k, v, prefix_k, prefix_v, dropout_p: float = 0.0):
+    """Attention where learned key/value prefixes (H, P, hd) join every sequence's keys."""
+    B = q.shape[0]
+    k = torch.cat([prefix_k.unsqueeze(0).expand(B, -1, -1, -1).to(k.dtype), k], dim=2)
+    v = torch.cat([prefix_v.unsqueeze(0).expand(B, -1, -1, -1).to(v.dtype), v], dim=2)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, H, N, hd)
+

@@ -1,0 +1,264 @@
+"""Anatomy entries for the backbone families we support.
+
+timm `VisionTransformer` (DINOv2, Bird-MAE-style ViTs, register tokens), timm `SwinTransformer`,
+transformers `ASTModel`, Llama-class decoders and BERT-class encoders.
+"""
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from shared.heads import Tokens
+
+from .anatomy import Anatomy, Sublayer, register_anatomy
+
+
+def _check_placement(placement: str) -> None:
+    if placement not in ("mhsa", "ffn"):
+        raise ValueError(f"placement must be 'mhsa' or 'ffn', got {placement!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# timm
+# ----------------------------------------------------------------------------------------------
+def _timm_classes():
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer, SwinTransformer
+
+
+class _TimmBlocks(Anatomy):
+    """Shared by timm ViT and Swin: pre-LN blocks with attn.qkv/proj and mlp.fc1/fc2."""
+
+    def sublayer(self, block, placement):
+        _check_placement(placement)
+        if placement == "mhsa":
+            return Sublayer(block.attn.qkv, block.attn.proj, block.norm1, block.attn.proj.out_features)
+        return Sublayer(block.mlp.fc1, block.mlp.fc2, block.norm2, block.mlp.fc2.out_features)
+
+
+@register_anatomy
+class ViTAnatomy(_TimmBlocks):
+    family = "timm-vit"
+    model_classes = (_timm_classes()[0],)
+
+    def blocks(self):
+        return list(self.model.blocks)
+
+    def final_norm(self):
+        return self.model.norm
+
+    @property
+    def num_prefix_tokens(self):
+        return int(self.model.num_prefix_tokens)
+
+    def grid(self):
+        return tuple(self.model.patch_embed.grid_size)
+
+    def forward_tokens(self, inputs):
+        x = self.model.forward_features(inputs)  # (B, N, D), final norm applied
+        ph, pw = self.model.patch_embed.patch_size
+        grid = (inputs.shape[-2] // ph, inputs.shape[-1] // pw)
+        return Tokens(x, self.num_prefix_tokens, grid)
+
+    # prefix tuning
+    def attention(self, block):
+        return block.attn
+
+    def attention_heads(self, attn):
+        return attn.num_heads
+
+    @staticmethod
+    def qkv(attn, x):
+        B, N, _ = x.shape
+        q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        return attn.q_norm(q), attn.k_norm(k), v
+
+    @staticmethod
+    def attention_output(attn, ctx, inputs):
+        return attn.proj_drop(attn.proj(attn.norm(ctx)))
+
+
+@register_anatomy
+class SwinAnatomy(_TimmBlocks):
+    family = "timm-swin"
+    model_classes = (_timm_classes()[1],)
+    prompt_unsupported = (
+        "prompt tokens cannot join Swin's windowed attention: every window attends only within "
+        "its own fixed-size patch window and patch merging needs a full grid; use adapters, "
+        "LoRA, BitFit or HyperAdapter on Swin"
+    )
+    prefix_unsupported = (
+        "prefix tuning is not defined for Swin's shifted-window attention (relative position "
+        "bias and window masks have no slot for extra keys); use adapters or LoRA on Swin"
+    )
+
+    def blocks(self):
+        return [b for stage in self.model.layers for b in stage.blocks]
+
+    def final_norm(self):
+        return self.model.norm
+
+    def forward_tokens(self, inputs):
+        x = self.model.forward_features(inputs)  # (B, H, W, C) NHWC, final norm applied
+        B, H, W, C = x.shape
+        return Tokens(x.reshape(B, H * W, C), 0, (H, W))
+
+
+# ----------------------------------------------------------------------------------------------
+# transformers
+# ----------------------------------------------------------------------------------------------
+def _hf(name: str):
+    import transformers
+
+    return getattr(transformers, name)
+
+
+@register_anatomy
+class ASTAnatomy(Anatomy):
+    family = "hf-ast"
+    model_classes = (_hf("ASTModel"),)
+
+    def blocks(self):
+        return list(self.model.layers)
+
+    def sublayer(self, block, placement):
+        _check_placement(placement)
+        if placement == "mhsa":
+            a = block.attention
+            return Sublayer(a.q_proj, a.o_proj, block.layernorm_before, a.o_proj.out_features)
+        return Sublayer(block.mlp.fc1, block.mlp.fc2, block.layernorm_after, block.mlp.fc2.out_features)
+
+    def final_norm(self):
+        return self.model.layernorm
+
+    @property
+    def num_prefix_tokens(self):
+        return 2  # CLS + distillation
+
+    def grid(self):
+        return tuple(self.model.embeddings.get_shape(self.model.config))  # (frequency, time)
+
+    def forward_tokens(self, inputs):
+        x = self.model(input_values=inputs).last_hidden_state  # (B, 2 + F*T, D)
+        return Tokens(x, 2, self.grid())
+
+    def attention(self, block):
+        return block.attention
+
+    def attention_heads(self, attn):
+        return attn.num_attention_heads
+
+    @staticmethod
+    def qkv(attn, x):
+        shape = (*x.shape[:-1], -1, attn.head_dim)
+        return tuple(p(x).view(shape).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+
+    @staticmethod
+    def attention_output(attn, ctx, inputs):
+        return attn.o_proj(ctx), None
+
+
+def _base_model(model):
+    """`XForCausalLM` / `XForSequenceClassification` keep the transformer in `.model` / `.bert`."""
+    for attr in ("model", "bert", "base_model"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module) and inner is not model and hasattr(inner, "config"):
+            return inner
+    return model
+
+
+def _decoder_classes():
+    names = ["LlamaModel", "LlamaForCausalLM", "LlamaForSequenceClassification",
+             "MistralModel", "MistralForCausalLM", "Qwen2Model", "Qwen2ForCausalLM"]
+    return tuple(_hf(n) for n in names)
+
+
+@register_anatomy
+class DecoderAnatomy(Anatomy):
+    """Llama-class causal decoders (Llama, SmolLM2, Mistral, Qwen2): pre-RMSNorm blocks."""
+
+    family = "hf-decoder"
+    model_classes = _decoder_classes()
+    prompt_unsupported = (
+        "prompt tokens would desynchronise a causal decoder's attention mask, rotary positions "
+        "and KV cache; for text decoders use peft's PromptTuningConfig through peft.get_peft_model"
+    )
+    prefix_unsupported = (
+        "prefix tuning for causal decoders lives in the KV cache (peft's PrefixTuningConfig "
+        "through peft.get_peft_model); our prefix method covers ViT-style attention only"
+    )
+
+    def blocks(self):
+        return list(_base_model(self.model).layers)
+
+    def sublayer(self, block, placement):
+        _check_placement(placement)
+        if placement == "mhsa":
+            a = block.self_attn
+            return Sublayer(a.q_proj, a.o_proj, block.input_layernorm, a.o_proj.out_features)
+        m = block.mlp
+        return Sublayer(m.gate_proj, m.down_proj, block.post_attention_layernorm, m.down_proj.out_features)
+
+    def final_norm(self):
+        return _base_model(self.model).norm
+
+    def forward_tokens(self, inputs):
+        kwargs = inputs if isinstance(inputs, dict) else {"input_ids": inputs}
+        x = _base_model(self.model)(**kwargs).last_hidden_state  # (B, N, D)
+        return Tokens(x, 0, None)
+
+
+def _encoder_classes():
+    names = ["BertModel", "BertForSequenceClassification", "BertForTokenClassification"]
+    return tuple(_hf(n) for n in names)
+
+
+@register_anatomy
+class EncoderAnatomy(Anatomy):
+    """BERT-class encoders (BERT, MiniLM): post-LN blocks; the LayerNorm after each sublayer."""
+
+    family = "hf-encoder"
+    model_classes = _encoder_classes()
+    prompt_unsupported = (
+        "BERT-class encoders derive their attention mask and position ids from input_ids, so "
+        "tokens inserted between blocks would be masked inconsistently; use peft's "
+        "PromptTuningConfig through peft.get_peft_model for text encoders"
+    )
+    prefix_unsupported = (
+        "prefix tuning for text encoders is peft's PrefixTuningConfig (through "
+        "peft.get_peft_model); our prefix method covers ViT-style attention only"
+    )
+
+    def blocks(self):
+        return list(_base_model(self.model).encoder.layer)
+
+    def sublayer(self, block, placement):
+        _check_placement(placement)
+        if placement == "mhsa":
+            a = block.attention
+            return Sublayer(a.self.query, a.output.dense, a.output.LayerNorm, a.output.dense.out_features)
+        return Sublayer(block.intermediate.dense, block.output.dense, block.output.LayerNorm,
+                        block.output.dense.out_features)
+
+    def final_norm(self):
+        return None  # post-LN: the last block's output LayerNorm is the final norm
+
+    @property
+    def num_prefix_tokens(self):
+        return 1  # [CLS]
+
+    def forward_tokens(self, inputs):
+        kwargs = inputs if isinstance(inputs, dict) else {"input_ids": inputs}
+        x = _base_model(self.model)(**kwargs).last_hidden_state
+        return Tokens(x, 1, None)
+
+
+def square_grid(n: int) -> tuple[int, int]:
+    """A grid for n tokens with no known layout: square when possible, else a 1-D column."""
+    s = math.isqrt(n)
+    return (s, s) if s * s == n else (n, 1)
+
+

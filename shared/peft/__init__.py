@@ -1,0 +1,23 @@
+"""The PEFT core: method configs, attach / summary / merge, and adapter bundles.
+
+    from shared import peft
+    model = peft.attach(backbone, [peft.Adapter(placement="ffn", mode="parallel", bottleneck=64),
+                                   peft.LoRA(r=8, alpha=16, targets=["qkv"])])
+    peft.summary(model); peft.save(model, "runs/x/adapter"); peft.load(fresh, "runs/x/adapter")
+"""
+from shared.artifacts import BundleError, load, read_meta, save
+
+from .adapters import Adapter, Compacter, FiLM
+from .base import METHODS, Method, PeftState, from_dict, register, state_of
+from .core import Classifier, attach, fingerprint, merge, split, summary
+from .lora import IA3, AdaLoRA, DoRA, LoHa, LoKr, LoRA, VeRA
+from .scaling import BitFit, NormTuning
+from .tokens import Prefix, Prompt
+
+__all__ = [
+    "METHODS", "Method", "PeftState", "register", "from_dict", "state_of",
+    "attach", "summary", "merge", "save", "load", "read_meta", "fingerprint", "split",
+    "Classifier", "BundleError",
+    "LoRA", "DoRA", "AdaLoRA", "IA3", "LoHa", "LoKr", "VeRA",
+    "Adapter", "Compacter", "FiLM", "Prompt", "Prefix", "BitFit", "NormTuning",
+]

@@ -1,0 +1,370 @@
+"""Modules attached at a block's sublayers: bottleneck / conformer / convpass adapters, Compacter, FiLM.
+
+Each attached module hooks its sublayer as the anatomy describes it (see `Sublayer`):
+- parallel:   out = exit(...) + scale * f(sublayer input)      (reads the entry's input)
+- sequential: out = y + scale * f(y),  y = exit(...)            (adapter with residual)
+The last projection of every adapter is zero-initialised, so the model is unchanged at init
+(the PETL-AST code zero-inits both projections, which leaves the down projection without
+gradient; we zero only the up projection).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.backbones import Anatomy, Sublayer, square_grid
+
+from .base import Method, check_choice, check_positive, register
+
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "identity": nn.Identity}
+PLACEMENT_CHOICES = ("mhsa", "ffn", "both")
+
+
+def _placements(placement: str) -> tuple[str, ...]:
+    return ("mhsa", "ffn") if placement == "both" else (placement,)
+
+
+def module_name(key: str, placement: str) -> str:
+    return f"peft_{key}_{placement}"
+
+
+class SublayerModule(nn.Module):
+    """Base of every module that hooks one sublayer (parallel or sequential)."""
+
+    def __init__(self, mode: str, scale: float = 1.0):
+        super().__init__()
+        self.mode, self.scale = mode, scale
+        self._h = None  # the sublayer input, held between the entry and exit hooks
+
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__} must define delta()")
+
+    def install(self, sub: Sublayer) -> None:
+        if self.mode == "parallel":
+            sub.entry.register_forward_pre_hook(self._capture)
+        sub.exit.register_forward_hook(self._apply)
+
+    def uninstall(self, sub: Sublayer) -> None:
+        for hooks in (sub.entry._forward_pre_hooks, sub.exit._forward_hooks):
+            for hid, fn in list(hooks.items()):
+                if getattr(fn, "__self__", None) is self:
+                    del hooks[hid]
+
+    def _capture(self, module, args):
+        self._h = args[0]
+
+    def _apply(self, module, args, out):
+        if self.mode == "parallel":
+            h, self._h = self._h, None
+            if h is None:
+                raise RuntimeError("parallel adapter: the sublayer's entry layer did not run before its exit")
+            return out + self.scale * self.delta(h)
+        return out + self.scale * self.delta(out)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose init can be zero (the adapter's last projection)."""
+
+    def __init__(self, d_in: int, d_out: int, zero: bool = False):
+        super().__init__(d_in, d_out)
+        if zero:
+            nn.init.zeros_(self.weight)
+            nn.init.zeros_(self.bias)
+
+
+class Bottleneck(SublayerModule):
+    """down (d_in -> b) -> activation -> up (b -> d_out, zero-init)."""
+
+    def __init__(self, d_in, d_out, b, mode, scale=1.0, activation="gelu", linear=Linear):
+        super().__init__(mode, scale)
+        self.down = linear(d_in, b)
+        self.act = ACTIVATIONS[activation]()
+        self.up = linear(b, d_out, zero=True)
+
+    def delta(self, h):
+        return self.up(self.act(self.down(h)))
+
+
+class Conformer(SublayerModule):
+    """Conformer convolution module as an adapter (PETL-AST), zero-init output projection.
+
+    LayerNorm -> pointwise to 2b -> GLU -> depthwise conv over tokens -> BatchNorm -> SiLU ->
+    pointwise to d_out. The anchor discards the LayerNorm's output; we apply it.
+    """
+
+    def __init__(self, d_in, d_out, b, mode, scale=1.0, kernel_size=31):
+        super().__init__(mode, scale)
+        self.norm = nn.LayerNorm(d_in)
+        self.pw1 = nn.Linear(d_in, 2 * b)
+        self.dw = nn.Conv1d(b, b, kernel_size, padding=kernel_size // 2, groups=b)
+        self.bn = nn.BatchNorm1d(b)
+        self.pw2 = Linear(b, d_out, zero=True)
+
+    def delta(self, h):
+        lead = h.shape[:-2]
+        x = F.glu(self.pw1(self.norm(h.reshape(-1, *h.shape[-2:]))), dim=-1)  # (B', N, b)
+        x = F.silu(self.bn(self.dw(x.transpose(1, 2)))).transpose(1, 2)  # conv over tokens
+        return self.pw2(x).reshape(*lead, *x.shape[-2:-1], -1)
+
+
+class Convpass(SublayerModule):
+    """Convolutional bypass (Jie & Deng 2022): down -> GELU -> 3x3 conv on the patch grid -> GELU -> up.
+
+    Non-grid tokens (CLS, registers, prompts) pass through the same conv as 1x1 images.
+    """
+
+    def __init__(self, d_in, d_out, b, mode, scale=1.0, layout=None):
+        super().__init__(mode, scale)
+        self.down = nn.Linear(d_in, b)
+        self.conv = nn.Conv2d(b, b, 3, padding=1)
+        self.up = Linear(b, d_out, zero=True)
+        self._layout = layout  # n tokens -> (num non-grid tokens, (H, W))
+
+    def delta(self, h):
+        lead, n = h.shape[:-2], h.shape[-2]
+        x = F.gelu(self.down(h.reshape(-1, n, h.shape[-1])))  # (B', N, b)
+        p, (gh, gw) = self._layout(n) if self._layout else (0, square_grid(n))
+        grid = x[:, p:].transpose(1, 2).reshape(x.shape[0], -1, gh, gw)
+        grid = self.conv(grid).flatten(2).transpose(1, 2)  # (B', H*W, b)
+        if p:
+            pre = self.conv(x[:, :p].transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
+            grid = torch.cat([pre, grid], dim=1)
+        return self.up(F.gelu(grid)).reshape(*lead, n, -1)
+
+
+class FiLMModule(SublayerModule):
+    """Per-channel scale and shift of the sublayer output: y * gamma + beta (identity at init)."""
+
+    def __init__(self, d_out):
+        super().__init__("sequential")
+        self.gamma = nn.Parameter(torch.ones(d_out))
+        self.beta = nn.Parameter(torch.zeros(d_out))
+
+    def _apply(self, module, args, out):
+        return out * self.gamma + self.beta
+
+
+# --- Compacter ---------------------------------------------------------------------------------
+class PHMShared(nn.Module):
+    """Compacter's "slow" weights: n matrices (n x n) shared by every PHM layer of the model."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.a_down = nn.Parameter(torch.empty(n, n, n))
+        self.a_up = nn.Parameter(torch.empty(n, n, n))
+        for a in (self.a_down, self.a_up):
+            nn.init.xavier_normal_(a)
+
+
+class PHMLinear(nn.Module):
+    """Parameterised hypercomplex multiplication: W = sum_i A_i (x) (s_i t_i^T), rank-one fast weights."""
+
+    def __init__(self, d_in, d_out, shared: PHMShared, which: str, zero: bool = False):
+        super().__init__()
+        n = shared.a_down.shape[0]
+        if d_in % n or d_out % n:
+            raise ValueError(f"compacter: widths {d_in} and {d_out} must be divisible by phm_dim={n}")
+        self.n, self.which = n, which
+        self._shared = (shared,)  # a tuple, so the shared module is not registered twice
+        self.s = nn.Parameter(torch.randn(n, d_in // n) / math.sqrt(d_in))
+        self.t = nn.Parameter(torch.zeros(n, d_out // n) if zero else torch.randn(n, d_out // n) / math.sqrt(d_out // n))
+        self.bias = nn.Parameter(torch.zeros(d_out))
+
+    def weight(self) -> torch.Tensor:
+        a = getattr(self._shared[0], f"a_{self.which}")  # (n, n, n)
+        b = torch.einsum("ic,id->icd", self.s, self.t)  # rank-one fast weights (n, in/n, out/n)
+        w = torch.einsum("iab,icd->acbd", a, b)  # sum_i kron(A_i, B_i)
+        return w.reshape(self.n * self.s.shape[1], self.n * self.t.shape[1])  # (in, out)
+
+    def forward(self, x):
+        return x @ self.weight() + self.bias
+
+
+# --- configs -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Sublayers(Method):
+    """Fields and helpers shared by methods that attach one module per adapted sublayer."""
+
+    placement: str = "ffn"
+    blocks: tuple[int, ...] | None = None  # block indices to adapt; None = all
+
+    def __post_init__(self):
+        check_choice("placement", self.placement, PLACEMENT_CHOICES)
+        if isinstance(self.blocks, list):
+            object.__setattr__(self, "blocks", tuple(self.blocks))
+
+    def sites(self, anat: Anatomy):
+        blocks = anat.blocks()
+        chosen = range(len(blocks)) if self.blocks is None else self.blocks
+        for i in chosen:
+            if not -len(blocks) <= i < len(blocks):
+                raise ValueError(f"{self.name}: block index {i} out of range for {len(blocks)} blocks")
+            for placement in _placements(self.placement):
+                yield blocks[i], placement, anat.sublayer(blocks[i], placement)
+
+    def _attached(self, model, anat, key):
+        for block, placement, sub in self.sites(anat):
+            yield block, placement, sub, getattr(block, module_name(key, placement))
+
+
+@dataclass(frozen=True)
+class _AdapterBase(_Sublayers):
+    mode: str = "parallel"
+    bottleneck: int | None = None
+    reduction: float | None = None  # PETL-AST's RR: bottleneck = round(dim / reduction)
+    scale: float = 1.0
+    train_norms: bool = False  # PETL-AST: also train the norms of adapted sublayers + final norm
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("mode", self.mode, ("parallel", "sequential"))
+        if self.bottleneck is not None and self.reduction is not None:
+            raise ValueError(f"{self.name}: give bottleneck or reduction, not both")
+        check_positive("bottleneck", self.bottleneck, allow_none=True)
+        check_positive("reduction", self.reduction, allow_none=True)
+
+    def width(self, dim: int) -> int:
+        if self.bottleneck is not None:
+            return int(self.bottleneck)
+        return max(1, round(dim / (self.reduction or 12)))
+
+    def build(self, d_in, d_out, anat, model, key) -> SublayerModule:
+        raise TypeError(f"{type(self).__name__} must define build()")
+
+    def attach(self, model, anat, key):
+        extra = []
+        for block, placement, sub in self.sites(anat):
+            d_in = sub.entry.in_features if self.mode == "parallel" else sub.exit.out_features
+            mod = self.build(d_in, sub.exit.out_features, anat, model, key)
+            block.add_module(module_name(key, placement), mod)
+            mod.install(sub)
+            if self.train_norms and sub.norm is not None:
+                extra += list(sub.norm.parameters())
+        if self.train_norms and anat.final_norm() is not None:
+            extra += list(anat.final_norm().parameters())
+        return extra
+
+
+@register
+@dataclass(frozen=True)
+class Adapter(_AdapterBase):
+    """Bottleneck / conformer / convpass adapter at the MHSA and/or FFN sublayer.
+
+    Pfeiffer = placement "ffn"; Houlsby = placement "both". Size: `bottleneck` (absolute) or
+    `reduction` (bottleneck = round(dim / reduction)); default reduction 12.
+    """
+
+    name: ClassVar[str] = "adapter"
+    kind: str = "bottleneck"
+    activation: str = "gelu"
+    kernel_size: int = 31  # conformer's depthwise kernel
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("kind", self.kind, ("bottleneck", "conformer", "convpass"))
+        check_choice("activation", self.activation, tuple(ACTIVATIONS))
+
+    def build(self, d_in, d_out, anat, model, key):
+        b = self.width(d_out)
+        if self.kind == "conformer":
+            return Conformer(d_in, d_out, b, self.mode, self.scale, self.kernel_size)
+        if self.kind == "convpass":
+            return Convpass(d_in, d_out, b, self.mode, self.scale, layout=_layout(anat))
+        return Bottleneck(d_in, d_out, b, self.mode, self.scale, self.activation)
+
+    def merge(self, model, anat, key):
+        if not (self.kind == "bottleneck" and self.mode == "sequential" and self.activation == "identity"):
+            return ("only sequential bottleneck adapters with activation 'identity' are linear in the "
+                    "exit layer's output and can be folded; this one stays attached")
+        for _, _, sub, mod in self._attached(model, anat, key):
+            # out = (I + sUD) y + s(U d_b + u_b),  y = W x + b
+            m = torch.eye(sub.exit.out_features) + self.scale * mod.up.weight @ mod.down.weight
+            shift = self.scale * (mod.up.weight @ mod.down.bias + mod.up.bias)
+            _fold_affine(sub.exit, m, shift)
+            mod.uninstall(sub)
+        return None
+
+
+def _layout(anat: Anatomy):
+    """n tokens -> (leading non-grid tokens, grid), from the anatomy's patch grid when it fits."""
+    grid, prefix = anat.grid(), anat.num_prefix_tokens
+
+    def layout(n: int):
+        if grid is not None and n >= grid[0] * grid[1] and n - grid[0] * grid[1] >= prefix:
+            return n - grid[0] * grid[1], grid  # prompts sit between prefix and patches
+        if grid is None and 0 < prefix < n:
+            return prefix, (n - prefix, 1)  # 1-D sequences: a column
+        return 0, square_grid(n)  # Swin windows and merged stages
+
+    return layout
+
+
+def _fold_affine(linear: nn.Linear, m: torch.Tensor, shift: torch.Tensor) -> None:
+    """Replace y = W x + b by y' = M y + shift, in place."""
+    with torch.no_grad():
+        m = m.to(linear.weight)
+        linear.weight.copy_(m @ linear.weight)
+        b = linear.bias if linear.bias is not None else torch.zeros_like(shift)
+        new_b = m @ b + shift.to(b)
+        if linear.bias is None:
+            linear.bias = nn.Parameter(new_b, requires_grad=False)
+        else:
+            linear.bias.copy_(new_b)
+
+
+@register
+@dataclass(frozen=True)
+class Compacter(_AdapterBase):
+    """Bottleneck adapter whose projections are PHM layers (Mahabadi et al. 2021).
+
+    The n "slow" matrices A_i are shared by all adapters of the model; each layer learns
+    rank-one "fast" factors. Widths must be divisible by `phm_dim`.
+    """
+
+    name: ClassVar[str] = "compacter"
+    phm_dim: int = 4
+    activation: str = "gelu"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive("phm_dim", self.phm_dim)
+        check_choice("activation", self.activation, tuple(ACTIVATIONS))
+
+    def build(self, d_in, d_out, anat, model, key):
+        name = f"peft_{key}_shared"
+        if not hasattr(model, name):
+            model.add_module(name, PHMShared(self.phm_dim))
+        shared = getattr(model, name)
+
+        def linear(i, o, zero=False):
+            return PHMLinear(i, o, shared, "up" if zero else "down", zero=zero)
+
+        b = self.width(d_out)
+        b = max(self.phm_dim, b - b % self.phm_dim)  # PHM needs widths divisible by n
+        return Bottleneck(d_in, d_out, b, self.mode, self.scale, self.activation, linear=linear)
+
+
+@register
+@dataclass(frozen=True)
+class FiLM(_Sublayers):
+    """Feature-wise linear modulation of sublayer outputs: y * gamma + beta, per channel."""
+
+    name: ClassVar[str] = "film"
+
+    def attach(self, model, anat, key):
+        for block, placement, sub in self.sites(anat):
+            mod = FiLMModule(sub.exit.out_features)
+            block.add_module(module_name(key, placement), mod)
+            mod.install(sub)
+        return ()
+
+    def merge(self, model, anat, key):
+        for _, _, sub, mod in self._attached(model, anat, key):
+            _fold_affine(sub.exit, torch.diag(mod.gamma.detach()), mod.beta.detach())
+            mod.uninstall(sub)
+        return None

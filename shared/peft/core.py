@@ -1,0 +1,133 @@
+"""attach / summary / merge: the verbs of the PEFT core."""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from shared.backbones import Anatomy, anatomy
+
+from .base import Method, PeftState, from_dict, state_of
+
+
+class Classifier(nn.Module):
+    """A backbone (with its PEFT methods) and a head reading the backbone's tokens."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, labels: list[str] | None = None):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        self.labels = list(labels) if labels else None
+        self.anatomy = anatomy(backbone)
+
+    def tokens(self, inputs):
+        return self.anatomy.forward_tokens(inputs)
+
+    def forward(self, inputs) -> torch.Tensor:
+        return self.head(self.tokens(inputs))  # (B, C)
+
+
+def split(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    """(backbone, head) of a Classifier, or (model, None)."""
+    if isinstance(model, Classifier):
+        return model.backbone, model.head
+    return model, None
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A hash of every parameter and buffer (names, shapes, dtypes and values)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        if t.device.type != "meta":
+            h.update(t.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def attach(backbone: nn.Module, methods: Iterable[Method | dict[str, Any]], backbone_id: str | None = None,
+           compute_fingerprint: bool = True) -> nn.Module:
+    """Attach PEFT methods to `backbone` in place and freeze everything they do not train.
+
+    Methods compose; Hugging Face peft methods are injected first so that hook-based methods
+    wrap the peft layers. Returns the same module, with `backbone.peft_state` recording what was
+    attached. Calling attach again adds more methods.
+    """
+    methods = [from_dict(m) if isinstance(m, dict) else m for m in methods]
+    for m in methods:
+        if not isinstance(m, Method):
+            raise TypeError(f"expected a method config or dict, got {type(m).__name__}")
+    anat = anatomy(backbone)
+    state: PeftState | None = getattr(backbone, "peft_state", None)
+    if state is None:
+        state = PeftState(fingerprint=fingerprint(backbone) if compute_fingerprint else "",
+                          backbone_id=backbone_id or anat.fingerprint_id())
+    if state.merged:
+        raise ValueError("cannot attach methods to a merged model; attach to a fresh backbone")
+    params = dict(backbone.named_parameters())
+    owner_ids = {id(params[n]): k for n, k in state.owner.items() if n in params}
+    buffer_ids = {id(b) for b in backbone.buffers()}
+    used = {k for k, _ in state.methods}
+    for m in sorted(methods, key=lambda m: not m.from_hf_peft):
+        key = _unique_key(m.name, used)
+        before = {id(p) for p in backbone.parameters()}
+        existing = {id(p) for p in m.attach(backbone, anat, key)}
+        for p in backbone.parameters():
+            new = id(p) not in before
+            if (new and (p.requires_grad or not m.from_hf_peft)) or id(p) in existing:
+                owner_ids.setdefault(id(p), key)
+        state.methods.append((key, m))
+    for p in backbone.parameters():
+        p.requires_grad_(id(p) in owner_ids)
+    state.owner = {n: owner_ids[id(p)] for n, p in backbone.named_parameters() if id(p) in owner_ids}
+    state.buffers = sorted({n for n, b in backbone.named_buffers() if id(b) not in buffer_ids} | set(state.buffers))
+    backbone.peft_state = state
+    return backbone
+
+
+def _unique_key(name: str, used: set[str]) -> str:
+    key, i = name, 2
+    while key in used:
+        key, i = f"{name}_{i}", i + 1
+    used.add(key)
+    return key
+
+
+def summary(model: nn.Module) -> dict[str, Any]:
+    """{"trainable", "total", "by_method": {method key: trainable count}} (+ "head")."""
+    backbone, head = split(model)
+    state = state_of(backbone)
+    params = dict(backbone.named_parameters())
+    by_method = {k: 0 for k, _ in state.methods}
+    for name, key in state.owner.items():
+        if name in params:
+            by_method[key] += params[name].numel()
+    if head is not None:
+        by_method["head"] = sum(p.numel() for p in head.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": total, "by_method": by_method,
+            "trainable_percent": 100.0 * trainable / max(total, 1)}
+
+
+def merge(model: nn.Module) -> dict[str, str]:
+    """Fold every method that can be folded into the backbone weights; outputs are unchanged.
+
+    Returns {method key: "merged" or the reason it stays attached}.
+    """
+    backbone, _ = split(model)
+    state = state_of(backbone)
+    anat: Anatomy = anatomy(backbone)
+    report = {}
+    for key, m in state.methods:
+        if key in state.merged:
+            report[key] = "merged"
+            continue
+        why = m.merge(backbone, anat, key)
+        report[key] = why or "merged"
+        if why is None:
+            state.merged.append(key)
+    params = set(n for n, _ in backbone.named_parameters())
+    state.owner = {n: k for n, k in state.owner.items() if n in params}
+    return report

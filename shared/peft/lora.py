@@ -1,0 +1,196 @@
+"""The LoRA family, injected by Hugging Face `peft` (`inject_adapter_in_model`).
+
+We only translate our small configs into peft configs and let peft do the work: LoRA, DoRA,
+AdaLoRA, IA3, LoHa, LoKr and VeRA. Targets are module names (matched by peft: exact name or
+name suffix) or one regex string (full match), with optional excludes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import peft as hf_peft
+from torch import nn
+
+from .base import Method, check_positive, register
+
+Targets = tuple[str, ...] | str
+
+
+def _targets(targets: Targets):
+    return targets if isinstance(targets, str) else list(targets)
+
+
+@dataclass(frozen=True)
+class _PeftMethod(Method):
+    from_hf_peft: ClassVar[bool] = True
+
+    def __post_init__(self):
+        t = self.targets
+        if isinstance(t, list):
+            object.__setattr__(self, "targets", tuple(t))
+        if not self.targets or (not isinstance(self.targets, str) and not all(isinstance(x, str) for x in self.targets)):
+            raise ValueError(f"{self.name}: targets must be module names or one regex, got {self.targets!r}")
+
+    def peft_config(self):
+        raise TypeError(f"{type(self).__name__} must define peft_config()")
+
+    def attach(self, model, anat, key):
+        try:
+            hf_peft.inject_adapter_in_model(self.peft_config(), model, adapter_name=key)
+        except ValueError as e:  # peft says which targets matched nothing
+            raise ValueError(f"{self.name}: targets {self.targets!r} matched no layer of "
+                             f"{type(model).__name__}: {e}") from None
+        return ()
+
+    def merge(self, model, anat, key):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for name, module in list(model.named_modules()):
+            if isinstance(module, BaseTunerLayer) and key in module.active_adapters:
+                module.merge(adapter_names=[key])
+                _replace_with_base(model, name, module)
+        return None
+
+
+def _replace_with_base(model: nn.Module, name: str, layer) -> None:
+    """Swap a merged peft layer for its base layer, keeping hooks other methods put on it."""
+    base = layer.get_base_layer()
+    base._forward_hooks.update(layer._forward_hooks)
+    base._forward_pre_hooks.update(layer._forward_pre_hooks)
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
+
+
+@register
+@dataclass(frozen=True)
+class LoRA(_PeftMethod):
+    """Low-rank update W + (alpha / r) B A, B zero-initialised (Hu et al. 2021)."""
+
+    name: ClassVar[str] = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    targets: Targets = ("qkv",)
+    exclude: tuple[str, ...] = ()
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive("r", self.r)
+
+    def peft_config(self, **extra):
+        return hf_peft.LoraConfig(r=self.r, lora_alpha=self.alpha, target_modules=_targets(self.targets),
+                                  exclude_modules=list(self.exclude) or None,
+                                  lora_dropout=self.dropout, **extra)
+
+
+@register
+@dataclass(frozen=True)
+class DoRA(LoRA):
+    """Weight-decomposed LoRA: magnitude vector + LoRA on the direction (Liu et al. 2024)."""
+
+    name: ClassVar[str] = "dora"
+
+    def peft_config(self):
+        return super().peft_config(use_dora=True)
+
+
+@register
+@dataclass(frozen=True)
+class AdaLoRA(_PeftMethod):
+    """SVD-form LoRA (P diag(E) Q) with orthogonality regularisation (Zhang et al. 2023).
+
+    Rank reallocation (`update_and_allocate`) belongs to peft's AdaLoraModel wrapper; attached
+    through injection, every layer keeps `init_r`.
+    """
+
+    name: ClassVar[str] = "adalora"
+    init_r: int = 12
+    target_r: int = 8
+    alpha: float = 8.0
+    targets: Targets = ("qkv",)
+    exclude: tuple[str, ...] = ()
+    total_step: int = 1000
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive("init_r", self.init_r)
+
+    def peft_config(self):
+        return hf_peft.AdaLoraConfig(init_r=self.init_r, target_r=self.target_r, lora_alpha=self.alpha,
+                                     target_modules=_targets(self.targets),
+                                     exclude_modules=list(self.exclude) or None, total_step=self.total_step)
+
+
+@register
+@dataclass(frozen=True)
+class IA3(_PeftMethod):
+    """Learned per-channel rescaling of activations, initialised at 1 (Liu et al. 2022).
+
+    `feedforward` names the targets whose *input* is scaled (IA3's FFN convention); the
+    other targets have their output scaled.
+    """
+
+    name: ClassVar[str] = "ia3"
+    targets: Targets = ("qkv", "fc2")
+    feedforward: tuple[str, ...] = ("fc2",)
+    exclude: tuple[str, ...] = ()
+
+    def peft_config(self):
+        return hf_peft.IA3Config(target_modules=_targets(self.targets),
+                                 feedforward_modules=list(self.feedforward),
+                                 exclude_modules=list(self.exclude) or None)
+
+
+@register
+@dataclass(frozen=True)
+class LoHa(_PeftMethod):
+    """Low-rank Hadamard product update (Hyeon-Woo et al. 2022)."""
+
+    name: ClassVar[str] = "loha"
+    r: int = 8
+    alpha: float = 8.0
+    targets: Targets = ("qkv",)
+    exclude: tuple[str, ...] = ()
+
+    def peft_config(self):
+        return hf_peft.LoHaConfig(r=self.r, alpha=self.alpha, target_modules=_targets(self.targets),
+                                  exclude_modules=list(self.exclude) or None)
+
+
+@register
+@dataclass(frozen=True)
+class LoKr(_PeftMethod):
+    """Low-rank Kronecker product update (Yeh et al. 2024)."""
+
+    name: ClassVar[str] = "lokr"
+    r: int = 8
+    alpha: float = 8.0
+    targets: Targets = ("qkv",)
+    exclude: tuple[str, ...] = ()
+
+    def peft_config(self):
+        return hf_peft.LoKrConfig(r=self.r, alpha=self.alpha, target_modules=_targets(self.targets),
+                                  exclude_modules=list(self.exclude) or None)
+
+
+@register
+@dataclass(frozen=True)
+class VeRA(_PeftMethod):
+    """Shared frozen random low-rank matrices with trained scaling vectors (Kopiczko et al. 2024).
+
+    All targets must have the same shape (peft shares one random pair per shape).
+    """
+
+    name: ClassVar[str] = "vera"
+    r: int = 64
+    targets: Targets = ("qkv",)
+    exclude: tuple[str, ...] = ()
+    seed: int = 0
+
+    def peft_config(self):
+        return hf_peft.VeraConfig(r=self.r, target_modules=_targets(self.targets), projection_prng_key=self.seed,
+                                  exclude_modules=list(self.exclude) or None, save_projection=True)
+
+
+__all__ = ["LoRA", "DoRA", "AdaLoRA", "IA3", "LoHa", "LoKr", "VeRA"]
