@@ -105,17 +105,22 @@ def save(model: nn.Module, path: str | os.PathLike, labels: list[str] | None = N
         save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
         meta["sha256"] = _sha256(tmp / TENSORS)
         (tmp / META).write_text(json.dumps(meta, indent=2, default=_json_default))
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def replace_dir(new: Path, dest: Path) -> None:
+    """Move the finished folder `new` to `dest`; an old `dest` is removed only after the swap."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(new, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _json_default(o):

@@ -11,7 +11,7 @@ from .adapters import Adapter, Compacter, FiLM
 from .base import METHODS, Method, PeftState, from_dict, register, state_of
 from .core import Classifier, attach, fingerprint, merge, split, summary
 from .lora import IA3, AdaLoRA, DoRA, LoHa, LoKr, LoRA, VeRA
-from .scaling import BitFit, NormTuning
+from .scaling import BitFit, Full, NormTuning
 from .tokens import Prefix, Prompt
 
 __all__ = [
@@ -19,5 +19,5 @@ __all__ = [
     "attach", "summary", "merge", "save", "load", "read_meta", "fingerprint", "split",
     "Classifier", "BundleError",
     "LoRA", "DoRA", "AdaLoRA", "IA3", "LoHa", "LoKr", "VeRA",
-    "Adapter", "Compacter", "FiLM", "Prompt", "Prefix", "BitFit", "NormTuning",
+    "Adapter", "Compacter", "FiLM", "Prompt", "Prefix", "BitFit", "NormTuning", "Full",
 ]

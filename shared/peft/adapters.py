@@ -47,7 +47,7 @@ class SublayerModule(nn.Module):
     def install(self, sub: Sublayer) -> None:
         if self.mode == "parallel":
             sub.entry.register_forward_pre_hook(self._capture)
-        sub.exit.register_forward_hook(self._apply)
+        sub.exit.register_forward_hook(self._on_exit)
 
     def uninstall(self, sub: Sublayer) -> None:
         for hooks in (sub.entry._forward_pre_hooks, sub.exit._forward_hooks):
@@ -58,7 +58,7 @@ class SublayerModule(nn.Module):
     def _capture(self, module, args):
         self._h = args[0]
 
-    def _apply(self, module, args, out):
+    def _on_exit(self, module, args, out):
         if self.mode == "parallel":
             h, self._h = self._h, None
             if h is None:
@@ -145,7 +145,7 @@ class FiLMModule(SublayerModule):
         self.gamma = nn.Parameter(torch.ones(d_out))
         self.beta = nn.Parameter(torch.zeros(d_out))
 
-    def _apply(self, module, args, out):
+    def _on_exit(self, module, args, out):
         return out * self.gamma + self.beta
 
 

@@ -51,3 +51,17 @@ class NormTuning(Method):
 
     def merge(self, model, anat, key):
         return None
+
+
+@register
+@dataclass(frozen=True)
+class Full(Method):
+    """Full fine-tuning: every backbone parameter trains (the baseline PEFT is measured against)."""
+
+    name: ClassVar[str] = "full"
+
+    def attach(self, model, anat, key):
+        return list(model.parameters())
+
+    def merge(self, model, anat, key):
+        return None

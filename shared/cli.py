@@ -1,0 +1,101 @@
+"""The LightningCLI entry reused by every `<domain>.train`.
+
+`python -m audio.train --config domains/audio/esc50_adapter.yaml --data.root ...`: every CLI
+flag is a recipe key. A run trains, tests the best-validation checkpoint, saves the adapter
+bundle and a metrics row, and only then moves its outputs into `--output_dir`: a failed run
+never overwrites a previous run's results.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from shared import peft
+from shared.artifacts import replace_dir
+from shared.module import ClassificationModule
+
+
+class PeftCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser):
+        parser.add_argument("--output_dir", default="runs/demo", help="where the bundle, metrics and logs go")
+        parser.add_argument("--run_name", default="", help="name of this run in the results table")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.labels", "model.labels", apply_on="instantiate")
+
+    def before_instantiate_classes(self):
+        # Everything the run writes goes to a staging folder next to output_dir first.
+        out = Path(self.config["output_dir"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+        self.config["trainer"]["default_root_dir"] = str(self.stage)
+
+
+def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in d.items()}
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def run(model_class=ClassificationModule, default_config: str | Path | None = None,
+        args: list[str] | None = None, describe=None) -> dict[str, Any]:
+    """Parse the CLI / recipe, train, test the best checkpoint, save bundle + metrics.
+
+    `describe(model, datamodule)` may print domain-specific notes before training.
+    Returns the metrics row that was written.
+    """
+    defaults = [str(default_config)] if default_config else []
+    cli = PeftCLI(model_class, L.LightningDataModule, subclass_mode_data=True, run=False, args=args,
+                  parser_kwargs={"default_config_files": defaults},
+                  save_config_callback=None, auto_configure_optimizers=False,
+                  trainer_defaults={"max_epochs": 5, "accelerator": "auto", "devices": 1,
+                                    "log_every_n_steps": 5, "num_sanity_val_steps": 0})
+    cfg = cli.config
+    out = Path(cfg["output_dir"])
+    model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    stage = cli.stage
+    if describe:
+        describe(model, data)
+    s = peft.summary(model.model)
+    print(f"trainable parameters: {s['trainable']:,} of {s['total']:,} ({s['trainable_percent']:.3f}%) "
+          f"by method: {s['by_method']}")
+    try:
+        t0 = time.time()
+        trainer.fit(model, datamodule=data)
+        ckpt = "best" if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path else None
+        tested = trainer.test(model, datamodule=data, ckpt_path=ckpt, verbose=False)
+        metrics = _json_safe(tested[0] if tested else {})
+        row = {"run": cfg["run_name"] or out.name, "backbone": model.hparams.backbone,
+               "methods": [m.get("name") for m in (model.hparams.methods or [])] or ["linear_probe"],
+               "trainable_params": s["trainable"], "total_params": s["total"], **metrics,
+               "best_checkpoint": Path(trainer.checkpoint_callback.best_model_path).name if ckpt else None,
+               "train_seconds": round(time.time() - t0, 1)}
+        if trainer.is_global_zero:
+            model.save_bundle(stage / "adapter", metrics=metrics)
+            write_json_atomic(stage / "metrics.json", row)
+            replace_dir(stage, out)
+    except BaseException:
+        if trainer.is_global_zero:
+            shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if trainer.is_global_zero:
+        print("test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        print(f"adapter bundle saved to {out / 'adapter'}")
+    return row
+
+
+def main(default_config: str | Path | None = None, **kw) -> None:
+    run(default_config=default_config, **kw)

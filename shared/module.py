@@ -1,0 +1,163 @@
+"""The generic LightningModule for single- and multi-label classification with PEFT methods.
+
+Domains reuse it through `shared.cli`; a thin subclass only where the task differs.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy, MulticlassAUROC, MultilabelAUROC, MultilabelAveragePrecision,
+)
+
+from shared import backbones, peft
+from shared.heads import asymmetric_loss, build_head
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine decay to 0 at `total` steps."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class ClassificationModule(L.LightningModule):
+    """A backbone + PEFT methods + head, trained with AdamW and a per-step cosine schedule.
+
+    Args:
+        backbone: a name registered in `shared.backbones` (e.g. `tiny-vit`, `ast`, `dinov2`).
+        backbone_kwargs: passed to the backbone constructor.
+        methods: PEFT method configs, e.g. `[{name: adapter, placement: ffn, bottleneck: 64}]`;
+            `[{name: full}]` is full fine-tuning; `[]` trains the head only (linear probe).
+        head: head config for `shared.heads.build_head` without `dim`/`num_classes`.
+        num_classes / labels: usually linked from the data module by the CLI.
+        multilabel: sigmoid outputs, BCE (or `loss: asl`), macro AP / AUROC metrics.
+        lr, weight_decay, betas, eps: AdamW.
+        lr_groups: {regex on parameter name: lr}, e.g. `{"head\\.prototypes": 0.04}`.
+        warmup_fraction: share of the total steps spent in linear warm-up.
+        orthogonality_weight: weight of a prototypical head's orthogonality loss.
+    """
+
+    def __init__(self, backbone: str = "tiny-vit", backbone_kwargs: dict[str, Any] | None = None,
+                 methods: list[dict[str, Any]] | None = None, head: dict[str, Any] | None = None,
+                 num_classes: int = 2, labels: list[str] | None = None, multilabel: bool = False,
+                 loss: str = "auto", lr: float = 1e-3, weight_decay: float = 0.01,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 lr_groups: dict[str, float] | None = None, warmup_fraction: float = 0.0,
+                 orthogonality_weight: float = 0.0, preprocessing: dict[str, Any] | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        if loss not in ("auto", "ce", "bce", "asl"):
+            raise ValueError(f"loss must be auto, ce, bce or asl, got {loss!r}")
+        if labels is not None and len(labels) != num_classes:
+            raise ValueError(f"{len(labels)} labels for num_classes={num_classes}")
+        net = backbones.create(backbone, **(backbone_kwargs or {}))
+        peft.attach(net, methods or [], backbone_id=backbone)
+        anat = backbones.anatomy(net)
+        head_cfg = {"kind": "linear", **(head or {})}
+        head_cfg.update(dim=anat.embed_dim, num_classes=num_classes)
+        self.model = peft.Classifier(net, build_head(head_cfg), labels=labels)
+        self.multilabel = multilabel
+        self.loss_kind = ("bce" if multilabel else "ce") if loss == "auto" else loss
+        self.strict_loading = False  # checkpoints hold only the trained tensors
+        self.metrics = torch.nn.ModuleDict({s: self._metrics(num_classes) for s in ("val", "test")})
+
+    def _metrics(self, c: int) -> MetricCollection:
+        if self.hparams.multilabel:
+            return MetricCollection({"map": MultilabelAveragePrecision(c, average="macro"),
+                                     "auroc": MultilabelAUROC(c, average="macro")})
+        ms = {"acc": MulticlassAccuracy(c, average="micro")}
+        if c > 2:
+            ms["auroc"] = MulticlassAUROC(c, average="macro")
+        return MetricCollection(ms)
+
+    @property
+    def monitor(self) -> str:
+        return "val/map" if self.hparams.multilabel else "val/acc"
+
+    def forward(self, inputs):
+        return self.model(inputs)
+
+    def loss(self, logits, y):
+        if self.loss_kind == "ce":
+            return F.cross_entropy(logits, y)
+        if self.loss_kind == "bce":
+            return F.binary_cross_entropy_with_logits(logits, y.float())
+        return asymmetric_loss(logits, y.float())
+
+    def _shared_step(self, batch, stage: str):
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        if stage == "train" and self.hparams.orthogonality_weight:
+            loss = loss + self.hparams.orthogonality_weight * self.model.head.orthogonality_loss()
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=len(y), sync_dist=stage != "train")
+        if stage != "train":
+            probs = logits.sigmoid() if self.multilabel else logits.softmax(-1)
+            self.metrics[stage].update(probs, y.long() if not self.multilabel else y.int())
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._shared_step(batch, "test")
+
+    def _log_metrics(self, stage):
+        values = self.metrics[stage].compute()
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=True, sync_dist=True)
+        self.metrics[stage].reset()
+
+    def on_validation_epoch_end(self):
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self):
+        self._log_metrics("test")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups: dict[float, list] = {}
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            lr = next((g_lr for pat, g_lr in (hp.lr_groups or {}).items() if re.search(pat, name)), hp.lr)
+            groups.setdefault(lr, []).append(p)
+        opt = torch.optim.AdamW([{"params": ps, "lr": lr} for lr, ps in groups.items()],
+                                lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, weight_decay=hp.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(hp.warmup_fraction * total)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, total, warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_callbacks(self):
+        # Test on the best validation checkpoint, never the last epoch.
+        return [L.pytorch.callbacks.ModelCheckpoint(monitor=self.monitor, mode="max", save_top_k=1,
+                                                    filename="best", auto_insert_metric_name=False)]
+
+    # Checkpoints keep only what was trained (adapters, head, method buffers), not the frozen backbone.
+    def on_save_checkpoint(self, checkpoint):
+        keep = {f"model.{k}" for k in peft_tensor_names(self.model)}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if k in keep or k.startswith("metrics.")}
+
+    def save_bundle(self, path, metrics: dict[str, Any] | None = None):
+        return peft.save(self.model, path, labels=self.hparams.labels, metrics=metrics,
+                         preprocessing=self.hparams.preprocessing, backbone_id=self.hparams.backbone)
+
+
+def peft_tensor_names(model) -> list[str]:
+    """Names (relative to a Classifier) of the tensors an adapter bundle stores."""
+    from shared.artifacts import bundle_tensors_shapes
+
+    names = [f"backbone.{n}" for n in bundle_tensors_shapes(model.backbone)]
+    return names + [f"head.{n}" for n in model.head.state_dict()]
