@@ -23,6 +23,9 @@ from shared.artifacts import replace_dir
 from shared.module import ClassificationModule
 
 
+STAGE_ENV = "PEFT_SUITE_STAGE_DIR"
+
+
 class PeftCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.add_argument("--output_dir", default="runs/demo", help="where the bundle, metrics and logs go")
@@ -31,11 +34,14 @@ class PeftCLI(LightningCLI):
         parser.link_arguments("data.labels", "model.labels", apply_on="instantiate")
 
     def before_instantiate_classes(self):
-        # Everything the run writes goes to a staging folder next to output_dir first.
+        # Everything the run writes goes to a staging folder next to output_dir first. DDP
+        # workers re-run this CLI; they inherit the launcher's staging folder through the env.
         out = Path(self.config["output_dir"])
         out.parent.mkdir(parents=True, exist_ok=True)
-        self.stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-        self.config["trainer"]["default_root_dir"] = str(self.stage)
+        stage = os.environ.get(STAGE_ENV) or tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent)
+        os.environ[STAGE_ENV] = stage
+        self.stage = Path(stage)
+        self.config["trainer"]["default_root_dir"] = stage
 
 
 def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
@@ -58,11 +64,17 @@ def run(model_class=ClassificationModule, default_config: str | Path | None = No
     Returns the metrics row that was written.
     """
     defaults = [str(default_config)] if default_config else []
-    cli = PeftCLI(model_class, L.LightningDataModule, subclass_mode_data=True, run=False, args=args,
-                  parser_kwargs={"default_config_files": defaults},
-                  save_config_callback=None, auto_configure_optimizers=False,
-                  trainer_defaults={"max_epochs": 5, "accelerator": "auto", "devices": 1,
-                                    "log_every_n_steps": 5, "num_sanity_val_steps": 0})
+    try:
+        cli = PeftCLI(model_class, L.LightningDataModule, subclass_mode_data=True, run=False, args=args,
+                      parser_kwargs={"default_config_files": defaults},
+                      save_config_callback=None, auto_configure_optimizers=False,
+                      trainer_defaults={"max_epochs": 5, "accelerator": "auto", "devices": 1,
+                                        "log_every_n_steps": 5, "num_sanity_val_steps": 0})
+    except BaseException:  # e.g. a bad recipe value: remove the staging folder this run made
+        stage = os.environ.pop(STAGE_ENV, None)
+        if stage and os.environ.get("LOCAL_RANK", "0") == "0":
+            shutil.rmtree(stage, ignore_errors=True)
+        raise
     cfg = cli.config
     out = Path(cfg["output_dir"])
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
@@ -91,6 +103,8 @@ def run(model_class=ClassificationModule, default_config: str | Path | None = No
         if trainer.is_global_zero:
             shutil.rmtree(stage, ignore_errors=True)
         raise
+    finally:
+        os.environ.pop(STAGE_ENV, None)
     if trainer.is_global_zero:
         print("test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
         print(f"adapter bundle saved to {out / 'adapter'}")

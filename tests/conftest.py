@@ -1,0 +1,80 @@
+"""Shared test fixtures: tiny random backbones, matching inputs, a token-forward helper, seeding."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+# anatomy name -> (registered backbone, kwargs)
+BACKBONES = {
+    "vit": ("tiny-vit", {}),
+    "vit_reg": ("tiny-vit", {"reg_tokens": 4}),
+    "ast": ("tiny-ast", {}),
+    "swin": ("tiny-swin", {}),
+    "llama": ("tiny-llama", {}),
+    "bert": ("tiny-bert", {}),
+}
+
+
+def seed_all(seed: int = 0) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_backbone(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny random backbone in eval mode; the same (name, seed) always gives the same weights."""
+    from shared import backbones
+
+    arch, kwargs = BACKBONES[name]
+    seed_all(seed)
+    return backbones.create(arch, **{**kwargs, **overrides}).eval()
+
+
+def make_input(name: str, seed: int = 1234) -> torch.Tensor:
+    """A batch of 2 matching the backbone: images (2, 3, 32, 32), AST (2, 64, 32), token ids (2, 10)."""
+    g = torch.Generator().manual_seed(seed)
+    if name in ("vit", "vit_reg", "swin"):
+        return torch.randn(2, 3, 32, 32, generator=g)
+    if name == "ast":
+        return torch.randn(2, 64, 32, generator=g)  # (B, time, mel)
+    return torch.randint(0, 128, (2, 10), generator=g)
+
+
+def tokens(model: torch.nn.Module, x) -> torch.Tensor:
+    """(B, N, D) tokens after the final norm (logits for a Classifier); keeps grad and mode."""
+    from shared.backbones import anatomy
+    from shared.peft import Classifier
+
+    if isinstance(model, Classifier):
+        return model(x)
+    return anatomy(model).forward_tokens(x).x
+
+
+def forward(model: torch.nn.Module, x) -> torch.Tensor:
+    """Eval-mode, no-grad `tokens`."""
+    model.eval()
+    with torch.no_grad():
+        return tokens(model, x)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    seed_all(0)
+    yield
+
+
+@pytest.fixture
+def tiny():
+    """`tiny.backbone(name)`, `tiny.input(name)`, `tiny.forward(model, x)`, `tiny.tokens(model, x)`."""
+
+    class Tiny:
+        names = tuple(BACKBONES)
+
+    Tiny.backbone = staticmethod(make_backbone)
+    Tiny.input = staticmethod(make_input)
+    Tiny.forward = staticmethod(forward)
+    Tiny.tokens = staticmethod(tokens)
+    return Tiny
