@@ -71,7 +71,8 @@ def bundle_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save(model: nn.Module, path: str | os.PathLike, labels: list[str] | None = None,
          metrics: dict[str, Any] | None = None, preprocessing: dict[str, Any] | None = None,
-         backbone_id: str | None = None, extra: dict[str, Any] | None = None) -> Path:
+         backbone_id: str | None = None, backbone_kwargs: dict[str, Any] | None = None,
+         extra: dict[str, Any] | None = None) -> Path:
     """Write `path/adapter.safetensors` + `path/adapter.json` atomically. Returns the folder."""
     from shared.peft.core import split
     from shared.peft.base import state_of
@@ -88,7 +89,7 @@ def save(model: nn.Module, path: str | os.PathLike, labels: list[str] | None = N
         "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": library_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "backbone": {"id": backbone_id or state.backbone_id, "fingerprint": state.fingerprint,
-                     "class": type(backbone).__name__},
+                     "class": type(backbone).__name__, "kwargs": backbone_kwargs or {}},
         "methods": [{"key": k, **m.to_dict()} for k, m in state.methods],
         "head": head.config() if head is not None else None,
         "labels": list(labels) if labels is not None else None,
@@ -249,3 +250,17 @@ def bundle_tensors_shapes(backbone: nn.Module) -> dict[str, torch.Tensor]:
     state = state_of(backbone)
     sd = backbone.state_dict(keep_vars=True)
     return {n: sd[n] for n in list(state.owner) + list(state.buffers)}
+
+
+def from_bundle(path: str | os.PathLike, check_fingerprint: bool = True) -> nn.Module:
+    """Build the bundle's backbone by its registered id (+ kwargs) and load the bundle into it."""
+    from shared.backbones import create
+
+    meta = read_meta(path)
+    bb = meta["backbone"]
+    try:
+        backbone = create(bb["id"], **bb.get("kwargs", {}))
+    except KeyError as e:
+        raise BundleError(f"{Path(path) / META}: backbone {bb['id']!r} is not a registered backbone ({e}); "
+                          f"build it yourself and call shared.peft.load(backbone, path)") from None
+    return load(backbone, path, check_fingerprint=check_fingerprint)

@@ -152,7 +152,8 @@ class ClassificationModule(L.LightningModule):
 
     def save_bundle(self, path, metrics: dict[str, Any] | None = None):
         return peft.save(self.model, path, labels=self.hparams.labels, metrics=metrics,
-                         preprocessing=self.hparams.preprocessing, backbone_id=self.hparams.backbone)
+                         preprocessing=self.hparams.preprocessing, backbone_id=self.hparams.backbone,
+                         backbone_kwargs=self.hparams.backbone_kwargs)
 
 
 def peft_tensor_names(model) -> list[str]:

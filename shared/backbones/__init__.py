@@ -6,31 +6,48 @@ from the real classes, used by the tests and the offline demos.
 """
 from __future__ import annotations
 
+import functools
+import importlib
 from typing import Callable
 
+import torch
 from torch import nn
 
 from .anatomy import PLACEMENTS, Anatomy, Sublayer, UnsupportedMethod, anatomy, register_anatomy, sdpa_with_prefix
 from .families import ASTAnatomy, DecoderAnatomy, EncoderAnatomy, SwinAnatomy, ViTAnatomy, square_grid
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+# Loaders that live in domain packages, imported on first use.
+LAZY = {"ast": "audio.backbone"}
 
 
-def register_backbone(name: str):
+def register_backbone(name: str, seeded: bool = False):
+    """Register a constructor. `seeded` ones take `seed=` and build the same weights every time,
+    so a bundle trained on a random test model can be loaded into a rebuilt one."""
     def deco(fn):
-        BACKBONES[name] = fn
+        if seeded:
+            @functools.wraps(fn)
+            def build(seed: int = 0, **kw):
+                with torch.random.fork_rng():
+                    torch.manual_seed(seed)
+                    return fn(**kw)
+            BACKBONES[name] = build
+        else:
+            BACKBONES[name] = fn
         return fn
     return deco
 
 
 def create(name: str, **kwargs) -> nn.Module:
-    """Build a registered backbone (`tiny-vit`, ...) by name."""
+    """Build a registered backbone (`tiny-vit`, `ast`, ...) by name."""
+    if name not in BACKBONES and name in LAZY:
+        importlib.import_module(LAZY[name])
     if name not in BACKBONES:
-        raise KeyError(f"unknown backbone {name!r}; registered: {', '.join(sorted(BACKBONES))}")
+        raise KeyError(f"unknown backbone {name!r}; registered: {', '.join(sorted(set(BACKBONES) | set(LAZY)))}")
     return BACKBONES[name](**kwargs)
 
 
-@register_backbone("tiny-vit")
+@register_backbone("tiny-vit", seeded=True)
 def tiny_vit(img_size: int = 32, reg_tokens: int = 0, in_chans: int = 3, embed_dim: int = 32,
              depth: int = 2, num_heads: int = 4, patch_size: int = 8, **kw) -> nn.Module:
     """DINOv2-architecture ViT (LayerScale, optional register tokens), random weights.
@@ -46,7 +63,7 @@ def tiny_vit(img_size: int = 32, reg_tokens: int = 0, in_chans: int = 3, embed_d
         in_chans=in_chans, num_classes=0, **{"init_values": 1.0, **kw})
 
 
-@register_backbone("tiny-swin")
+@register_backbone("tiny-swin", seeded=True)
 def tiny_swin(img_size: int = 32, embed_dim: int = 16, depths=(1, 1), num_heads=(2, 4),
               window_size: int = 4, **kw) -> nn.Module:
     import timm
@@ -56,7 +73,7 @@ def tiny_swin(img_size: int = 32, embed_dim: int = 16, depths=(1, 1), num_heads=
         depths=tuple(depths), num_heads=tuple(num_heads), window_size=window_size, num_classes=0, **kw)
 
 
-@register_backbone("tiny-ast")
+@register_backbone("tiny-ast", seeded=True)
 def tiny_ast(max_length: int = 64, num_mel_bins: int = 32, hidden_size: int = 32, layers: int = 2,
              heads: int = 4, **kw) -> nn.Module:
     from transformers import ASTConfig, ASTModel
@@ -67,7 +84,7 @@ def tiny_ast(max_length: int = 64, num_mel_bins: int = 32, hidden_size: int = 32
     return ASTModel(cfg)
 
 
-@register_backbone("tiny-llama")
+@register_backbone("tiny-llama", seeded=True)
 def tiny_llama(hidden_size: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                vocab_size: int = 128, **kw) -> nn.Module:
     from transformers import LlamaConfig, LlamaModel
@@ -78,7 +95,7 @@ def tiny_llama(hidden_size: int = 32, layers: int = 2, heads: int = 4, kv_heads:
     return LlamaModel(cfg)
 
 
-@register_backbone("tiny-bert")
+@register_backbone("tiny-bert", seeded=True)
 def tiny_bert(hidden_size: int = 32, layers: int = 2, heads: int = 4, vocab_size: int = 128, **kw) -> nn.Module:
     from transformers import BertConfig, BertModel
 

@@ -5,7 +5,7 @@
                                    peft.LoRA(r=8, alpha=16, targets=["qkv"])])
     peft.summary(model); peft.save(model, "runs/x/adapter"); peft.load(fresh, "runs/x/adapter")
 """
-from shared.artifacts import BundleError, load, read_meta, save
+from shared.artifacts import BundleError, from_bundle, load, read_meta, save
 
 from .adapters import Adapter, Compacter, FiLM
 from .base import METHODS, Method, PeftState, from_dict, register, state_of
@@ -16,7 +16,7 @@ from .tokens import Prefix, Prompt
 
 __all__ = [
     "METHODS", "Method", "PeftState", "register", "from_dict", "state_of",
-    "attach", "summary", "merge", "save", "load", "read_meta", "fingerprint", "split",
+    "attach", "summary", "merge", "save", "load", "from_bundle", "read_meta", "fingerprint", "split",
     "Classifier", "BundleError",
     "LoRA", "DoRA", "AdaLoRA", "IA3", "LoHa", "LoKr", "VeRA",
     "Adapter", "Compacter", "FiLM", "Prompt", "Prefix", "BitFit", "NormTuning", "Full",

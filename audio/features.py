@@ -1,0 +1,134 @@
+"""Audio reading and the AST fbank frontend (numerically equal to transformers' ASTFeatureExtractor).
+
+- `read_audio(path)`: any rate / channel count / bit depth -> mono float32 at 16 kHz, with one
+  clear `AudioError` naming the file when it is unreadable, empty, truncated or not finite.
+- `fbank_ast(wave)`: kaldi fbank (25 ms hanning, 10 ms hop, 128 mel) padded / trimmed to the
+  dataset's frame count, normalised with AudioSet's mean and std as AST expects.
+- `SpecAugment`: frequency and time masking (torchaudio), for training only.
+- `FbankCache`: decoded features on disk, so epochs after the first never decode audio again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+from torchaudio.compliance import kaldi
+
+SAMPLE_RATE = 16_000
+AST_MEAN, AST_STD = -4.2677393, 4.5689974
+# Frames per dataset (PETL-AST): 10 ms hop, so 500 frames = 5 s.
+TARGET_FRAMES = {"esc50": 500, "us8k": 400, "speech_commands": 100, "fsc": 400, "audioset": 1024}
+
+
+class AudioError(ValueError):
+    """An audio file cannot be used; the message names the file and the reason."""
+
+
+def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """Mono float32 waveform (T,) at `sample_rate`, values in [-1, 1]."""
+    path = Path(path)
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # (T, C), any bit depth
+    except (sf.LibsndfileError, RuntimeError, OSError) as e:
+        raise AudioError(f"{path}: unreadable audio ({e})") from None
+    if data.size == 0:
+        raise AudioError(f"{path}: empty audio (0 samples)")
+    if not np.isfinite(data).all():
+        raise AudioError(f"{path}: audio contains NaN or infinite samples")
+    wave = torch.from_numpy(data.mean(axis=1))  # average channels -> mono
+    if sr != sample_rate:
+        wave = torchaudio.functional.resample(wave, sr, sample_rate)
+    return wave
+
+
+@dataclass(frozen=True)
+class FbankConfig:
+    target_frames: int = 1024
+    num_mel_bins: int = 128
+    sample_rate: int = SAMPLE_RATE
+    mean: float = AST_MEAN
+    std: float = AST_STD
+
+    def to_dict(self):
+        return {"frontend": "fbank_ast", **asdict(self)}
+
+
+def fbank_ast(wave: torch.Tensor, cfg: FbankConfig = FbankConfig(), source: str = "waveform") -> torch.Tensor:
+    """(T,) waveform -> (target_frames, num_mel_bins) normalised log-mel fbank."""
+    if wave.numel() < 400:  # shorter than one 25 ms window at 16 kHz
+        raise AudioError(f"{source}: too short for one 25 ms frame ({wave.numel()} samples)")
+    fb = kaldi.fbank(wave.float().unsqueeze(0), sample_frequency=cfg.sample_rate, window_type="hanning",
+                     num_mel_bins=cfg.num_mel_bins)  # (frames, mel); kaldi defaults: dither 0, no energy
+    n = fb.shape[0]
+    if n < cfg.target_frames:
+        fb = torch.nn.functional.pad(fb, (0, 0, 0, cfg.target_frames - n))  # zero-pad, then normalise (as HF)
+    fb = fb[: cfg.target_frames]
+    out = (fb - cfg.mean) / (2 * cfg.std)
+    if not torch.isfinite(out).all():
+        raise AudioError(f"{source}: features are not finite")
+    return out
+
+
+class SpecAugment(torch.nn.Module):
+    """Frequency and time masking on (T, F) or (B, T, F) features; identity in eval mode."""
+
+    def __init__(self, freq_mask: int = 24, time_mask: int = 80):
+        super().__init__()
+        self.freq = torchaudio.transforms.FrequencyMasking(freq_mask) if freq_mask else None
+        self.time = torchaudio.transforms.TimeMasking(time_mask) if time_mask else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        y = x.transpose(-1, -2)  # torchaudio masks expect (..., freq, time)
+        if self.freq is not None:
+            y = self.freq(y)
+        if self.time is not None:
+            y = self.time(y)
+        return y.transpose(-1, -2)
+
+
+class FbankCache:
+    """Features of audio files on disk, keyed by file identity (path, size, mtime) + frontend config."""
+
+    def __init__(self, root: str | os.PathLike, cfg: FbankConfig):
+        self.root, self.cfg = Path(root), cfg
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._cfg_key = json.dumps(cfg.to_dict(), sort_keys=True)
+        self.hits = self.misses = 0
+
+    def _file(self, path: Path) -> Path:
+        st = path.stat()
+        ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{self._cfg_key}"
+        return self.root / (hashlib.sha1(ident.encode()).hexdigest() + ".npy")
+
+    def __call__(self, path: str | os.PathLike) -> torch.Tensor:
+        path = Path(path)
+        f = self._file(path)
+        if f.exists():
+            try:
+                self.hits += 1
+                return torch.from_numpy(np.load(f))
+            except (ValueError, OSError, EOFError):
+                f.unlink(missing_ok=True)  # a torn cache file: recompute
+                self.hits -= 1
+        self.misses += 1
+        feats = fbank_ast(read_audio(path, self.cfg.sample_rate), self.cfg, source=str(path))
+        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".npy.tmp")
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, feats.numpy())
+        os.replace(tmp, f)
+        return feats
+
+
+def features(path: str | os.PathLike, cfg: FbankConfig = FbankConfig()) -> torch.Tensor:
+    """Read one file and compute its AST features (no cache)."""
+    return fbank_ast(read_audio(path, cfg.sample_rate), cfg, source=str(path))
