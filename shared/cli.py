@@ -32,6 +32,7 @@ class PeftCLI(LightningCLI):
         parser.add_argument("--run_name", default="", help="name of this run in the results table")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.labels", "model.labels", apply_on="instantiate")
+        parser.link_arguments("data.preprocessing", "model.preprocessing", apply_on="instantiate")
 
     def before_instantiate_classes(self):
         # Everything the run writes goes to a staging folder next to output_dir first. DDP
@@ -42,6 +43,17 @@ class PeftCLI(LightningCLI):
         os.environ[STAGE_ENV] = stage
         self.stage = Path(stage)
         self.config["trainer"]["default_root_dir"] = stage
+
+
+def method_label(methods: list[dict[str, Any]] | None) -> str:
+    """A short readable name for a method list, e.g. `adapter(conformer,ffn,parallel)+lora`."""
+    if not methods:
+        return "linear_probe"
+    parts = []
+    for m in methods:
+        detail = [str(m[k]) for k in ("kind", "placement", "mode") if k in m]
+        parts.append(m["name"] + (f"({','.join(detail)})" if detail else ""))
+    return "+".join(parts)
 
 
 def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
@@ -91,7 +103,8 @@ def run(model_class=ClassificationModule, default_config: str | Path | None = No
         tested = trainer.test(model, datamodule=data, ckpt_path=ckpt, verbose=False)
         metrics = _json_safe(tested[0] if tested else {})
         row = {"run": cfg["run_name"] or out.name, "backbone": model.hparams.backbone,
-               "methods": [m.get("name") for m in (model.hparams.methods or [])] or ["linear_probe"],
+               "dataset": getattr(data, "name", type(data).__name__), "fold": getattr(data, "test_fold", None),
+               "few_shot": getattr(data, "few_shot", None), "method": method_label(model.hparams.methods),
                "trainable_params": s["trainable"], "total_params": s["total"], **metrics,
                "best_checkpoint": Path(trainer.checkpoint_callback.best_model_path).name if ckpt else None,
                "train_seconds": round(time.time() - t0, 1)}

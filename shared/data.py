@@ -335,6 +335,7 @@ class SyntheticDataModule(L.LightningDataModule):
         self.kind, self.num_classes, self.per_class = kind, num_classes, per_class
         self.shape, self.batch_size, self.seed, self.num_workers = tuple(shape), batch_size, seed, num_workers
         self.labels = [f"class_{i}" for i in range(num_classes)]
+        self.preprocessing = {"synthetic": kind, "shape": list(self.shape)}
         self.splits: dict[str, torch.utils.data.TensorDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:

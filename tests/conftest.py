@@ -7,6 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+# Tiny models gain nothing from intra-op threads, and OpenMP threads that spin while another
+# process holds the cores make every step 100x slower; one thread keeps the suite fast and stable.
+torch.set_num_threads(1)
+
 # anatomy name -> (registered backbone, kwargs)
 BACKBONES = {
     "vit": ("tiny-vit", {}),

@@ -115,6 +115,7 @@ VARIANTS = {
     "prefix": Variant(lambda s: peft.Prefix(n_tokens=3), False, identity=False),
     "bitfit": Variant(lambda s: peft.BitFit(), True),
     "norm_tuning": Variant(lambda s: peft.NormTuning(), True),
+    "full": Variant(lambda s: peft.METHODS["full"](), True),  # the baseline: every backbone weight trains
 }
 
 
@@ -195,6 +196,8 @@ def expected_count(method: peft.Method, spec: Spec, model: nn.Module) -> int:
         kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
         return sum(m.bias.numel() for m in model.modules()
                    if (isinstance(m, kinds) or _is_norm(m)) and isinstance(getattr(m, "bias", None), nn.Parameter))
+    if method.name == "full":
+        return _numel(model)
     if isinstance(method, peft.NormTuning):
         return sum(p.numel() for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False))
     if isinstance(method, peft.FiLM):
