@@ -35,6 +35,8 @@ class AudioError(ValueError):
 def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
     """Mono float32 waveform (T,) at `sample_rate`, values in [-1, 1]."""
     path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: file not found")
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # (T, C), any bit depth
     except (sf.LibsndfileError, RuntimeError, OSError) as e:

@@ -21,12 +21,16 @@ DEMO_DATA = {"num_classes": 5, "clips_per_fold": 6, "seconds": 2.0}  # 150 clips
 
 
 def check_frames(model, data) -> None:
-    """The AST's positional grid must be built for the frame count the frontend produces."""
+    """The AST's patch grid must fit the features the frontend produces (frames and mel bins)."""
     cfg = getattr(model.model.backbone, "config", None)
-    frames = getattr(getattr(data, "fbank", None), "target_frames", None)
-    if cfg is not None and frames is not None and cfg.max_length != frames:
-        raise ValueError(f"model.backbone_kwargs.max_length={cfg.max_length} but the data frontend produces "
-                         f"{frames} frames (data.init_args.target_frames): set both to the same value")
+    fbank = getattr(data, "fbank", None)
+    if cfg is not None and fbank is not None:
+        if cfg.max_length != fbank.target_frames:
+            raise ValueError(f"model.backbone_kwargs.max_length={cfg.max_length} but the data frontend produces "
+                             f"{fbank.target_frames} frames (data.target_frames): set both to the same value")
+        if cfg.num_mel_bins != fbank.num_mel_bins:
+            raise ValueError(f"the backbone expects {cfg.num_mel_bins} mel bins but the frontend produces "
+                             f"{fbank.num_mel_bins} (model.backbone_kwargs.num_mel_bins)")
     bb = model.hparams.backbone
     if bb.startswith("tiny-"):
         print(f"backbone: {bb}, a small AST with RANDOM weights (demo / tests; no pretrained knowledge)")

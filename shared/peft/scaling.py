@@ -39,12 +39,17 @@ class BitFit(Method):
 @register
 @dataclass(frozen=True)
 class NormTuning(Method):
-    """Train only the affine parameters of every normalisation layer (LayerNorm, RMSNorm, ...)."""
+    """Train only the affine parameters of every normalisation layer (LayerNorm, RMSNorm, ...).
+
+    `final_only`: just the backbone's final norm (PETL-AST's linear probe trains it with the head).
+    """
 
     name: ClassVar[str] = "norm_tuning"
+    final_only: bool = False
 
     def attach(self, model, anat, key):
-        out = [p for m in anat.norms() for p in m.parameters(recurse=False)]
+        norms = [anat.final_norm()] if self.final_only else anat.norms()
+        out = [p for m in norms if m is not None for p in m.parameters(recurse=False)]
         if not out:
             raise ValueError(f"norm_tuning: {type(model).__name__} has no affine norm parameters")
         return out
