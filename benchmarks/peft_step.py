@@ -404,14 +404,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--backbone", default="vit_base_patch16_224", help="timm model name (random weights)")
     ap.add_argument("--backbone-kwargs", type=json.loads, default=None,
                     help='JSON of extra timm.create_model kwargs, e.g. \'{"depth": 2}\'')
-    ap.add_argument("--warmup", type=int, default=None, help="untimed training steps (default 2; quick 1)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed training steps (default 3; quick 2); the first two "
+                    "pay page faults for gradients and optimizer state")
     ap.add_argument("--steps", type=int, default=None, help="timed training steps (default 10; quick 3)")
     ap.add_argument("--infer-reps", type=int, default=None, help="timed forwards per model (default 12; quick 5)")
     ap.add_argument("--probe-images", type=int, default=None, help="probe dataset size (default 64; quick 16)")
     ap.add_argument("--probe-epochs", type=int, default=None, help="timed cached epochs (default 20; quick 5)")
     args = ap.parse_args(argv)
     q = args.quick
-    for name, full, quick in [("warmup", 2, 1), ("steps", 10, 3), ("infer_reps", 12, 5),
+    for name, full, quick in [("warmup", 3, 2), ("steps", 10, 3), ("infer_reps", 12, 5),
                               ("probe_images", 64, 16), ("probe_epochs", 20, 5)]:
         if getattr(args, name) is None:
             setattr(args, name, quick if q else full)

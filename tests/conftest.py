@@ -1,6 +1,7 @@
 """Shared test fixtures: tiny random backbones, matching inputs, a token-forward helper, seeding."""
 from __future__ import annotations
 
+import inspect
 import random
 
 import numpy as np
@@ -34,6 +35,8 @@ def make_backbone(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
 
     arch, kwargs = BACKBONES[name]
     seed_all(seed)
+    if "seed" in inspect.signature(backbones.BACKBONES[arch], follow_wrapped=False).parameters:  # seeded constructors
+        kwargs = {**kwargs, "seed": seed}
     return backbones.create(arch, **{**kwargs, **overrides}).eval()
 
 
