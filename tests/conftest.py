@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -75,13 +76,6 @@ def _seed():
 
 @pytest.fixture
 def tiny():
-    """`tiny.backbone(name)`, `tiny.input(name)`, `tiny.forward(model, x)`, `tiny.tokens(model, x)`."""
-
-    class Tiny:
-        names = tuple(BACKBONES)
-
-    Tiny.backbone = staticmethod(make_backbone)
-    Tiny.input = staticmethod(make_input)
-    Tiny.forward = staticmethod(forward)
-    Tiny.tokens = staticmethod(tokens)
-    return Tiny
+    """The helpers above, as a fixture (test modules cannot import a conftest by name: there are several)."""
+    return SimpleNamespace(names=tuple(BACKBONES), backbone=make_backbone, input=make_input,
+                           forward=forward, tokens=tokens)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import forward, make_backbone, make_input, tokens
 from safetensors import safe_open
 
 import shared.artifacts
@@ -24,26 +23,26 @@ def _methods():
             peft.Adapter(placement="ffn", mode="parallel", bottleneck=8)]
 
 
-def _trained(pristine, steps=1, seed=3):
+def _trained(tiny, pristine, steps=1, seed=3):
     """A Classifier with LoRA + adapter + linear head, moved away from its init."""
     model = peft.Classifier(peft.attach(copy.deepcopy(pristine), _methods()), LinearHead(32, 3, pool="cls"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    x = make_input("vit", seed=seed)
+    x = tiny.input("vit", seed=seed)
     for _ in range(steps):
         opt.zero_grad()
-        tokens(model, x).square().sum().backward()
+        tiny.tokens(model, x).square().sum().backward()
         opt.step()
     return model.eval()
 
 
 @pytest.fixture
-def pristine():
-    return make_backbone("vit")
+def pristine(tiny):
+    return tiny.backbone("vit")
 
 
 @pytest.fixture
-def bundle(pristine, tmp_path):
-    model = _trained(pristine)
+def bundle(tiny, pristine, tmp_path):
+    model = _trained(tiny, pristine)
     path = peft.save(model, tmp_path / "b", labels=LABELS, metrics=METRICS)
     return model, path
 
@@ -88,7 +87,7 @@ def _edit_json(path, fn):
 # ----------------------------------------------------------------------------------------------
 # contents
 # ----------------------------------------------------------------------------------------------
-def test_bundle_contents(pristine, bundle):
+def test_bundle_contents(tiny, pristine, bundle):
     model, path = bundle
     assert sorted(os.listdir(path)) == ["adapter.json", "adapter.safetensors"]  # no pickle anywhere
     raw = (path / "adapter.safetensors").read_bytes()
@@ -120,70 +119,70 @@ def test_bundle_contents(pristine, bundle):
         assert torch.equal(stored[f"backbone.{n}"], sd[n])
 
 
-def test_load_reproduces_classifier(pristine, bundle):
+def test_load_reproduces_classifier(tiny, pristine, bundle):
     model, path = bundle
-    x = make_input("vit")
+    x = tiny.input("vit")
     loaded = peft.load(copy.deepcopy(pristine), path)
     assert isinstance(loaded, peft.Classifier) and loaded.labels == LABELS
     assert loaded.bundle_meta["metrics"] == METRICS
-    assert torch.equal(forward(loaded, x), forward(model, x))
+    assert torch.equal(tiny.forward(loaded, x), tiny.forward(model, x))
 
 
 # ----------------------------------------------------------------------------------------------
 # bad bundles: a clear BundleError before the backbone is modified
 # ----------------------------------------------------------------------------------------------
-def test_wrong_fingerprint(bundle):
+def test_wrong_fingerprint(tiny, bundle):
     _, path = bundle
-    other = make_backbone("vit", seed=1)  # same architecture, different random weights
+    other = tiny.backbone("vit", seed=1)  # same architecture, different random weights
     _fails_cleanly(other, path, "fingerprint", "check_fingerprint=False")
 
 
-def test_shape_mismatch_other_width(bundle):
+def test_shape_mismatch_other_width(tiny, bundle):
     _, path = bundle
-    wider = make_backbone("vit", embed_dim=48)
+    wider = tiny.backbone("vit", embed_dim=48)
     msg = _fails_cleanly(wider, path, "shape", check_fingerprint=False)
     assert "blocks.0" in msg  # names the offending tensor
 
 
-def test_shape_mismatch_edited_config(pristine, bundle):
+def test_shape_mismatch_edited_config(tiny, pristine, bundle):
     _, path = bundle
     _edit_json(path, lambda m: m["methods"][1].update(bottleneck=16))
     msg = _fails_cleanly(copy.deepcopy(pristine), path, "shape")
     assert "peft_adapter_ffn" in msg and "(8, 32)" in msg and "(16, 32)" in msg
 
 
-def test_unknown_method(pristine, bundle):
+def test_unknown_method(tiny, pristine, bundle):
     _, path = bundle
     _edit_json(path, lambda m: m["methods"][0].update(name="lorra"))
     _fails_cleanly(copy.deepcopy(pristine), path, "unknown method", "lorra")
 
 
-def test_unknown_method_field(pristine, bundle):
+def test_unknown_method_field(tiny, pristine, bundle):
     _, path = bundle
     _edit_json(path, lambda m: m["methods"][1].update(bottlenek=8))
     _fails_cleanly(copy.deepcopy(pristine), path, "bottlenek")
 
 
-def test_corrupt_json(pristine, bundle):
+def test_corrupt_json(tiny, pristine, bundle):
     _, path = bundle
     (path / "adapter.json").write_text('{"format": "peft-suite-adapter", "methods": [')
     _fails_cleanly(copy.deepcopy(pristine), path, "adapter.json", "corrupt json")
 
 
-def test_not_a_bundle_json(pristine, bundle):
+def test_not_a_bundle_json(tiny, pristine, bundle):
     _, path = bundle
     (path / "adapter.json").write_text('{"hello": 1}')
     _fails_cleanly(copy.deepcopy(pristine), path, "adapter.json", "not a peft-suite-adapter")
 
 
-def test_truncated_safetensors(pristine, bundle):
+def test_truncated_safetensors(tiny, pristine, bundle):
     _, path = bundle
     f = path / "adapter.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     _fails_cleanly(copy.deepcopy(pristine), path, "adapter.safetensors", "truncated")
 
 
-def test_truncated_safetensors_with_matching_checksum(pristine, bundle):
+def test_truncated_safetensors_with_matching_checksum(tiny, pristine, bundle):
     """Even when the json's checksum was updated, the safetensors reader's error becomes a BundleError."""
     _, path = bundle
     f = path / "adapter.safetensors"
@@ -193,7 +192,7 @@ def test_truncated_safetensors_with_matching_checksum(pristine, bundle):
 
 
 @pytest.mark.parametrize("missing", ["adapter.json", "adapter.safetensors", "."])
-def test_missing_files(pristine, bundle, missing):
+def test_missing_files(tiny, pristine, bundle, missing):
     _, path = bundle
     target = path / missing
     if missing == ".":
@@ -203,7 +202,7 @@ def test_missing_files(pristine, bundle, missing):
     _fails_cleanly(copy.deepcopy(pristine), path, "not found", missing if missing != "." else "adapter.json")
 
 
-def test_load_into_attached_backbone(pristine, bundle):
+def test_load_into_attached_backbone(tiny, pristine, bundle):
     _, path = bundle
     attached = peft.attach(copy.deepcopy(pristine), [peft.BitFit()])
     _fails_cleanly(attached, path, "already has peft methods")
@@ -213,10 +212,10 @@ def test_load_into_attached_backbone(pristine, bundle):
 # ----------------------------------------------------------------------------------------------
 # atomic writes
 # ----------------------------------------------------------------------------------------------
-def test_save_replaces_existing_bundle(pristine, tmp_path):
-    x = make_input("vit")
-    first, second = _trained(pristine, seed=3), _trained(pristine, steps=2, seed=4)
-    assert not torch.equal(forward(first, x), forward(second, x))
+def test_save_replaces_existing_bundle(tiny, pristine, tmp_path):
+    x = tiny.input("vit")
+    first, second = _trained(tiny, pristine, seed=3), _trained(tiny, pristine, steps=2, seed=4)
+    assert not torch.equal(tiny.forward(first, x), tiny.forward(second, x))
     path = peft.save(first, tmp_path / "b", metrics={"step": 1})
     (path / "stale.txt").write_text("left over from an older writer")
     assert peft.save(second, tmp_path / "b", metrics={"step": 2}) == path
@@ -224,10 +223,10 @@ def test_save_replaces_existing_bundle(pristine, tmp_path):
     assert os.listdir(tmp_path) == ["b"]  # no temp or backup folders left behind
     assert sorted(os.listdir(path)) == ["adapter.json", "adapter.safetensors"]  # the folder was replaced, not merged
     assert peft.read_meta(path)["metrics"] == {"step": 2}
-    assert torch.equal(forward(peft.load(copy.deepcopy(pristine), path), x), forward(second, x))
+    assert torch.equal(tiny.forward(peft.load(copy.deepcopy(pristine), path), x), tiny.forward(second, x))
 
 
-def test_failed_save_keeps_old_bundle(pristine, bundle, monkeypatch):
+def test_failed_save_keeps_old_bundle(tiny, pristine, bundle, monkeypatch):
     model, path = bundle
     before = {f: (path / f).read_bytes() for f in os.listdir(path)}
 
@@ -237,7 +236,7 @@ def test_failed_save_keeps_old_bundle(pristine, bundle, monkeypatch):
 
     monkeypatch.setattr(shared.artifacts, "save_file", broken_save_file)
     with pytest.raises(OSError, match="disk full"):
-        peft.save(_trained(pristine, seed=5), path, metrics={"new": 1})
+        peft.save(_trained(tiny, pristine, seed=5), path, metrics={"new": 1})
     assert os.listdir(path.parent) == [path.name]  # no temp folder remains
     assert {f: (path / f).read_bytes() for f in os.listdir(path)} == before
 
@@ -245,11 +244,11 @@ def test_failed_save_keeps_old_bundle(pristine, bundle, monkeypatch):
         peft.save(model, path.parent / "fresh")
     assert os.listdir(path.parent) == [path.name]
     monkeypatch.undo()
-    x = make_input("vit")
-    assert torch.equal(forward(peft.load(copy.deepcopy(pristine), path), x), forward(model, x))
+    x = tiny.input("vit")
+    assert torch.equal(tiny.forward(peft.load(copy.deepcopy(pristine), path), x), tiny.forward(model, x))
 
 
-def test_save_after_merge_is_refused(pristine, tmp_path):
+def test_save_after_merge_is_refused(tiny, pristine, tmp_path):
     model = peft.attach(copy.deepcopy(pristine), [peft.LoRA(r=4, targets=("qkv",))])
     peft.merge(model)
     with pytest.raises(peft.BundleError, match="merge"):

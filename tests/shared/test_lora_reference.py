@@ -6,7 +6,6 @@ import copy
 import peft as hf_peft
 import pytest
 import torch
-from conftest import forward, make_backbone, make_input
 from peft.tuners.lora import LoraLayer
 
 from shared import peft
@@ -46,9 +45,9 @@ def _set(model, key, values):
 
 
 @pytest.mark.parametrize("anat,dora", CASES)
-def test_equals_bare_hf_peft(anat, dora):
-    pristine = make_backbone(anat)
-    x = make_input(anat)
+def test_equals_bare_hf_peft(tiny, anat, dora):
+    pristine = tiny.backbone(anat)
+    x = tiny.input(anat)
     method = (peft.DoRA if dora else peft.LoRA)(r=R, alpha=ALPHA, targets=TARGETS[anat])
     ours = peft.attach(copy.deepcopy(pristine), [method])
     ref = hf_peft.inject_adapter_in_model(
@@ -59,9 +58,9 @@ def test_equals_bare_hf_peft(anat, dora):
     _set(ref, "default", values)
     assert len(layers) == 2 * len(TARGETS[anat])  # 2 blocks
 
-    out, want = forward(ours, x), forward(ref, x)
+    out, want = tiny.forward(ours, x), tiny.forward(ref, x)
     torch.testing.assert_close(out, want, atol=1e-6, rtol=0)
-    assert (out - forward(pristine, x)).abs().max() > 1e-3  # the update is not a no-op
+    assert (out - tiny.forward(pristine, x)).abs().max() > 1e-3  # the update is not a no-op
 
     # the trainable tensors are exactly peft's adapter tensors
     hf_trainable = {n.replace(".default", f".{method.name}") for n, p in ref.named_parameters() if p.requires_grad}
@@ -69,9 +68,9 @@ def test_equals_bare_hf_peft(anat, dora):
 
 
 @pytest.mark.parametrize("anat,dora", CASES)
-def test_one_layer_matches_formula(anat, dora):
+def test_one_layer_matches_formula(tiny, anat, dora):
     method = (peft.DoRA if dora else peft.LoRA)(r=R, alpha=ALPHA, targets=TARGETS[anat])
-    ours = peft.attach(make_backbone(anat), [method])
+    ours = peft.attach(tiny.backbone(anat), [method])
     layers = _set(ours, method.name, _random_values(ours))
     name, layer = sorted(layers.items())[-1]
     base = layer.get_base_layer()

@@ -13,7 +13,6 @@ from typing import Callable
 
 import pytest
 import torch
-from conftest import forward, make_backbone, make_input, tokens
 from torch import nn
 
 from shared import peft
@@ -230,15 +229,15 @@ def expected_count(method: peft.Method, spec: Spec, model: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-def setup(anat: str, variant: str):
-    pristine = make_backbone(anat)
+def setup(tiny, anat: str, variant: str):
+    pristine = tiny.backbone(anat)
     model = copy.deepcopy(pristine)
     method = VARIANTS[variant].make(SPECS[anat])
     peft.attach(model, [method])
     return pristine, model, method
 
 
-def train(model: nn.Module, x, steps: int = STEPS) -> None:
+def train(tiny, model: nn.Module, x, steps: int = STEPS) -> None:
     """AdamW (no weight decay, so a tensor only moves when it has a gradient) on (out * w).sum()."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
@@ -246,7 +245,7 @@ def train(model: nn.Module, x, steps: int = STEPS) -> None:
     w = None
     model.train()
     for _ in range(steps):
-        out = tokens(model, x)
+        out = tiny.tokens(model, x)
         if w is None:
             w = torch.randn(out.shape, generator=g)
         opt.zero_grad()
@@ -271,10 +270,10 @@ def _structure(model: nn.Module):
 # a. identity at init
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("anat,variant", APPLICABLE)
-def test_identity_at_init(anat, variant):
-    pristine, model, _ = setup(anat, variant)
-    x = make_input(anat)
-    ref, out = forward(pristine, x), forward(model, x)
+def test_identity_at_init(tiny, anat, variant):
+    pristine, model, _ = setup(tiny, anat, variant)
+    x = tiny.input(anat)
+    ref, out = tiny.forward(pristine, x), tiny.forward(model, x)
     assert out.shape == ref.shape
     if VARIANTS[variant].identity:
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
@@ -286,16 +285,16 @@ def test_identity_at_init(anat, variant):
 # b. training touches only the method's tensors
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("anat,variant", APPLICABLE)
-def test_training_updates_only_method_tensors(anat, variant):
-    pristine, model, method = setup(anat, variant)
-    x = make_input(anat)
+def test_training_updates_only_method_tensors(tiny, anat, variant):
+    pristine, model, method = setup(tiny, anat, variant)
+    x = tiny.input(anat)
     state = model.peft_state
     params = dict(model.named_parameters())
     assert state.owner and set(state.owner.values()) == {method.name}
     assert {n for n, p in params.items() if p.requires_grad} == set(state.owner)
     before = {n: params[n].detach().clone() for n in state.owner}
 
-    train(model, x)
+    train(tiny, model, x)
 
     no_grad = [n for n in state.owner if params[n].grad is None]
     assert not no_grad, f"trainable tensors without gradient: {no_grad}"
@@ -309,24 +308,24 @@ def test_training_updates_only_method_tensors(anat, variant):
         if name not in state.owner:
             assert torch.equal(now[name], ref), f"frozen tensor {name} changed"
             assert not isinstance(now[name], nn.Parameter) or not now[name].requires_grad
-    assert not torch.allclose(forward(model, x), forward(pristine, x), atol=1e-4)
+    assert not torch.allclose(tiny.forward(model, x), tiny.forward(pristine, x), atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------
 # c. save -> load round trip is exact (bare backbone and Classifier)
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("anat,variant", APPLICABLE)
-def test_save_load_round_trip(anat, variant, tmp_path):
-    pristine, model, _ = setup(anat, variant)
-    x = make_input(anat)
+def test_save_load_round_trip(tiny, anat, variant, tmp_path):
+    pristine, model, _ = setup(tiny, anat, variant)
+    x = tiny.input(anat)
     fresh, fresh_clf = copy.deepcopy(pristine), copy.deepcopy(pristine)
     clf = peft.Classifier(model, LinearHead(D, 5, pool=SPECS[anat].pool))
-    train(clf, x)  # trains the method's tensors and the head together
+    train(tiny, clf, x)  # trains the method's tensors and the head together
 
     peft.save(model, tmp_path / "b")
     loaded = peft.load(fresh, tmp_path / "b")
     assert loaded is fresh and not isinstance(loaded, peft.Classifier)
-    assert torch.equal(forward(loaded, x), forward(model, x))
+    assert torch.equal(tiny.forward(loaded, x), tiny.forward(model, x))
     sd, loaded_sd = model.state_dict(), loaded.state_dict()
     for name in list(model.peft_state.owner) + model.peft_state.buffers:
         assert torch.equal(loaded_sd[name], sd[name]), name
@@ -336,22 +335,22 @@ def test_save_load_round_trip(anat, variant, tmp_path):
     loaded_clf = peft.load(fresh_clf, tmp_path / "c")
     assert isinstance(loaded_clf, peft.Classifier) and loaded_clf.backbone is fresh_clf
     assert loaded_clf.labels == labels and loaded_clf.head.config() == clf.head.config()
-    logits = forward(clf, x)
+    logits = tiny.forward(clf, x)
     assert logits.shape == (2, 5)
-    assert torch.equal(forward(loaded_clf, x), logits)
+    assert torch.equal(tiny.forward(loaded_clf, x), logits)
 
 
 # ----------------------------------------------------------------------------------------------
 # d. merge
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("anat,variant", APPLICABLE)
-def test_merge(anat, variant):
-    _, model, method = setup(anat, variant)
-    x = make_input(anat)
-    train(model, x)
-    before = forward(model, x)
+def test_merge(tiny, anat, variant):
+    _, model, method = setup(tiny, anat, variant)
+    x = tiny.input(anat)
+    train(tiny, model, x)
+    before = tiny.forward(model, x)
     report = peft.merge(model)
-    after = forward(model, x)
+    after = tiny.forward(model, x)
     assert set(report) == {method.name}
     if VARIANTS[variant].mergeable:
         assert report[method.name] == "merged"
@@ -370,8 +369,8 @@ def test_merge(anat, variant):
 # e. trainable count
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("anat,variant", APPLICABLE)
-def test_trainable_count(anat, variant):
-    pristine, model, method = setup(anat, variant)
+def test_trainable_count(tiny, anat, variant):
+    pristine, model, method = setup(tiny, anat, variant)
     want = expected_count(method, SPECS[anat], pristine)
     s = peft.summary(model)
     assert s["trainable"] == want
@@ -383,8 +382,8 @@ def test_trainable_count(anat, variant):
 # methods that cannot apply refuse clearly and leave the backbone alone
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("anat,variant,word", UNSUPPORTED)
-def test_unsupported_method_raises_clear_error(anat, variant, word):
-    model = make_backbone(anat)
+def test_unsupported_method_raises_clear_error(tiny, anat, variant, word):
+    model = tiny.backbone(anat)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     structure = _structure(model)
     method = VARIANTS[variant].make(SPECS[anat])
@@ -415,10 +414,10 @@ COMPOSITIONS = {
 
 
 @pytest.mark.parametrize("anat", list(COMPOSITIONS))
-def test_composition(anat, tmp_path):
+def test_composition(tiny, anat, tmp_path):
     spec = SPECS[anat]
-    pristine = make_backbone(anat)
-    x = make_input(anat)
+    pristine = tiny.backbone(anat)
+    x = tiny.input(anat)
     methods = COMPOSITIONS[anat](spec)
     model = peft.attach(copy.deepcopy(pristine), methods)
 
@@ -428,7 +427,7 @@ def test_composition(anat, tmp_path):
     assert sum(s["by_method"].values()) == s["trainable"]
 
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    train(model, x)
+    train(tiny, model, x)
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and not torch.equal(p, before[n]), n
@@ -436,5 +435,52 @@ def test_composition(anat, tmp_path):
     peft.save(model, tmp_path / "b")
     loaded = peft.load(copy.deepcopy(pristine), tmp_path / "b")
     assert [k for k, _ in loaded.peft_state.methods] == [k for k, _ in model.peft_state.methods]
-    assert torch.equal(forward(loaded, x), forward(model, x))
+    assert torch.equal(tiny.forward(loaded, x), tiny.forward(model, x))
     assert peft.summary(loaded)["by_method"] == want
+
+
+# ----------------------------------------------------------------------------------------------
+# attach called more than once ("Calling attach again adds more methods")
+# ----------------------------------------------------------------------------------------------
+def test_incremental_attach_save_load_round_trip(tiny, tmp_path):
+    """A sequential adapter attached first hooks the plain `proj`; LoRA attached later wraps it, so
+    the adapter sees the base output without the LoRA delta. load must rebuild that same order."""
+    pristine, x = tiny.backbone("vit"), tiny.input("vit")
+    model = copy.deepcopy(pristine)
+    peft.attach(model, [peft.Adapter(placement="mhsa", mode="sequential", bottleneck=8)])
+    peft.attach(model, [peft.LoRA(r=4, alpha=8, targets=("proj",))])
+    train(tiny, model, x)
+    peft.save(model, tmp_path / "b")
+    loaded = peft.load(copy.deepcopy(pristine), tmp_path / "b")
+    assert [k for k, _ in loaded.peft_state.methods] == [k for k, _ in model.peft_state.methods]
+    torch.testing.assert_close(tiny.forward(loaded, x), tiny.forward(model, x), atol=0, rtol=0)
+
+
+def test_merge_after_incremental_attach(tiny):
+    """FiLM attached first hooks the plain `proj`; LoRA attached later wraps it. Merging must
+    remove FiLM's hook from the layer it was installed on, or FiLM is applied twice."""
+    x = tiny.input("vit")
+    model = tiny.backbone("vit")
+    peft.attach(model, [peft.FiLM(placement="mhsa")])
+    peft.attach(model, [peft.LoRA(r=4, alpha=8, targets=("proj",))])
+    train(tiny, model, x)
+    before = tiny.forward(model, x)
+    assert peft.merge(model) == {"film": "merged", "lora": "merged"}
+    torch.testing.assert_close(tiny.forward(model, x), before, atol=1e-5, rtol=0)
+    assert not [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+
+
+# ----------------------------------------------------------------------------------------------
+# an attach that fails on a bad config leaves the backbone as it was
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", [
+    pytest.param(peft.Adapter(placement="ffn", blocks=(0, 7)), id="adapter-block-out-of-range"),
+    pytest.param(peft.Compacter(placement="ffn", bottleneck=10, phm_dim=5), id="compacter-indivisible-width"),
+])
+def test_failed_attach_leaves_backbone_untouched(tiny, method):
+    model = tiny.backbone("vit")
+    structure = _structure(model)
+    with pytest.raises(ValueError):
+        peft.attach(model, [method])
+    assert getattr(model, "peft_state", None) is None
+    assert _structure(model) == structure

@@ -1,0 +1,137 @@
+"""Frozen-backbone regimes of the DINOv2 radiology study: kNN and a grid of linear probes.
+
+Features are extracted once per (backbone fingerprint, preprocessing, dataset) and cached on
+disk (`shared.data.FeatureCache`); every probe then trains on the cached tensors, so a whole
+grid of heads (feature variant x learning rate) costs one pass of the backbone.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.functional.classification import multiclass_accuracy, multilabel_auroc
+
+from shared.data import FeatureCache, extract_features
+from shared.heads import KNNClassifier
+from shared.peft import fingerprint
+
+from .backbone import probe_features
+
+LRS = (1e-3, 5e-3, 1e-2, 5e-2)
+KS = (5, 20, 50, 100, 200)
+
+
+def variants(feats: dict[str, torch.Tensor], n: int = 4) -> dict[str, torch.Tensor]:
+    """The study's probe inputs: last 1 or n blocks' CLS, with or without average-pooled patches."""
+    out = {}
+    for k in ("cls_1", f"cls_{n}"):
+        out[k] = feats[k]
+        out[f"{k}+patch_mean"] = torch.cat([feats[k], feats["patch_mean"]], dim=-1)
+    return out
+
+
+def cached_features(model: nn.Module, loaders: dict[str, Iterable], cache: FeatureCache,
+                    preprocessing: dict, dataset: str, n: int = 4) -> dict[str, dict[str, torch.Tensor]]:
+    """{split: {feature name: (N, d), "labels": ...}}, computed once and cached on disk."""
+    model.eval()
+    fp = fingerprint(model)
+    out = {}
+    for split, loader in loaders.items():
+        key = cache.key(fp, preprocessing, f"{dataset}:{split}", extractor=f"dinov2_probe_last{n}")
+        out[split] = cache.get_or_compute(key, lambda: extract_features(lambda x: probe_features(model, x, n), loader))
+    return out
+
+
+def knn_grid(train: dict, test: dict, feature: str = "cls_1", ks=KS, temperature: float = 0.07) -> dict[int, float]:
+    """Top-1 accuracy of the cosine, temperature-weighted kNN classifier for every k."""
+    y_train, y_test = train["labels"], test["labels"]
+    if y_train.ndim != 1:
+        raise ValueError("kNN here is single-label; use the linear probes for multi-label data")
+    knn = KNNClassifier(temperature=temperature, num_classes=int(max(y_train.max(), y_test.max())) + 1)
+    knn.fit(train[feature], y_train)
+    probs = knn.predict_proba(test[feature], k=list(ks))
+    return {k: (p.argmax(-1) == y_test).float().mean().item() for k, p in probs.items()}
+
+
+@dataclass
+class ProbeResult:
+    feature: str
+    lr: float
+    val: float
+    test: float
+
+
+class LinearGrid(nn.Module):
+    """One linear head per (feature variant, lr), trained together on cached features."""
+
+    def __init__(self, dims: dict[str, int], num_classes: int, lrs=LRS):
+        super().__init__()
+        self.names = [(f, lr) for f in dims for lr in lrs]
+        self.heads = nn.ModuleList(nn.Linear(dims[f], num_classes) for f, _ in self.names)
+        for h in self.heads:
+            nn.init.normal_(h.weight, std=0.01)
+            nn.init.zeros_(h.bias)
+
+    def forward(self, feats: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [h(feats[f]) for h, (f, _) in zip(self.heads, self.names)]
+
+
+def _score(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> float:
+    if multilabel:
+        return multilabel_auroc(logits.sigmoid(), y.long(), num_labels=y.shape[1], average="macro").item()
+    return multiclass_accuracy(logits, y, num_classes=logits.shape[1], average="micro").item()
+
+
+def train_linear_grid(feats: dict[str, dict[str, torch.Tensor]], num_classes: int, multilabel: bool = False,
+                      epochs: int = 10, batch_size: int = 128, lrs=LRS, n: int = 4, seed: int = 0):
+    """SGD (momentum 0.9) + cosine, `epochs` over the cached train features; best head chosen on val.
+
+    Returns (best ProbeResult, all results). Metric: accuracy (single-label) or macro AUROC.
+    """
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    splits = {s: variants(feats[s], n) for s in ("train", "val", "test")}
+    labels = {s: feats[s]["labels"] for s in splits}
+    dims = {k: v.shape[1] for k, v in splits["train"].items()}
+    grid = LinearGrid(dims, num_classes, lrs)
+    opt = torch.optim.SGD([{"params": h.parameters(), "lr": lr} for h, (_, lr) in zip(grid.heads, grid.names)],
+                          momentum=0.9, weight_decay=0.0)
+    n_train = len(labels["train"])
+    steps = epochs * math.ceil(n_train / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+    for _ in range(epochs):
+        order = torch.randperm(n_train, generator=g)
+        for i in range(0, n_train, batch_size):
+            idx = order[i:i + batch_size]
+            batch = {k: v[idx] for k, v in splits["train"].items()}
+            y = labels["train"][idx]
+            outs = grid(batch)
+            loss_fn = (lambda o: F.binary_cross_entropy_with_logits(o, y.float())) if multilabel else \
+                (lambda o: F.cross_entropy(o, y))
+            loss = sum(loss_fn(o) for o in outs)  # heads are independent: the sum trains each on its own loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    results = []
+    with torch.no_grad():
+        val_out, test_out = grid(splits["val"]), grid(splits["test"])
+        for (f, lr), vo, to in zip(grid.names, val_out, test_out):
+            results.append(ProbeResult(f, lr, _score(vo, labels["val"], multilabel), _score(to, labels["test"], multilabel)))
+    best = max(results, key=lambda r: (r.val, -r.lr))
+    return best, results, grid
+
+
+def describe(results: list[ProbeResult]) -> str:
+    lines = ["| feature | lr | val | test |", "|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: -r.val):
+        lines.append(f"| {r.feature} | {r.lr:g} | {r.val:.4f} | {r.test:.4f} |")
+    return "\n".join(lines)
+
+
+__all__ = ["variants", "cached_features", "knn_grid", "train_linear_grid", "LinearGrid", "ProbeResult",
+           "describe"]
