@@ -71,8 +71,9 @@ class ClassificationModule(L.LightningModule):
 
     def _metrics(self, c: int) -> MetricCollection:
         if self.hparams.multilabel:
-            return MetricCollection({"map": MultilabelAveragePrecision(c, average="macro"),
-                                     "auroc": MultilabelAUROC(c, average="macro")})
+            # ignore_index: unknown targets (NaN, e.g. CheXpert's "ignore" policy) become -1
+            return MetricCollection({"map": MultilabelAveragePrecision(c, average="macro", ignore_index=-1),
+                                     "auroc": MultilabelAUROC(c, average="macro", ignore_index=-1)})
         ms = {"acc": MulticlassAccuracy(c, average="micro")}
         if c > 2:
             ms["auroc"] = MulticlassAUROC(c, average="macro")
@@ -101,7 +102,8 @@ class ClassificationModule(L.LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=len(y), sync_dist=stage != "train")
         if stage != "train":
             probs = logits.sigmoid() if self.multilabel else logits.softmax(-1)
-            self.metrics[stage].update(probs, y.long() if not self.multilabel else y.int())
+            target = torch.nan_to_num(y.float(), nan=-1.0).int() if self.multilabel else y.long()
+            self.metrics[stage].update(probs, target)
         return loss
 
     def training_step(self, batch, batch_idx):

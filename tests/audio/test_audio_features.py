@@ -37,6 +37,7 @@ def test_fbank_equals_hf_extractor(max_length, n):
     g = torch.Generator().manual_seed(n)
     t = torch.arange(n) / 16_000
     wave = (0.4 * torch.sin(2 * torch.pi * 440 * t) + 0.1 * torch.randn(n, generator=g)).float()
+    wave[n // 3: n // 2] = 0.0  # a stretch of digital silence (log floor) inside the clip
     ours = fbank_ast(wave, FbankConfig(target_frames=max_length))
     ref = hf_features(wave, max_length)
     assert ours.shape == ref.shape == (max_length, 128)
@@ -47,6 +48,13 @@ def test_fbank_equals_hf_extractor(max_length, n):
         pad = (0.0 - af.AST_MEAN) / (2 * af.AST_STD)
         assert torch.allclose(ours[frames:], torch.full_like(ours[frames:], pad))
         assert not torch.allclose(ours[frames - 1], torch.full_like(ours[0], pad))
+
+
+def test_fbank_of_pure_silence_is_finite_and_matches_hf():
+    wave = torch.zeros(16_000)
+    ours = fbank_ast(wave, FbankConfig(target_frames=128))
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, hf_features(wave, 128), atol=1e-5, rtol=0)
 
 
 def test_fbank_rejects_less_than_one_frame():

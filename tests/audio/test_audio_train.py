@@ -78,3 +78,32 @@ def test_failed_run_leaves_no_staging_folder(tmp_path, data):
         main(args(tmp_path, data, "--data.init_args.target_frames", "100"))
     assert STAGE_ENV not in os.environ
     assert not [p.name for p in tmp_path.iterdir() if ".staging-" in p.name]
+
+
+@pytest.mark.parametrize("form", ["equals", "short_key"])
+def test_demo_writes_data_where_the_root_flag_says(tmp_path, monkeypatch, form):
+    """BUG (audio/train.py, main(): `root = next((argv[i + 1] ... if a == "--data.init_args.root"))`).
+    The demo only recognises the exact two-token form `--data.init_args.root PATH`. With
+    `--data.init_args.root=PATH` (ordinary argparse syntax) or `--data.root PATH` (which the CLI
+    accepts, and shared/cli.py's docstring advertises) it writes the synthetic data to the demo
+    recipe's default root (relative to the cwd) and the run then fails with
+    "dataset folder not found" for PATH. Fix: parse the root with the CLI's own parser, or
+    accept `--data.init_args.root=`, `--data.root` and `--data.root=` as well."""
+    import audio.train as train
+
+    monkeypatch.setitem(train.DEMO_DATA, "clips_per_fold", 2)
+    monkeypatch.setitem(train.DEMO_DATA, "num_classes", 3)
+    monkeypatch.setitem(train.DEMO_DATA, "seconds", 1.0)
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "fresh_data"
+    root_args = ([f"--data.init_args.root={data}"] if form == "equals" else ["--data.root", str(data)])
+    argv = ["--output_dir", str(tmp_path / "run"), *root_args,
+            "--data.init_args.cache_dir", str(tmp_path / "cache"), "--trainer.max_epochs", "1",
+            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]
+    try:
+        train.main(argv)
+    finally:
+        written_to_default = (tmp_path / "runs").exists()
+    assert (data / "meta" / "esc50.csv").is_file()
+    assert not written_to_default
+    assert (tmp_path / "run" / "metrics.json").is_file()

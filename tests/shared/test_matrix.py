@@ -397,6 +397,14 @@ def test_unsupported_method_raises_clear_error(tiny, anat, variant, word):
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items()) and model.state_dict().keys() == sd.keys()
 
 
+def test_targets_matching_nothing_raise_clearly(tiny):
+    model = tiny.backbone("vit")
+    with pytest.raises(ValueError, match=r"(?s)targets \('nope',\) matched no layer"):
+        peft.attach(model, [peft.LoRA(targets=("nope",))])
+    assert getattr(model, "peft_state", None) is None
+    assert not _hf_tuner_modules(model)
+
+
 # ----------------------------------------------------------------------------------------------
 # f. composition
 # ----------------------------------------------------------------------------------------------
