@@ -37,21 +37,19 @@ def resize_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tup
     return torch.cat([prefix, grid], dim=1)
 
 
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Map an AST state dict onto `model`: resize the positional embedding to the model's grid."""
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module,
+                         source_config) -> dict[str, torch.Tensor]:
+    """Map an AST state dict (trained with `source_config`) onto `model`: resize the positional
+    embedding's time axis to the model's frame count. Frequency layouts must agree."""
+    for field in ("num_mel_bins", "frequency_stride", "patch_size", "time_stride", "hidden_size"):
+        if getattr(source_config, field) != getattr(model.config, field):
+            raise ValueError(f"AST checkpoint has {field}={getattr(source_config, field)} but the requested model "
+                             f"has {getattr(model.config, field)}; only max_length (frames) can differ")
     out = dict(state_dict)
     key = next((k for k in out if k.endswith(POS_KEY)), None)
     if key is None:
         raise KeyError(f"checkpoint has no {POS_KEY}")
-    target = model.embeddings.position_embeddings
-    pos = out[key]
-    if pos.shape != target.shape:
-        f_new, t_new = _grid(model.config)
-        n_old = pos.shape[1] - 2
-        if n_old % f_new:
-            raise ValueError(f"checkpoint positional grid ({n_old} patches) does not share the model's "
-                             f"{f_new} frequency rows; the mel-bin count or stride differs")
-        out[key] = resize_pos_embed(pos, (f_new, n_old // f_new), (f_new, t_new))
+    out[key] = resize_pos_embed(out[key], _grid(source_config), _grid(model.config))
     return out
 
 
@@ -65,10 +63,11 @@ def load_ast(checkpoint: str = DEFAULT_CHECKPOINT, max_length: int | None = None
     from transformers import ASTConfig, ASTModel
 
     src = ASTModel.from_pretrained(checkpoint)
-    if max_length is None or max_length == src.config.max_length:
+    if (max_length is None or max_length == src.config.max_length) and not config_overrides:
         return src
-    cfg = ASTConfig.from_dict({**src.config.to_dict(), "max_length": max_length, **config_overrides})
+    cfg = ASTConfig.from_dict({**src.config.to_dict(), "max_length": max_length or src.config.max_length,
+                               **config_overrides})
     model = ASTModel(cfg)
-    model.load_state_dict(checkpoint_filter_fn(src.state_dict(), model))
+    model.load_state_dict(checkpoint_filter_fn(src.state_dict(), model, src.config))
     model.config.name_or_path = checkpoint
     return model

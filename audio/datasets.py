@@ -81,7 +81,7 @@ class AudioDataModule(L.LightningDataModule):
             train = self.splits["train"]
             keep = few_shot_indices([y for _, y in train], few_shot, seed=seed, label_names=self.labels)
             self.splits["train"] = [train[i] for i in keep]
-        self.skipped: dict[str, int] = {}
+        self.skipped: dict[str, int] = {}  # unusable files skipped per split (skip_bad_files)
 
     @property
     def num_classes(self) -> int:
@@ -96,7 +96,7 @@ class AudioDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None):
         self.frontend = FbankCache(self.cache_dir, self.fbank)
-        if self.skip_bad_files:
+        if self.skip_bad_files and not self.skipped:  # Lightning calls setup again for test: filter once
             for split, items in self.splits.items():
                 good = []
                 for path, y in items:

@@ -108,7 +108,10 @@ class FbankCache:
         self.hits = self.misses = 0
 
     def _file(self, path: Path) -> Path:
-        st = path.stat()
+        try:
+            st = path.stat()
+        except OSError:
+            raise AudioError(f"{path}: file not found") from None
         ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{self._cfg_key}"
         return self.root / (hashlib.sha1(ident.encode()).hexdigest() + ".npy")
 

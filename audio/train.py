@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from audio import backbone as _register_ast  # noqa: F401  (registers the "ast" backbone)
-from shared.cli import run
+from shared.cli import arg_value, is_demo, run
 
 RECIPES = Path(__file__).resolve().parent.parent / "domains" / "audio"
 DEMO = RECIPES / "demo.yaml"
@@ -40,12 +40,12 @@ def check_frames(model, data) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    demo = not any(a == "--config" or a.startswith("--config=") for a in argv)
+    demo = is_demo(argv)
     if demo:
         from audio.synthetic import write_esc50_like
 
-        spec = yaml.safe_load(DEMO.read_text())["data"]["init_args"]
-        root = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--data.init_args.root"), spec["root"])
+        root = arg_value(argv, "--data.root", "--data.init_args.root") or \
+            yaml.safe_load(DEMO.read_text())["data"]["init_args"]["root"]
         print(f"demo: synthetic ESC-50-layout data in {root} (written on first use)")
         write_esc50_like(root, **DEMO_DATA)
     return run(default_config=DEMO if demo else None, args=argv, describe=check_frames)

@@ -392,6 +392,8 @@ class SegmentationModule(L.LightningModule):
     (per-class `dice_<label>` too when there are several foreground classes).
     """
 
+    monitor = "val/dice"
+
     def __init__(self, backbone: str = "tiny-vit", backbone_kwargs: dict[str, Any] | None = None,
                  methods: list[dict[str, Any]] | None = None, decoder: dict[str, Any] | None = None,
                  num_classes: int = 2, labels: list[str] | None = None, lr: float = 1e-3,
@@ -415,8 +417,6 @@ class SegmentationModule(L.LightningModule):
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         self.strict_loading = False  # checkpoints hold only the trained tensors
         self.metrics = {s: _new_metrics() for s in ("val", "test")}
-
-    monitor = "val/dice"
 
     def forward(self, x):
         return self.model(x)

@@ -18,7 +18,7 @@ import yaml
 
 from medical import backbone as _register_dinov2  # noqa: F401  (registers "dinov2")
 from medical.volumes import classify
-from shared.cli import run
+from shared.cli import arg_value, is_demo, run
 from shared.module import ClassificationModule
 
 RECIPES = Path(__file__).resolve().parent.parent / "domains" / "medical"
@@ -58,12 +58,12 @@ def describe(model, data) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    demo = not any(a == "--config" or a.startswith("--config=") for a in argv)
+    demo = is_demo(argv)
     if demo:
         from medical.synthetic import write_image_folder
 
-        root = yaml.safe_load(DEMO.read_text())["data"]["init_args"]["root"]
-        root = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--data.root", "--data.init_args.root")), root)
+        root = arg_value(argv, "--data.root", "--data.init_args.root") or \
+            yaml.safe_load(DEMO.read_text())["data"]["init_args"]["root"]
         print(f"demo: synthetic radiology-like images (MONAI shapes) in the image-folder layout at {root}")
         write_image_folder(root)
     return run(model_class=MedicalClassificationModule, default_config=DEMO if demo else None, args=argv,

@@ -213,8 +213,14 @@ def load(backbone: nn.Module, path: str | os.PathLike, check_fingerprint: bool =
             raise BundleError(f"{path / META}: head: {e}") from None
 
     # Dry run on a weightless copy: names and shapes must match exactly.
+    def attach_in_order(model, **kw):
+        # One call per method in the recorded order, so hooks land exactly as when trained.
+        for m in methods:
+            attach(model, [m], **kw)
+        return model
+
     try:
-        ghost = attach(_weightless_copy(backbone), methods, compute_fingerprint=False)
+        ghost = attach_in_order(_weightless_copy(backbone), compute_fingerprint=False)
     except (ValueError, TypeError, AttributeError, RuntimeError) as e:
         raise BundleError(f"{path}: its methods do not fit {type(backbone).__name__}: {e}") from None
     expected = {f"backbone.{k}": tuple(v.shape) for k, v in bundle_tensors_shapes(ghost).items()}
@@ -229,7 +235,7 @@ def load(backbone: nn.Module, path: str | os.PathLike, check_fingerprint: bool =
         raise BundleError(f"{path}: does not fit this backbone: " + "; ".join(d for d in details if d))
     del ghost
 
-    attach(backbone, methods, backbone_id=meta["backbone"].get("id"))
+    attach_in_order(backbone, backbone_id=meta["backbone"].get("id"))
     backbone.peft_state.fingerprint = fp
     bb = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
     result = backbone.load_state_dict(bb, strict=False)

@@ -45,6 +45,23 @@ class PeftCLI(LightningCLI):
         self.config["trainer"]["default_root_dir"] = stage
 
 
+def arg_value(argv: list[str], *names: str) -> str | None:
+    """The value given for any of `names` in `argv` (`--k v` or `--k=v`; the last one wins)."""
+    value = None
+    for i, a in enumerate(argv):
+        for n in names:
+            if a == n and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif a.startswith(n + "="):
+                value = a[len(n) + 1:]
+    return value
+
+
+def is_demo(argv: list[str]) -> bool:
+    """No recipe given: the domain's offline demo runs."""
+    return not any(a == "--config" or a.startswith("--config=") for a in argv)
+
+
 def method_label(methods: list[dict[str, Any]] | None) -> str:
     """A short readable name for a method list, e.g. `adapter(conformer,ffn,parallel)+lora`."""
     if not methods:
@@ -91,12 +108,12 @@ def run(model_class=ClassificationModule, default_config: str | Path | None = No
     out = Path(cfg["output_dir"])
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
     stage = cli.stage
-    if describe:
-        describe(model, data)
-    s = peft.summary(model.model)
-    print(f"trainable parameters: {s['trainable']:,} of {s['total']:,} ({s['trainable_percent']:.3f}%) "
-          f"by method: {s['by_method']}")
     try:
+        if describe:
+            describe(model, data)
+        s = peft.summary(model.model)
+        print(f"trainable parameters: {s['trainable']:,} of {s['total']:,} ({s['trainable_percent']:.3f}%) "
+              f"by method: {s['by_method']}")
         t0 = time.time()
         trainer.fit(model, datamodule=data)
         ckpt = "best" if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path else None

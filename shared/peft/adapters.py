@@ -48,9 +48,17 @@ class SublayerModule(nn.Module):
         if self.mode == "parallel":
             sub.entry.register_forward_pre_hook(self._capture)
         sub.exit.register_forward_hook(self._on_exit)
+        # The layers hooked (a tuple, so they are not registered as submodules): methods attached
+        # later, e.g. LoRA, may wrap them, and merge must fold into and unhook these very layers.
+        self._hooked = (sub.entry, sub.exit)
 
-    def uninstall(self, sub: Sublayer) -> None:
-        for hooks in (sub.entry._forward_pre_hooks, sub.exit._forward_hooks):
+    @property
+    def hooked_exit(self) -> nn.Linear:
+        return self._hooked[1]
+
+    def uninstall(self) -> None:
+        entry, exit_ = self._hooked
+        for hooks in (entry._forward_pre_hooks, exit_._forward_hooks):
             for hid, fn in list(hooks.items()):
                 if getattr(fn, "__self__", None) is self:
                     del hooks[hid]
@@ -233,14 +241,21 @@ class _AdapterBase(_Sublayers):
             return int(self.bottleneck)
         return max(1, round(dim / (self.reduction or 12)))
 
-    def build(self, d_in, d_out, anat, model, key) -> SublayerModule:
+    def build(self, d_in, d_out, anat, shared: dict[str, nn.Module], key) -> SublayerModule:
+        """One module for one sublayer; `shared` collects modules to register once on the model."""
         raise TypeError(f"{type(self).__name__} must define build()")
 
     def attach(self, model, anat, key):
-        extra = []
-        for block, placement, sub in self.sites(anat):
+        # Build everything first so that a bad config raises before the model is touched.
+        shared: dict[str, nn.Module] = {}
+        plan = []
+        for block, placement, sub in list(self.sites(anat)):
             d_in = sub.entry.in_features if self.mode == "parallel" else sub.exit.out_features
-            mod = self.build(d_in, sub.exit.out_features, anat, model, key)
+            plan.append((block, placement, sub, self.build(d_in, sub.exit.out_features, anat, shared, key)))
+        for name, mod in shared.items():
+            model.add_module(name, mod)
+        extra = []
+        for block, placement, sub, mod in plan:
             block.add_module(module_name(key, placement), mod)
             mod.install(sub)
             if self.train_norms and sub.norm is not None:
@@ -269,7 +284,7 @@ class Adapter(_AdapterBase):
         check_choice("kind", self.kind, ("bottleneck", "conformer", "convpass"))
         check_choice("activation", self.activation, tuple(ACTIVATIONS))
 
-    def build(self, d_in, d_out, anat, model, key):
+    def build(self, d_in, d_out, anat, shared, key):
         b = self.width(d_out)
         if self.kind == "conformer":
             return Conformer(d_in, d_out, b, self.mode, self.scale, self.kernel_size)
@@ -285,8 +300,8 @@ class Adapter(_AdapterBase):
             # out = (I + sUD) y + s(U d_b + u_b),  y = W x + b
             m = torch.eye(sub.exit.out_features) + self.scale * mod.up.weight @ mod.down.weight
             shift = self.scale * (mod.up.weight @ mod.down.bias + mod.up.bias)
-            _fold_affine(sub.exit, m, shift)
-            mod.uninstall(sub)
+            _fold_affine(mod.hooked_exit, m, shift)
+            mod.uninstall()
         return None
 
 
@@ -335,14 +350,14 @@ class Compacter(_AdapterBase):
         check_positive("phm_dim", self.phm_dim)
         check_choice("activation", self.activation, tuple(ACTIVATIONS))
 
-    def build(self, d_in, d_out, anat, model, key):
+    def build(self, d_in, d_out, anat, shared, key):
         name = f"peft_{key}_shared"
-        if not hasattr(model, name):
-            model.add_module(name, PHMShared(self.phm_dim))
-        shared = getattr(model, name)
+        if name not in shared:
+            shared[name] = PHMShared(self.phm_dim)
+        slow = shared[name]
 
         def linear(i, o, zero=False):
-            return PHMLinear(i, o, shared, "up" if zero else "down", zero=zero)
+            return PHMLinear(i, o, slow, "up" if zero else "down", zero=zero)
 
         b = self.width(d_out)
         b = max(self.phm_dim, b - b % self.phm_dim)  # PHM needs widths divisible by n
@@ -357,7 +372,7 @@ class FiLM(_Sublayers):
     name: ClassVar[str] = "film"
 
     def attach(self, model, anat, key):
-        for block, placement, sub in self.sites(anat):
+        for block, placement, sub in list(self.sites(anat)):
             mod = FiLMModule(sub.exit.out_features)
             block.add_module(module_name(key, placement), mod)
             mod.install(sub)
@@ -365,6 +380,6 @@ class FiLM(_Sublayers):
 
     def merge(self, model, anat, key):
         for _, _, sub, mod in self._attached(model, anat, key):
-            _fold_affine(sub.exit, torch.diag(mod.gamma.detach()), mod.beta.detach())
-            mod.uninstall(sub)
+            _fold_affine(mod.hooked_exit, torch.diag(mod.gamma.detach()), mod.beta.detach())
+            mod.uninstall()
         return None

@@ -75,7 +75,7 @@ def attach(backbone: nn.Module, methods: Iterable[Method | dict[str, Any]], back
         existing = {id(p) for p in m.attach(backbone, anat, key)}
         for p in backbone.parameters():
             new = id(p) not in before
-            if (new and (p.requires_grad or not m.from_hf_peft)) or id(p) in existing:
+            if (new and not m.from_hf_peft) or id(p) in existing:
                 owner_ids.setdefault(id(p), key)
         state.methods.append((key, m))
     for p in backbone.parameters():

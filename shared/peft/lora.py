@@ -21,6 +21,10 @@ def _targets(targets: Targets):
     return targets if isinstance(targets, str) else list(targets)
 
 
+def _exclude(exclude: tuple[str, ...]) -> dict:
+    return {"exclude_modules": list(exclude)} if exclude else {}
+
+
 @dataclass(frozen=True)
 class _PeftMethod(Method):
     from_hf_peft: ClassVar[bool] = True
@@ -35,13 +39,30 @@ class _PeftMethod(Method):
     def peft_config(self):
         raise TypeError(f"{type(self).__name__} must define peft_config()")
 
+    def inject(self, model, key) -> None:
+        hf_peft.inject_adapter_in_model(self.peft_config(), model, adapter_name=key)
+
     def attach(self, model, anat, key):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
         try:
-            hf_peft.inject_adapter_in_model(self.peft_config(), model, adapter_name=key)
-        except ValueError as e:  # peft says which targets matched nothing
-            raise ValueError(f"{self.name}: targets {self.targets!r} matched no layer of "
-                             f"{type(model).__name__}: {e}") from None
-        return ()
+            self.inject(model, key)
+        except ValueError as e:
+            if "target" in str(e).lower():  # peft names the targets that matched nothing
+                raise ValueError(f"{self.name}: targets {self.targets!r} matched no layer of "
+                                 f"{type(model).__name__}: {e}") from None
+            raise
+        # The trained tensors are the layers' adapter tensors for this key (peft's
+        # `adapter_layer_names`), not every new parameter (AdaLoRA's `ranknum` is a constant).
+        trained = []
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                for attr in module.adapter_layer_names:
+                    container = getattr(module, attr, None)
+                    if container is not None and key in container:
+                        item = container[key]
+                        trained += [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+        return trained
 
     def merge(self, model, anat, key):
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -189,8 +210,17 @@ class VeRA(_PeftMethod):
     seed: int = 0
 
     def peft_config(self):
+        if self.exclude:
+            raise ValueError("vera: peft's VeraConfig has no exclude option; select targets by name or regex")
         return hf_peft.VeraConfig(r=self.r, target_modules=_targets(self.targets), projection_prng_key=self.seed,
-                                  exclude_modules=list(self.exclude) or None, save_projection=True)
+                                  save_projection=True)
+
+    def inject(self, model, key) -> None:
+        # VeRA keeps its shared random projections on the tuner, which injection alone does
+        # not create; building the tuner injects into `model` in place.
+        from peft.tuners.vera import VeraModel
+
+        VeraModel(model, self.peft_config(), adapter_name=key)
 
 
 __all__ = ["LoRA", "DoRA", "AdaLoRA", "IA3", "LoHa", "LoKr", "VeRA"]

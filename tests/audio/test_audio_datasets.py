@@ -191,7 +191,7 @@ def test_skip_bad_files(esc50, tmp_path, afx):
 
 
 def test_skipped_count_survives_a_second_setup(esc50, tmp_path, afx):
-    """BUG (audio/datasets.py, AudioDataModule.setup): Lightning calls `setup` again for every
+    """Regression (AudioDataModule.setup): Lightning calls `setup` again for every
     entry point (`trainer.fit` then `trainer.test` in shared.cli.run). The second call re-filters
     the already-filtered splits and overwrites `self.skipped` with zeros, so the count of skipped
     files is lost by the time the run reports."""
@@ -203,7 +203,7 @@ def test_skipped_count_survives_a_second_setup(esc50, tmp_path, afx):
 
 
 def test_clip_listed_but_missing_on_disk(esc50, tmp_path):
-    """BUG (audio/features.py FbankCache._file, line `st = path.stat()`): a clip listed in the
+    """Regression (FbankCache._file ran `path.stat()` first): a clip listed in the
     metadata but absent on disk raises FileNotFoundError instead of AudioError, so
     `skip_bad_files=True` crashes in setup instead of skipping it."""
     dm = ESC50DataModule(str(esc50), target_frames=64, skip_bad_files=True, cache_dir=str(tmp_path / "cache"))

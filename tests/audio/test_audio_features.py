@@ -355,7 +355,7 @@ def test_cache_key_includes_the_frontend_config(tmp_path, afx):
 
 
 def test_cache_on_a_missing_file_raises_audio_error(tmp_path):
-    """BUG (audio/features.py, FbankCache._file): `path.stat()` runs before `read_audio`, so a
+    """Regression (FbankCache._file once ran `path.stat()` before `read_audio`): a
     clip that the metadata lists but the disk lacks raises FileNotFoundError, not AudioError;
     `skip_bad_files=True` then crashes instead of skipping it."""
     p = tmp_path / "absent.wav"

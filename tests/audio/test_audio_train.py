@@ -17,10 +17,14 @@ def data(tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def _clean_stage_env(monkeypatch):
-    # a leaked staging folder from an earlier failing run must not leak into the next one
-    monkeypatch.delenv(STAGE_ENV, raising=False)
+def _clean_stage_env():
+    # A failed run leaks PEFT_SUITE_STAGE_DIR (see test_failed_run_leaves_no_staging_folder):
+    # never let it reach the next test, in this file or any other.
+    saved = os.environ.pop(STAGE_ENV, None)
     yield
+    os.environ.pop(STAGE_ENV, None)
+    if saved is not None:
+        os.environ[STAGE_ENV] = saved
 
 
 def args(tmp_path, data, *extra):
@@ -67,7 +71,7 @@ def test_frame_count_mismatch_is_a_clear_error(tmp_path, data, override):
 
 
 def test_failed_run_leaves_no_staging_folder(tmp_path, data):
-    """BUG (shared/cli.py, run(): `describe(model, data)` and `peft.summary` run before the
+    """Regression (shared/cli.py run(): `describe(model, data)` and `peft.summary` ran before the
     `try:` that removes the staging folder and pops PEFT_SUITE_STAGE_DIR). When
     audio.train.check_frames raises, a `.run.staging-*` folder is left next to output_dir and the
     env var stays set, so the NEXT run in the same process (notebook, sweep, test session)
@@ -82,7 +86,7 @@ def test_failed_run_leaves_no_staging_folder(tmp_path, data):
 
 @pytest.mark.parametrize("form", ["equals", "short_key"])
 def test_demo_writes_data_where_the_root_flag_says(tmp_path, monkeypatch, form):
-    """BUG (audio/train.py, main(): `root = next((argv[i + 1] ... if a == "--data.init_args.root"))`).
+    """Regression (audio/train.py main() once read only `--data.init_args.root PATH`).
     The demo only recognises the exact two-token form `--data.init_args.root PATH`. With
     `--data.init_args.root=PATH` (ordinary argparse syntax) or `--data.root PATH` (which the CLI
     accepts, and shared/cli.py's docstring advertises) it writes the synthetic data to the demo

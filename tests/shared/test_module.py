@@ -107,9 +107,14 @@ def test_cli_run_trains_tests_best_and_saves(tmp_path):
     x, _ = data.splits["test"][:8]
     from shared.backbones import create
 
-    fresh = create("tiny-ast", max_length=64, num_mel_bins=32, hidden_size=64, layers=2, heads=4)
+    kwargs = dict(max_length=64, num_mel_bins=32, hidden_size=64, layers=2, heads=4)
     with pytest.raises(peft.BundleError, match="fingerprint"):
-        peft.load(fresh, out / "adapter")  # a fresh random backbone is not the one trained on
+        peft.load(create("tiny-ast", seed=1, **kwargs), out / "adapter")  # other weights than trained on
+    loaded = peft.from_bundle(out / "adapter").eval()  # rebuilt from the bundle's id + kwargs (seeded)
+    model = peft.load(create("tiny-ast", **kwargs), out / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+        assert loaded(x).argmax(-1).eq(data.splits["test"][:8][1]).float().mean() > 0.5
     meta = peft.read_meta(out / "adapter")
     assert meta["labels"] == [f"class_{i}" for i in range(5)]
     assert meta["metrics"]["test/acc"] == pytest.approx(row["test/acc"])
