@@ -250,6 +250,13 @@ class MedicalDataModule(L.LightningDataModule):
         if few_shot:
             self.splits["train"] = self._few_shot(self.splits["train"], few_shot)
 
+    def __getstate__(self):
+        # Loader workers started by spawn / forkserver pickle the dataset, which holds a bound
+        # `load` of this module: leave the trainer (attached during fit) behind.
+        state = self.__dict__.copy()
+        state["trainer"] = None
+        return state
+
     # ----------------------------------------------------------------- what subclasses provide
     def read_splits(self) -> dict[str, Split]:
         raise TypeError(f"{type(self).__name__} must define read_splits()")

@@ -491,6 +491,9 @@ class SegmentationModule(L.LightningModule):
         keep = {f"model.{k}" for k in segmenter_tensor_names(self.model)}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
+    def param_summary(self) -> dict[str, Any]:
+        return self.model.summary()
+
     def save_bundle(self, path, metrics: dict[str, Any] | None = None):
         hp = self.hparams
         return save_segmenter(self.model.backbone, self.model.decoder, path, labels=hp.labels, metrics=metrics,

@@ -40,6 +40,9 @@ class MedicalClassificationModule(ClassificationModule):
     def forward(self, inputs):
         return classify(self.model, inputs, self.slice_pool)
 
+    def bundle_extra(self):
+        return {**super().bundle_extra(), "slice_pool": self.slice_pool}
+
     def loss(self, logits, y):
         if self.multilabel and y.is_floating_point() and y.isnan().any():
             from medical.datasets import masked_bce  # CheXpert "ignore" policy: NaN targets are masked

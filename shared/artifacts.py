@@ -214,7 +214,9 @@ def load(backbone: nn.Module, path: str | os.PathLike, check_fingerprint: bool =
 
     # Dry run on a weightless copy: names and shapes must match exactly.
     def attach_in_order(model, **kw):
-        # One call per method in the recorded order, so hooks land exactly as when trained.
+        # One call per method in the recorded order, so hooks land exactly as when trained
+        # (the first call also records the state when there are no methods: a frozen backbone).
+        attach(model, [], **kw)
         for m in methods:
             attach(model, [m], **kw)
         return model
@@ -235,7 +237,7 @@ def load(backbone: nn.Module, path: str | os.PathLike, check_fingerprint: bool =
         raise BundleError(f"{path}: does not fit this backbone: " + "; ".join(d for d in details if d))
     del ghost
 
-    attach_in_order(backbone, backbone_id=meta["backbone"].get("id"))
+    attach_in_order(backbone, backbone_id=meta["backbone"].get("id"), compute_fingerprint=False)
     backbone.peft_state.fingerprint = fp
     bb = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
     result = backbone.load_state_dict(bb, strict=False)

@@ -18,7 +18,6 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
-from shared import peft
 from shared.artifacts import replace_dir
 from shared.module import ClassificationModule
 
@@ -111,7 +110,7 @@ def run(model_class=ClassificationModule, default_config: str | Path | None = No
     try:
         if describe:
             describe(model, data)
-        s = peft.summary(model.model)
+        s = model.param_summary()
         print(f"trainable parameters: {s['trainable']:,} of {s['total']:,} ({s['trainable_percent']:.3f}%) "
               f"by method: {s['by_method']}")
         t0 = time.time()

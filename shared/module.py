@@ -152,10 +152,17 @@ class ClassificationModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                     if k in keep or k.startswith("metrics.")}
 
+    def param_summary(self) -> dict[str, Any]:
+        return peft.summary(self.model)
+
+    def bundle_extra(self) -> dict[str, Any]:
+        """Fields a bundle needs for prediction beyond the core's (task, label semantics)."""
+        return {"task": "classification", "multilabel": self.multilabel}
+
     def save_bundle(self, path, metrics: dict[str, Any] | None = None):
         return peft.save(self.model, path, labels=self.hparams.labels, metrics=metrics,
                          preprocessing=self.hparams.preprocessing, backbone_id=self.hparams.backbone,
-                         backbone_kwargs=self.hparams.backbone_kwargs)
+                         backbone_kwargs=self.hparams.backbone_kwargs, extra=self.bundle_extra())
 
 
 def peft_tensor_names(model) -> list[str]:

@@ -257,3 +257,15 @@ def write_decathlon(root: Path, n: int = 7, depths=None, channels: int | None = 
             "labels": labels, "numTraining": n, "numTest": 0, "training": entries, "test": []}
     (root / "dataset.json").write_text(json.dumps(meta, indent=1))
     return root
+
+
+@pytest.fixture
+def med():
+    """The writers and constants above, for test modules (a rootless tests/ folder cannot import conftest)."""
+    import types
+
+    names = ["SHARED_DATA", "PNEUMONIAMNIST", "pattern", "write_png", "write_dicom", "write_nifti", "write_medmnist",
+             "CXR14_FINDINGS", "cxr14_name", "write_cxr14", "CHEXPERT_COLUMNS", "CHEXPERT_ROW", "chexpert_rows",
+             "write_chexpert", "write_imagefolder", "write_lungmask", "DECATHLON_LABELS", "decathlon_volume",
+             "write_decathlon"]
+    return types.SimpleNamespace(**{n: globals()[n] for n in names})
