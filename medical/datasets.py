@@ -229,7 +229,7 @@ class MedicalDataModule(L.LightningDataModule):
     name: ClassVar[str] = "medical"
     task: ClassVar[str] = "classification"  # or "segmentation"
     default_intensity: ClassVar[str] = "minmax"
-    shuffle_sampler: ClassVar[bool] = False
+    few_shot_unit: ClassVar[str] = "image"  # what few-shot counts for segmentation
 
     def __init__(self, root: str, img_size: int = 224, batch_size: int = 32, num_workers: int = 0,
                  few_shot: int | None = None, seed: int = 0, augment: bool = False,
@@ -281,7 +281,9 @@ class MedicalDataModule(L.LightningDataModule):
         if split not in self.splits:
             raise KeyError(f"unknown split {split!r}; expected one of {SPLITS}")
         train = split == "train" if train is None else train
-        aug = augmentation(segmentation=self.task == "segmentation", seed=self.seed) if (train and self.augment) else None
+        aug = None
+        if train and self.augment:
+            aug = augmentation(segmentation=self.task == "segmentation", seed=self.seed)
         return ItemDataset(self.splits[split], self.load, aug)
 
     def _loader(self, split: str) -> DataLoader:
@@ -318,8 +320,6 @@ class MedicalDataModule(L.LightningDataModule):
         keep = few_shot_indices(labels, k, seed=self.seed, groups=split.groups, label_names=names)
         return split.subset(keep)
 
-    few_shot_unit: ClassVar[str] = "image"
-
     def _image_input(self, path: Path, augment: Callable | None) -> torch.Tensor:
         img = read_image(path)
         if img.ndim == 3 and img.shape[-1] not in (1, 3) and 1 in img.shape:
@@ -351,7 +351,9 @@ class MedMNISTDataModule(MedicalDataModule):
     def _npz_path(self) -> Path:
         if self.root.is_file():
             return self.root
-        names = [f"{self.flag}.npz", f"{self.flag}_{self.size}.npz"] if self.size == 28 else [f"{self.flag}_{self.size}.npz"]
+        names = [f"{self.flag}_{self.size}.npz"]
+        if self.size == 28:
+            names.insert(0, f"{self.flag}.npz")
         for n in names:
             if (self.root / n).is_file():
                 return self.root / n
@@ -492,7 +494,8 @@ class ChestXray14DataModule(MedicalDataModule):
                 raise DatasetLayoutError(f"{path}: line {i} ({r['Image Index']}): empty 'Patient ID'")
             table[r["Image Index"].strip()] = (y, pid)
 
-        lists = {s: read_list(self.root / f) for s, f in (("train_val", "train_val_list.txt"), ("test", "test_list.txt"))}
+        lists = {s: read_list(self.root / f)
+                 for s, f in (("train_val", "train_val_list.txt"), ("test", "test_list.txt"))}
         both = set(lists["train_val"]) & set(lists["test"])
         if both:
             raise DatasetLayoutError(f"{self.root}: {len(both)} image(s) in both train_val_list.txt and "
@@ -882,7 +885,8 @@ class DecathlonDataModule(MedicalDataModule):
         if not isinstance(entries, list) or not entries:
             raise DatasetLayoutError(f"{path}: field 'training' must be a non-empty list")
         if "numTraining" in meta and meta["numTraining"] != len(entries):
-            log.warning("%s: numTraining is %s but 'training' lists %d volumes", path, meta["numTraining"], len(entries))
+            log.warning("%s: numTraining is %s but 'training' lists %d volumes", path, meta["numTraining"],
+                        len(entries))
 
         volumes, depths = [], []
         for j, e in enumerate(entries):

@@ -52,6 +52,9 @@ class MedicalClassificationModule(ClassificationModule):
 
 
 def describe(model, data) -> None:
+    data_ml = getattr(data, "multilabel", None)
+    if data_ml is not None and "multilabel" in model.hparams and bool(data_ml) != bool(model.hparams.multilabel):
+        raise ValueError(f"the data is {'multi' if data_ml else 'single'}-label: set --model.multilabel {bool(data_ml)}")
     bb, kw = model.hparams.backbone, model.hparams.backbone_kwargs or {}
     if bb.startswith("tiny-") or kw.get("pretrained") is False:
         print(f"backbone: {bb} {kw} with RANDOM weights (demo / tests; no pretrained knowledge)")

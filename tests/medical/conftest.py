@@ -165,7 +165,8 @@ def chexpert_rows(split: str, patients, start: int = 1) -> list[dict]:
     for n, pid in enumerate(patients):
         for view, fl in ((1, "Frontal"), (2, "Lateral")):
             rel = f"CheXpert-v1.0-small/{split}/patient{pid:05d}/study1/view{view}_{fl.lower()}.jpg"
-            r = {"Path": rel, "Sex": "Female", "Age": "60", "Frontal/Lateral": fl, "AP/PA": "AP" if fl == "Frontal" else ""}
+            r = {"Path": rel, "Sex": "Female", "Age": "60", "Frontal/Lateral": fl,
+                 "AP/PA": "AP" if fl == "Frontal" else ""}
             obs = CHEXPERT_COLUMNS[5:]
             if pid == 1:
                 r.update(CHEXPERT_ROW)

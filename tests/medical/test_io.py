@@ -93,7 +93,8 @@ def test_npy(tmp_path):
 def _corrupt_files(tmp_path, med):
     rnd = np.random.default_rng(0).bytes(2000)
     good_png = med.write_png(tmp_path / "ok.png", med.pattern(shape=(64, 64)))
-    good_nii = med.write_nifti(tmp_path / "ok.nii", np.random.default_rng(1).normal(size=(16, 16, 8)).astype(np.float32))
+    noise = np.random.default_rng(1).normal(size=(16, 16, 8)).astype(np.float32)  # incompressible
+    good_nii = med.write_nifti(tmp_path / "ok.nii", noise)
     files = {}
     for name in ("rand.png", "rand.jpg", "rand.dcm", "rand.nii.gz", "rand.nii", "rand.npy"):
         (tmp_path / name).write_bytes(rnd)
