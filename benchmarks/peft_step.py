@@ -310,19 +310,21 @@ def render_markdown(res: dict) -> str:
         "",
         f"| method | trainable params | step s (median) | step s (min) | step vs full (target <= {t['step_ratio_max']:.2f}x) "
         f"| peak RSS GiB | peak RSS vs full (target <= {t['memory_ratio_max']:.2f}x) "
-        f"| peak above baseline GiB | above baseline vs full (target <= {t['memory_ratio_max']:.2f}x) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| peak above baseline GiB | above baseline vs full (target <= {t['memory_ratio_max']:.2f}x) "
+        f"| 1-min load before -> after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in res["train_step"]:
         if "error" in r:
-            lines.append(f"| {r['label']} | error: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['label']} | error: {r['error']} | | | | | | | | {r['loadavg_1min']} |")
             continue
         full = r["key"] == "full"
         cell = (lambda v, lim: _x(v)) if full else _meets
         lines.append(
             f"| {r['label']} | {r['trainable_params']:,} | {_sec(r['step_s'])} | {_sec(r['step_s_min'])} | {cell(r['step_ratio'], t['step_ratio_max'])} "
             f"| {r['peak_rss_gib']:.2f} | {cell(r['peak_rss_ratio'], t['memory_ratio_max'])} "
-            f"| {r['peak_above_baseline_gib']:.2f} | {cell(r['peak_above_baseline_ratio'], t['memory_ratio_max'])} |")
+            f"| {r['peak_above_baseline_gib']:.2f} | {cell(r['peak_above_baseline_ratio'], t['memory_ratio_max'])} "
+            f"| {r['loadavg_1min']} |")
     lines += [
         "",
         "## Inference (eval, torch.inference_mode, forward_features)",
@@ -406,13 +408,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help='JSON of extra timm.create_model kwargs, e.g. \'{"depth": 2}\'')
     ap.add_argument("--warmup", type=int, default=None, help="untimed training steps (default 3; quick 2); the first two "
                     "pay page faults for gradients and optimizer state")
-    ap.add_argument("--steps", type=int, default=None, help="timed training steps (default 10; quick 3)")
+    ap.add_argument("--steps", type=int, default=None, help="timed training steps (default 8; quick 3)")
     ap.add_argument("--infer-reps", type=int, default=None, help="timed forwards per model (default 12; quick 5)")
     ap.add_argument("--probe-images", type=int, default=None, help="probe dataset size (default 64; quick 16)")
     ap.add_argument("--probe-epochs", type=int, default=None, help="timed cached epochs (default 20; quick 5)")
     args = ap.parse_args(argv)
     q = args.quick
-    for name, full, quick in [("warmup", 3, 2), ("steps", 10, 3), ("infer_reps", 12, 5),
+    for name, full, quick in [("warmup", 3, 2), ("steps", 8, 3), ("infer_reps", 12, 5),
                               ("probe_images", 64, 16), ("probe_epochs", 20, 5)]:
         if getattr(args, name) is None:
             setattr(args, name, quick if q else full)
@@ -445,12 +447,13 @@ def main(argv=None) -> int:
     rows = []
     for key, label, method in TRAIN_CONFIGS:
         print(f"[peft_step] training step: {label} ...", flush=True)
+        load = _loadavg(1)
         try:
             r = _run_isolated(ctx, run_train, spec, key, method)
             config["versions"] = r.pop("versions")
         except Exception as e:  # keep the other rows; the exit status reports the failure
             r, failed = {"key": key, "error": _error(e)}, True
-        rows.append({"label": label, "method": method, **r})
+        rows.append({"label": label, "method": method, **r, "loadavg_1min": f"{load} -> {_loadavg(1)}"})
     full = next((r for r in rows if r["key"] == "full" and "error" not in r), None)
     for r in rows:
         if "error" in r:
@@ -499,10 +502,11 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
-def _loadavg() -> str:
+def _loadavg(n: int = 3) -> str:
+    """The 1, 5 and 15 minute load averages (the first n): other work on the machine slows every timing."""
     try:
         with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
+            return " ".join(f.read().split()[:n])
     except OSError:
         return "?"
 

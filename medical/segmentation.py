@@ -48,7 +48,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from shared import backbones, peft
-from shared.artifacts import BundleError, bundle_tensors_shapes, replace_dir
+from shared.artifacts import BundleError, trained_tensors, replace_dir
 from shared.heads import Tokens
 from shared.module import cosine_with_warmup
 
@@ -215,7 +215,7 @@ class Segmenter(nn.Module):
 
 def segmenter_tensor_names(model: Segmenter) -> list[str]:
     """Names (relative to a Segmenter) of the tensors a bundle or checkpoint keeps."""
-    return ([f"backbone.{n}" for n in bundle_tensors_shapes(model.backbone)]
+    return ([f"backbone.{n}" for n in trained_tensors(model.backbone)]
             + [f"decoder.{n}" for n in model.decoder.state_dict()])
 
 

@@ -49,23 +49,27 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def bundle_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors a bundle stores: trained parameters and method buffers, head included."""
-    from shared.peft.core import split
+def trained_tensors(backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """The attached backbone's trained parameters and method buffers, by name (no copies)."""
     from shared.peft.base import state_of
 
-    backbone, head = split(model)
     state = state_of(backbone)
     sd = backbone.state_dict(keep_vars=True)
-    out = {}
-    for name in list(state.owner) + list(state.buffers):
-        if name not in sd:
-            raise BundleError(f"tensor {name!r} recorded by attach is no longer in the model "
-                              f"(was the model merged? save before peft.merge)")
-        out[f"backbone.{name}"] = sd[name]
+    missing = [n for n in list(state.owner) + list(state.buffers) if n not in sd]
+    if missing:
+        raise BundleError(f"tensors {missing[:3]} recorded by attach are no longer in the model "
+                          f"(was it merged? save before peft.merge)")
+    return {n: sd[n] for n in list(state.owner) + list(state.buffers)}
+
+
+def bundle_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a bundle stores: `backbone.*` trained tensors and `head.*` (detached, CPU, contiguous)."""
+    from shared.peft.core import split
+
+    backbone, head = split(model)
+    out = {f"backbone.{k}": v for k, v in trained_tensors(backbone).items()}
     if head is not None:
-        for name, t in head.state_dict(keep_vars=True).items():
-            out[f"head.{name}"] = t
+        out.update({f"head.{k}": v for k, v in head.state_dict(keep_vars=True).items()})
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
@@ -225,7 +229,7 @@ def load(backbone: nn.Module, path: str | os.PathLike, check_fingerprint: bool =
         ghost = attach_in_order(_weightless_copy(backbone), compute_fingerprint=False)
     except (ValueError, TypeError, AttributeError, RuntimeError) as e:
         raise BundleError(f"{path}: its methods do not fit {type(backbone).__name__}: {e}") from None
-    expected = {f"backbone.{k}": tuple(v.shape) for k, v in bundle_tensors_shapes(ghost).items()}
+    expected = {f"backbone.{k}": tuple(v.shape) for k, v in trained_tensors(ghost).items()}
     if head is not None:
         expected.update({f"head.{k}": tuple(v.shape) for k, v in head.state_dict().items()})
     got = {k: tuple(v.shape) for k, v in tensors.items()}
@@ -249,15 +253,6 @@ def load(backbone: nn.Module, path: str | os.PathLike, check_fingerprint: bool =
     model = Classifier(backbone, head, labels=meta.get("labels"))
     model.bundle_meta = meta
     return model
-
-
-def bundle_tensors_shapes(backbone: nn.Module) -> dict[str, torch.Tensor]:
-    """Trained parameters and method buffers of an attached backbone, by name (no copying)."""
-    from shared.peft.base import state_of
-
-    state = state_of(backbone)
-    sd = backbone.state_dict(keep_vars=True)
-    return {n: sd[n] for n in list(state.owner) + list(state.buffers)}
 
 
 def from_bundle(path: str | os.PathLike, check_fingerprint: bool = True) -> nn.Module:

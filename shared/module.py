@@ -167,7 +167,7 @@ class ClassificationModule(L.LightningModule):
 
 def peft_tensor_names(model) -> list[str]:
     """Names (relative to a Classifier) of the tensors an adapter bundle stores."""
-    from shared.artifacts import bundle_tensors_shapes
+    from shared.artifacts import trained_tensors
 
-    names = [f"backbone.{n}" for n in bundle_tensors_shapes(model.backbone)]
+    names = [f"backbone.{n}" for n in trained_tensors(model.backbone)]
     return names + [f"head.{n}" for n in model.head.state_dict()]
