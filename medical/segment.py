@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 from medical import backbone as _register_dinov2  # noqa: F401
@@ -19,6 +20,24 @@ from medical.train import describe
 from shared.cli import arg_value, is_demo, run
 
 DEMO = Path(__file__).resolve().parent.parent / "domains" / "medical" / "segment_demo.yaml"
+
+
+def volume_level(model, data) -> dict:
+    """Dice / HD95 on whole test volumes, reassembled from slice predictions (Decathlon-style data)."""
+    if not hasattr(data, "volumes"):
+        return {}
+    from medical.segmentation import predict_volume, volume_metrics
+
+    scores = []
+    for img, lbl in data.volumes("test"):
+        x, y = data.load_volume(img, lbl)
+        pred = predict_volume(model.model.backbone, model.model.decoder, x)
+        scores.append(volume_metrics(pred, y, data.num_classes))
+    if not scores:
+        return {}
+    mean = lambda k: float(torch.tensor([s[k] for s in scores]).nanmean())  # noqa: E731
+    print(f"volume-level test metrics over {len(scores)} volumes: dice {mean('dice'):.4f}, hd95 {mean('hd95'):.2f}")
+    return {"test/volume_dice": mean("dice"), "test/volume_hd95": mean("hd95"), "test/volumes": len(scores)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -31,7 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
             yaml.safe_load(DEMO.read_text())["data"]["init_args"]["root"]
         print(f"demo: synthetic images + masks in the lung-mask layout at {root}")
         write_lung_masks(root)
-    return run(model_class=SegmentationModule, default_config=DEMO if demo else None, args=argv, describe=describe)
+    return run(model_class=SegmentationModule, default_config=DEMO if demo else None, args=argv, describe=describe,
+               evaluate=volume_level)
 
 
 if __name__ == "__main__":

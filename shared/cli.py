@@ -85,10 +85,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def run(model_class=ClassificationModule, default_config: str | Path | None = None,
-        args: list[str] | None = None, describe=None) -> dict[str, Any]:
+        args: list[str] | None = None, describe=None, evaluate=None) -> dict[str, Any]:
     """Parse the CLI / recipe, train, test the best checkpoint, save bundle + metrics.
 
-    `describe(model, datamodule)` may print domain-specific notes before training.
+    `describe(model, datamodule)` may print domain-specific notes (or raise) before training;
+    `evaluate(model, datamodule) -> dict` adds metrics computed after testing (e.g. per volume).
     Returns the metrics row that was written.
     """
     defaults = [str(default_config)] if default_config else []
@@ -118,6 +119,8 @@ def run(model_class=ClassificationModule, default_config: str | Path | None = No
         ckpt = "best" if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path else None
         tested = trainer.test(model, datamodule=data, ckpt_path=ckpt, verbose=False)
         metrics = _json_safe(tested[0] if tested else {})
+        if evaluate and trainer.is_global_zero:
+            metrics.update(_json_safe(evaluate(model, data)))
         row = {"run": cfg["run_name"] or out.name, "backbone": model.hparams.backbone,
                "dataset": getattr(data, "name", type(data).__name__), "fold": getattr(data, "test_fold", None),
                "few_shot": getattr(data, "few_shot", None), "method": method_label(model.hparams.methods),

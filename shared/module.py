@@ -43,6 +43,9 @@ class ClassificationModule(L.LightningModule):
         lr_groups: {regex on parameter name: lr}, e.g. `{"head\\.prototypes": 0.04}`.
         warmup_fraction: share of the total steps spent in linear warm-up.
         orthogonality_weight: weight of a prototypical head's orthogonality loss.
+        init_bundle: start from a saved adapter bundle (its methods and head replace `methods` /
+            `head`): evaluate a downloaded adapter on your data, or keep training it. Its labels
+            must equal the data's labels.
     """
 
     def __init__(self, backbone: str = "tiny-vit", backbone_kwargs: dict[str, Any] | None = None,
@@ -51,7 +54,8 @@ class ClassificationModule(L.LightningModule):
                  loss: str = "auto", lr: float = 1e-3, weight_decay: float = 0.01,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  lr_groups: dict[str, float] | None = None, warmup_fraction: float = 0.0,
-                 orthogonality_weight: float = 0.0, preprocessing: dict[str, Any] | None = None):
+                 orthogonality_weight: float = 0.0, preprocessing: dict[str, Any] | None = None,
+                 init_bundle: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         if loss not in ("auto", "ce", "bce", "asl"):
@@ -59,15 +63,34 @@ class ClassificationModule(L.LightningModule):
         if labels is not None and len(labels) != num_classes:
             raise ValueError(f"{len(labels)} labels for num_classes={num_classes}")
         net = backbones.create(backbone, **(backbone_kwargs or {}))
-        peft.attach(net, methods or [], backbone_id=backbone)
-        anat = backbones.anatomy(net)
-        head_cfg = {"kind": "linear", **(head or {})}
-        head_cfg.update(dim=anat.embed_dim, num_classes=num_classes)
-        self.model = peft.Classifier(net, build_head(head_cfg), labels=labels)
+        if init_bundle:
+            self.model = self._from_bundle(net, init_bundle, labels, num_classes)
+        else:
+            peft.attach(net, methods or [], backbone_id=backbone)
+            head_cfg = {"kind": "linear", **(head or {})}
+            head_cfg.update(dim=backbones.anatomy(net).embed_dim, num_classes=num_classes)
+            self.model = peft.Classifier(net, build_head(head_cfg), labels=labels)
         self.multilabel = multilabel
         self.loss_kind = ("bce" if multilabel else "ce") if loss == "auto" else loss
         self.strict_loading = False  # checkpoints hold only the trained tensors
         self.metrics = torch.nn.ModuleDict({s: self._metrics(num_classes) for s in ("val", "test")})
+
+    @staticmethod
+    def _from_bundle(net, path: str, labels: list[str] | None, num_classes: int) -> peft.Classifier:
+        meta = peft.read_meta(path)
+        if not meta.get("head"):
+            raise peft.BundleError(f"{path}: the bundle has no classification head")
+        if labels is not None and meta.get("labels") is not None and list(meta["labels"]) != list(labels):
+            theirs, ours = meta["labels"], list(labels)
+            diff = sorted(set(theirs) ^ set(ours))[:5]
+            raise ValueError(f"{path}: the bundle's {len(theirs)} labels disagree with the data's {len(ours)} labels "
+                             f"({'e.g. ' + ', '.join(map(str, diff)) if diff else 'same names, different order'})")
+        if meta["head"].get("num_classes") != num_classes:
+            raise ValueError(f"{path}: the bundle predicts {meta['head'].get('num_classes')} classes, the data has {num_classes}")
+        model = peft.load(net, path)
+        for p in model.head.parameters():
+            p.requires_grad_(True)  # heads train with the methods, as when the bundle was made
+        return model
 
     def _metrics(self, c: int) -> MetricCollection:
         if self.hparams.multilabel:

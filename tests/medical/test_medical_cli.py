@@ -147,3 +147,14 @@ def test_real_pneumoniamnist_linear_probe_beats_chance(tmp_path):
                       "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "probe")])
     # A RANDOM tiny ViT: the probe still finds real signal in the chest X-rays (balanced: chance 0.5).
     assert rows["linear"]["test/acc"] > 0.65
+
+
+def test_decathlon_segmentation_reports_volume_metrics(med, tmp_path):
+    root = med.write_decathlon(tmp_path / "Task09_Toy", n=7)
+    row = segment.main(["--config", str(RECIPES / "segmentation" / "decathlon_linear.yaml"), "--data.root", str(root),
+                        "--data.num_workers", "0", "--data.batch_size", "4", "--output_dir", str(tmp_path / "seg"),
+                        "--trainer.max_epochs", "1", *_tiny()])
+    assert row["test/volumes"] >= 1
+    assert 0.0 <= row["test/volume_dice"] <= 1.0
+    saved = json.loads((tmp_path / "seg" / "metrics.json").read_text())
+    assert saved["test/volume_dice"] == pytest.approx(row["test/volume_dice"])

@@ -147,3 +147,23 @@ def test_ddp_two_processes_train_and_save_one_bundle(tmp_path):
     assert row["test/acc"] > 0.5
     # exactly one bundle and no leftover staging folders from either rank
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
+
+
+def test_init_bundle_continues_from_a_saved_adapter_and_checks_labels(tmp_path):
+    m = _module(labels=["a", "b", "c"])
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))  # a "trained" adapter
+    m.save_bundle(tmp_path / "b")
+    again = _module(labels=["a", "b", "c"], init_bundle=str(tmp_path / "b"), methods=[])
+    x = torch.randn(2, 3, 32, 32)
+    m.eval(), again.eval()
+    with torch.no_grad():
+        assert torch.equal(m(x), again(x))
+    assert peft.summary(again.model)["by_method"].keys() == {"lora", "head"}
+    assert all(p.requires_grad for p in again.model.head.parameters())
+    with pytest.raises(ValueError, match=r"3 labels disagree with the data's 3 labels \(e\.g\. c, z\)"):
+        _module(labels=["a", "b", "z"], init_bundle=str(tmp_path / "b"))
+    with pytest.raises(ValueError, match="same names, different order"):
+        _module(labels=["b", "a", "c"], init_bundle=str(tmp_path / "b"))
