@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from audio import backbone as _register_ast  # noqa: F401  (registers the "ast" backbone)
-from shared.cli import arg_value, is_demo, run
+from shared.cli import arg_value, friendly, is_demo, run
 
 RECIPES = Path(__file__).resolve().parent.parent / "domains" / "audio"
 DEMO = RECIPES / "demo.yaml"
@@ -52,4 +52,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(friendly(main))

@@ -19,7 +19,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from medical import backbone as _register_dinov2  # noqa: F401
 from medical.probes import KS, LRS, cached_features, describe, knn_grid, train_linear_grid
 from shared import backbones
-from shared.cli import arg_value, is_demo, write_json_atomic
+from shared.cli import arg_value, friendly, is_demo, write_json_atomic
 from shared.data import FeatureCache
 
 RECIPES = Path(__file__).resolve().parent.parent / "domains" / "medical"
@@ -94,4 +94,4 @@ if __name__ == "__main__":
         root = arg_value(sys.argv[1:], "--data.root", "--data.init_args.root") or "runs/medical_demo/images"
         print(f"demo: synthetic images in {root}; backbone: a small DINOv2-architecture ViT with RANDOM weights")
         write_image_folder(root)
-    run()
+    sys.exit(friendly(run))

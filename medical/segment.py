@@ -17,7 +17,7 @@ import yaml
 from medical import backbone as _register_dinov2  # noqa: F401
 from medical.segmentation import SegmentationModule
 from medical.train import describe
-from shared.cli import arg_value, is_demo, run
+from shared.cli import arg_value, friendly, is_demo, run
 
 DEMO = Path(__file__).resolve().parent.parent / "domains" / "medical" / "segment_demo.yaml"
 
@@ -55,4 +55,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(friendly(main))

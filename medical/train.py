@@ -18,7 +18,7 @@ import yaml
 
 from medical import backbone as _register_dinov2  # noqa: F401  (registers "dinov2")
 from medical.volumes import classify
-from shared.cli import arg_value, is_demo, run
+from shared.cli import arg_value, friendly, is_demo, run
 from shared.module import ClassificationModule
 
 RECIPES = Path(__file__).resolve().parent.parent / "domains" / "medical"
@@ -77,4 +77,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(friendly(main))

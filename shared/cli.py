@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -141,6 +142,19 @@ def run(model_class=ClassificationModule, default_config: str | Path | None = No
         print("test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
         print(f"adapter bundle saved to {out / 'adapter'}")
     return row
+
+
+def friendly(entry, *args, **kwargs) -> int:
+    """Run a CLI entry; our errors (ValueError subclasses that name the file or field) print as one
+    line instead of a traceback. Exit code 2 on such an error."""
+    try:
+        entry(*args, **kwargs)
+    except (ValueError, KeyError) as e:  # noqa: PERF203
+        if os.environ.get("PEFT_SUITE_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(default_config: str | Path | None = None, **kw) -> None:

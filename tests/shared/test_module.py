@@ -167,3 +167,16 @@ def test_init_bundle_continues_from_a_saved_adapter_and_checks_labels(tmp_path):
         _module(labels=["a", "b", "z"], init_bundle=str(tmp_path / "b"))
     with pytest.raises(ValueError, match="same names, different order"):
         _module(labels=["b", "a", "c"], init_bundle=str(tmp_path / "b"))
+
+
+def test_friendly_entry_prints_one_line_errors(capsys, monkeypatch):
+    from shared.cli import friendly
+
+    monkeypatch.delenv("PEFT_SUITE_TRACEBACK", raising=False)
+
+    def bad():
+        raise ValueError("data/meta.csv: missing column(s) ['fold']")
+
+    assert friendly(bad) == 2
+    assert capsys.readouterr().err == "error: data/meta.csv: missing column(s) ['fold']\n"
+    assert friendly(lambda: None) == 0
