@@ -189,3 +189,15 @@ def test_missing_bundle_exits_2(tmp_path, trained, capsys):
 
     assert main(["--adapter", str(tmp_path / "nope"), trained[1][0]]) == 2
     assert str(tmp_path / "nope" / "adapter.json") in capsys.readouterr().err
+
+
+def test_negative_top_k_is_a_usage_error(trained, capsys):
+    """`--top-k -1` must be refused like any bad argument (argparse: exit code 2), not crash with
+    `RuntimeError: selected index k out of range` from torch.topk inside predict()."""
+    from audio.predict import main
+
+    bundle, wavs, _ = trained
+    with pytest.raises(SystemExit) as e:
+        main(["--adapter", str(bundle), "--top-k", "-1", wavs[0]])
+    assert e.value.code == 2
+    assert "top-k" in capsys.readouterr().err
