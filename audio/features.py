@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +20,8 @@ import soundfile as sf
 import torch
 import torchaudio
 from torchaudio.compliance import kaldi
+
+from shared.fs import atomic_path
 
 SAMPLE_RATE = 16_000
 AST_MEAN, AST_STD = -4.2677393, 4.5689974
@@ -127,10 +128,8 @@ class FbankCache:
                 self.hits -= 1
         self.misses += 1
         feats = fbank_ast(read_audio(path, self.cfg.sample_rate), self.cfg, source=str(path))
-        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".npy.tmp")
-        with os.fdopen(fd, "wb") as fh:
+        with atomic_path(f) as tmp, open(tmp, "wb") as fh:
             np.save(fh, feats.numpy())
-        os.replace(tmp, f)
         return feats
 
 

@@ -7,19 +7,31 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
-from audio import backbone as _register_ast  # noqa: F401
 from audio.features import AudioError, FbankConfig, features
 from shared import peft
 
 
-def frontend_config(meta: dict) -> FbankConfig:
+def frontend_config(meta: dict, where: str = "adapter.json") -> FbankConfig:
     pre = dict(meta.get("preprocessing") or {})
-    if pre.pop("frontend", None) != "fbank_ast":
-        raise peft.BundleError("this bundle was not trained on AST fbank features (preprocessing.frontend)")
-    return FbankConfig(**pre)
+    frontend = pre.pop("frontend", None)
+    if frontend != "fbank_ast":
+        raise peft.BundleError(f"{where}: preprocessing.frontend is {frontend!r}; audio.predict needs a bundle "
+                               f"trained on AST fbank features ('fbank_ast')")
+    try:
+        return FbankConfig(**pre)
+    except TypeError as e:
+        raise peft.BundleError(f"{where}: preprocessing has settings this version does not know ({e})") from None
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def predict(model, cfg: FbankConfig, paths: list[str], top_k: int = 5):
@@ -38,12 +50,12 @@ def predict(model, cfg: FbankConfig, paths: list[str], top_k: int = 5):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--adapter", required=True, help="adapter bundle folder (adapter.json + adapter.safetensors)")
-    ap.add_argument("--top-k", type=int, default=5)
+    ap.add_argument("--top-k", type=positive_int, default=5)
     ap.add_argument("files", nargs="+")
     args = ap.parse_args(argv)
     try:
         meta = peft.read_meta(args.adapter)
-        cfg = frontend_config(meta)
+        cfg = frontend_config(meta, str(Path(args.adapter) / "adapter.json"))
         model = peft.from_bundle(args.adapter)
         results = predict(model, cfg, args.files, args.top_k)
     except (peft.BundleError, AudioError) as e:

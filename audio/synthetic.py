@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+
+from shared.fs import atomic_path
 
 CLASSES = ["tone", "chirp", "noise_bursts", "harmonic_stack", "click_train", "warble"]
 COLUMNS = ["filename", "fold", "target", "category", "esc10", "src_file", "take"]
@@ -64,11 +65,8 @@ def write_esc50_like(root: str | os.PathLike, num_classes: int = 5, clips_per_fo
                 name = f"{fold}-{src}-A-{target}.wav"
                 sf.write(root / "audio" / name, synth(CLASSES[target], rng, sr, seconds), sr, subtype="PCM_16")
                 rows.append([name, fold, target, CLASSES[target], "False", src, "A"])
-    meta.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=meta.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:  # the csv appears last, so a torn write is redone
+    with atomic_path(meta) as tmp, open(tmp, "w", newline="") as f:  # the csv appears last: a torn run is redone
         w = csv.writer(f)
         w.writerow(COLUMNS)
         w.writerows(rows)
-    os.replace(tmp, meta)
     return root

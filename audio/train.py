@@ -10,10 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import yaml
-
-from audio import backbone as _register_ast  # noqa: F401  (registers the "ast" backbone)
-from shared.cli import arg_value, friendly, is_demo, run
+from shared.cli import domain_main, friendly
 
 RECIPES = Path(__file__).resolve().parent.parent / "domains" / "audio"
 DEMO = RECIPES / "demo.yaml"
@@ -38,17 +35,14 @@ def check_frames(model, data) -> None:
         print(f"backbone: {bb} {model.hparams.backbone_kwargs or ''}")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    demo = is_demo(argv)
-    if demo:
-        from audio.synthetic import write_esc50_like
+def write_demo_data(root: str) -> None:
+    from audio.synthetic import write_esc50_like
 
-        root = arg_value(argv, "--data.root", "--data.init_args.root") or \
-            yaml.safe_load(DEMO.read_text())["data"]["init_args"]["root"]
-        print(f"demo: synthetic ESC-50-layout data in {root} (written on first use)")
-        write_esc50_like(root, **DEMO_DATA)
-    return run(default_config=DEMO if demo else None, args=argv, describe=check_frames)
+    write_esc50_like(root, **DEMO_DATA)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return domain_main(argv, DEMO, write_demo_data, "synthetic sounds in the ESC-50 layout", describe=check_frames)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medical import backbone as _register_dinov2  # noqa: F401
 from medical.io import ImageReadError, read_image
 from medical.transforms import to_model_input, volume_to_slices
 from medical.volumes import classify

@@ -16,7 +16,6 @@ from typing import Any
 import lightning as L
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from medical import backbone as _register_dinov2  # noqa: F401
 from medical.probes import KS, LRS, cached_features, describe, knn_grid, train_linear_grid
 from shared import backbones
 from shared.cli import arg_value, friendly, is_demo, write_json_atomic

@@ -12,12 +12,10 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
-from medical import backbone as _register_dinov2  # noqa: F401
 from medical.segmentation import SegmentationModule
 from medical.train import describe
-from shared.cli import arg_value, friendly, is_demo, run
+from shared.cli import domain_main, friendly
 
 DEMO = Path(__file__).resolve().parent.parent / "domains" / "medical" / "segment_demo.yaml"
 
@@ -41,17 +39,10 @@ def volume_level(model, data) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    demo = is_demo(argv)
-    if demo:
-        from medical.synthetic import write_lung_masks
+    from medical.synthetic import write_lung_masks
 
-        root = arg_value(argv, "--data.root", "--data.init_args.root") or \
-            yaml.safe_load(DEMO.read_text())["data"]["init_args"]["root"]
-        print(f"demo: synthetic images + masks in the lung-mask layout at {root}")
-        write_lung_masks(root)
-    return run(model_class=SegmentationModule, default_config=DEMO if demo else None, args=argv, describe=describe,
-               evaluate=volume_level)
+    return domain_main(argv, DEMO, write_lung_masks, "synthetic images + masks in the lung-mask layout",
+                       model_class=SegmentationModule, describe=describe, evaluate=volume_level)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ a spacing is given.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -36,7 +35,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -48,9 +46,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from shared import backbones, peft
-from shared.artifacts import BundleError, trained_tensors, replace_dir
+from shared.artifacts import BundleError, sha256_file, trained_tensors
+from shared.fs import replace_dir
 from shared.heads import Tokens
-from shared.module import cosine_with_warmup
+from shared.module import PeftModule
 
 DECODER_FILE = "decoder.safetensors"
 
@@ -291,11 +290,6 @@ def predict_volume(backbone: nn.Module, decoder: nn.Module, volume_slices, batch
 # ----------------------------------------------------------------------------------------------
 # Bundles
 # ----------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def save_segmenter(backbone: nn.Module, decoder: nn.Module, path: str | os.PathLike, labels: list[str] | None = None,
                    metrics: dict[str, Any] | None = None, preprocessing: dict[str, Any] | None = None,
                    backbone_id: str | None = None, backbone_kwargs: dict[str, Any] | None = None) -> Path:
@@ -308,7 +302,7 @@ def save_segmenter(backbone: nn.Module, decoder: nn.Module, path: str | os.PathL
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
         save_file(tensors, str(stage / DECODER_FILE), metadata={"format": "peft-suite-decoder"})
-        info = {"config": decoder.config(), "file": DECODER_FILE, "sha256": _sha256(stage / DECODER_FILE),
+        info = {"config": decoder.config(), "file": DECODER_FILE, "sha256": sha256_file(stage / DECODER_FILE),
                 "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                             for k, v in tensors.items()}}
         bundle = peft.save(backbone, stage / "bundle", labels=labels, metrics=metrics, preprocessing=preprocessing,
@@ -333,7 +327,7 @@ def _load_decoder(path: Path, meta: dict[str, Any]) -> nn.Module:
     tpath = path / info.get("file", DECODER_FILE)
     if not tpath.is_file():
         raise BundleError(f"{tpath}: not found")
-    if _sha256(tpath) != info.get("sha256"):
+    if sha256_file(tpath) != info.get("sha256"):
         raise BundleError(f"{tpath}: checksum mismatch (truncated or modified file)")
     try:
         with safe_open(str(tpath), framework="pt") as f:
@@ -375,7 +369,7 @@ def load_segmenter(path: str | os.PathLike, backbone: nn.Module | None = None,
 # ----------------------------------------------------------------------------------------------
 # Lightning
 # ----------------------------------------------------------------------------------------------
-class SegmentationModule(L.LightningModule):
+class SegmentationModule(PeftModule):
     """A ViT backbone + PEFT methods + segmentation decoder, AdamW with a per-step cosine schedule.
 
     Args:
@@ -472,24 +466,8 @@ class SegmentationModule(L.LightningModule):
     def on_test_epoch_end(self):
         self._log_metrics("test")
 
-    def configure_optimizers(self):
-        hp = self.hparams
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, weight_decay=hp.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(hp.warmup_fraction * total)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, total, warmup))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def configure_callbacks(self):
-        # Test on the best validation checkpoint, never the last epoch.
-        return [L.pytorch.callbacks.ModelCheckpoint(monitor=self.monitor, mode="max", save_top_k=1,
-                                                    filename="best", auto_insert_metric_name=False)]
-
-    # Checkpoints keep only what was trained (PEFT tensors, decoder), not the frozen backbone.
-    def on_save_checkpoint(self, checkpoint):
-        keep = {f"model.{k}" for k in segmenter_tensor_names(self.model)}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+    def trained_tensor_names(self) -> list[str]:
+        return segmenter_tensor_names(self.model)
 
     def param_summary(self) -> dict[str, Any]:
         return self.model.summary()

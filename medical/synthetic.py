@@ -8,21 +8,20 @@ Both write each file atomically and reuse a complete existing copy.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from monai.data.synthetic import create_test_image_2d
 from PIL import Image
 
+from shared.fs import atomic_path
+
 CLASSES = {"small_lesions": (2, 4), "large_lesions": (7, 10), "no_lesion": None}
 
 
 def _save_png(arr: np.ndarray, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:

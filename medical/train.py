@@ -14,11 +14,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import yaml
-
-from medical import backbone as _register_dinov2  # noqa: F401  (registers "dinov2")
 from medical.volumes import classify
-from shared.cli import arg_value, friendly, is_demo, run
+from shared.cli import domain_main, friendly
 from shared.module import ClassificationModule
 
 RECIPES = Path(__file__).resolve().parent.parent / "domains" / "medical"
@@ -63,17 +60,10 @@ def describe(model, data) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    demo = is_demo(argv)
-    if demo:
-        from medical.synthetic import write_image_folder
+    from medical.synthetic import write_image_folder
 
-        root = arg_value(argv, "--data.root", "--data.init_args.root") or \
-            yaml.safe_load(DEMO.read_text())["data"]["init_args"]["root"]
-        print(f"demo: synthetic radiology-like images (MONAI shapes) in the image-folder layout at {root}")
-        write_image_folder(root)
-    return run(model_class=MedicalClassificationModule, default_config=DEMO if demo else None, args=argv,
-               describe=describe)
+    return domain_main(argv, DEMO, write_image_folder, "synthetic radiology-like images (MONAI shapes, image-folder layout)",
+                       model_class=MedicalClassificationModule, describe=describe)
 
 
 if __name__ == "__main__":

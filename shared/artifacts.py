@@ -23,6 +23,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from shared.fs import replace_dir
+
 FORMAT = "peft-suite-adapter"
 FORMAT_VERSION = 1
 TENSORS, META = "adapter.safetensors", "adapter.json"
@@ -41,7 +43,7 @@ def library_version() -> str:
         return "0+unknown"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -108,24 +110,13 @@ def save(model: nn.Module, path: str | os.PathLike, labels: list[str] | None = N
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
-        meta["sha256"] = _sha256(tmp / TENSORS)
+        meta["sha256"] = sha256_file(tmp / TENSORS)
         (tmp / META).write_text(json.dumps(meta, indent=2, default=_json_default))
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def replace_dir(new: Path, dest: Path) -> None:
-    """Move the finished folder `new` to `dest`; an old `dest` is removed only after the swap."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-    os.replace(new, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _json_default(o):
@@ -161,7 +152,7 @@ def _read_tensors(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     tpath = path / TENSORS
     if not tpath.is_file():
         raise BundleError(f"{tpath}: not found")
-    if _sha256(tpath) != meta["sha256"]:
+    if sha256_file(tpath) != meta["sha256"]:
         raise BundleError(f"{tpath}: checksum mismatch (truncated or modified file)")
     try:
         with safe_open(str(tpath), framework="pt") as f:

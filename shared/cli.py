@@ -19,7 +19,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
-from shared.artifacts import replace_dir
+from shared.fs import atomic_write, replace_dir
 from shared.module import ClassificationModule
 
 
@@ -78,11 +78,7 @@ def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2, default=str))
 
 
 def run(model_class=ClassificationModule, default_config: str | Path | None = None,
@@ -142,6 +138,23 @@ def run(model_class=ClassificationModule, default_config: str | Path | None = No
         print("test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
         print(f"adapter bundle saved to {out / 'adapter'}")
     return row
+
+
+def domain_main(argv: list[str] | None, demo_config: str | Path, write_demo_data, demo_note: str,
+                model_class=ClassificationModule, describe=None, evaluate=None) -> dict[str, Any]:
+    """A domain's `train` entry: with no `--config`, write the demo data (if missing) where the demo
+    recipe (or `--data.root`) says and run the demo recipe; otherwise run the given recipes."""
+    argv = sys.argv[1:] if argv is None else argv
+    demo = is_demo(argv)
+    if demo:
+        import yaml
+
+        root = arg_value(argv, "--data.root", "--data.init_args.root") or \
+            yaml.safe_load(Path(demo_config).read_text())["data"]["init_args"]["root"]
+        print(f"demo: {demo_note} in {root} (written on first use)")
+        write_demo_data(root)
+    return run(model_class, default_config=demo_config if demo else None, args=argv, describe=describe,
+               evaluate=evaluate)
 
 
 def friendly(entry, *args, **kwargs) -> int:

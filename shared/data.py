@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -20,6 +19,8 @@ import lightning as L
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from shared.fs import atomic_path
 
 __all__ = [
     "FeatureCache",
@@ -280,14 +281,8 @@ class FeatureCache:
         # safetensors needs contiguous CPU tensors; returning these same tensors keeps
         # a miss and a later hit indistinguishable to the caller.
         tensors = {k: v.detach().cpu().contiguous() for k, v in compute().items()}
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{key}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp))
         return tensors
 
 

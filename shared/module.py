@@ -28,7 +28,48 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-class ClassificationModule(L.LightningModule):
+class PeftModule(L.LightningModule):
+    """Conventions every PEFT task module shares: AdamW over the trainable tensors (optionally
+    grouped by `lr_groups`), a per-step cosine schedule with warm-up, testing on the best
+    validation checkpoint (`monitor`), and checkpoints that hold only the trained tensors.
+
+    Subclasses set `self.model`, `monitor`, and `trained_tensor_names()`; hparams must include
+    lr, weight_decay, betas, eps, warmup_fraction (and optionally lr_groups).
+    """
+
+    monitor = "val/loss"
+
+    def trained_tensor_names(self) -> list[str]:
+        raise TypeError(f"{type(self).__name__} must define trained_tensor_names()")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups: dict[float, list] = {}
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            lr = next((g_lr for pat, g_lr in (hp.get("lr_groups") or {}).items() if re.search(pat, name)), hp.lr)
+            groups.setdefault(lr, []).append(p)
+        opt = torch.optim.AdamW([{"params": ps, "lr": lr} for lr, ps in groups.items()],
+                                lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, weight_decay=hp.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(hp.warmup_fraction * total)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, total, warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_callbacks(self):
+        # Test on the best validation checkpoint, never the last epoch.
+        return [L.pytorch.callbacks.ModelCheckpoint(monitor=self.monitor, mode="max", save_top_k=1,
+                                                    filename="best", auto_insert_metric_name=False)]
+
+    def on_save_checkpoint(self, checkpoint):
+        # Only what was trained (adapters, heads, decoders, method buffers), not the frozen backbone.
+        keep = {f"model.{k}" for k in self.trained_tensor_names()}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if k in keep or k.startswith("metrics.")}
+
+
+class ClassificationModule(PeftModule):
     """A backbone + PEFT methods + head, trained with AdamW and a per-step cosine schedule.
 
     Args:
@@ -103,7 +144,7 @@ class ClassificationModule(L.LightningModule):
         return MetricCollection(ms)
 
     @property
-    def monitor(self) -> str:
+    def monitor(self) -> str:  # noqa: D401 - overrides the base attribute
         return "val/map" if self.hparams.multilabel else "val/acc"
 
     def forward(self, inputs):
@@ -149,31 +190,8 @@ class ClassificationModule(L.LightningModule):
     def on_test_epoch_end(self):
         self._log_metrics("test")
 
-    def configure_optimizers(self):
-        hp = self.hparams
-        groups: dict[float, list] = {}
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            lr = next((g_lr for pat, g_lr in (hp.lr_groups or {}).items() if re.search(pat, name)), hp.lr)
-            groups.setdefault(lr, []).append(p)
-        opt = torch.optim.AdamW([{"params": ps, "lr": lr} for lr, ps in groups.items()],
-                                lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, weight_decay=hp.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(hp.warmup_fraction * total)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, total, warmup))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def configure_callbacks(self):
-        # Test on the best validation checkpoint, never the last epoch.
-        return [L.pytorch.callbacks.ModelCheckpoint(monitor=self.monitor, mode="max", save_top_k=1,
-                                                    filename="best", auto_insert_metric_name=False)]
-
-    # Checkpoints keep only what was trained (adapters, head, method buffers), not the frozen backbone.
-    def on_save_checkpoint(self, checkpoint):
-        keep = {f"model.{k}" for k in peft_tensor_names(self.model)}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if k in keep or k.startswith("metrics.")}
+    def trained_tensor_names(self) -> list[str]:
+        return peft_tensor_names(self.model)
 
     def param_summary(self) -> dict[str, Any]:
         return peft.summary(self.model)

@@ -10,10 +10,11 @@ import argparse
 import json
 import os
 import statistics
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from shared.fs import atomic_path, atomic_write
 
 
 def collect(root: str | os.PathLike) -> list[dict[str, Any]]:
@@ -22,9 +23,12 @@ def collect(root: str | os.PathLike) -> list[dict[str, Any]]:
         if any(part.startswith(".") for part in p.relative_to(root).parts):
             continue  # staging folders of unfinished runs
         try:
-            rows.append({**json.loads(p.read_text()), "_path": str(p)})
-        except json.JSONDecodeError as e:
+            row = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{p}: corrupt metrics file ({e})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{p}: corrupt metrics file (expected a JSON object, got {type(row).__name__})")
+        rows.append({**row, "_path": str(p)})
     return rows
 
 
@@ -71,11 +75,9 @@ def plot(summary: list[dict[str, Any]], metric: str, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None, default_metric: str = "test/acc") -> str:
@@ -93,10 +95,7 @@ def main(argv: list[str] | None = None, default_metric: str = "test/acc") -> str
         raise SystemExit(f"no run under {args.runs} reports {args.metric!r}")
     table = markdown(summary, args.metric)
     out = Path(args.out or Path(args.runs) / "report.md")
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".md")
-    with os.fdopen(fd, "w") as f:
-        f.write(table)
-    os.replace(tmp, out)
+    atomic_write(out, table)
     plot(summary, args.metric, Path(args.plot or Path(args.runs) / "report.png"))
     print(table)
     return table

@@ -10,6 +10,8 @@ def notebook(cells):
     nb = nbf.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.cells = [nbf.v4.new_markdown_cell(src) if kind == "md" else nbf.v4.new_code_cell(src) for kind, src in cells]
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"cell-{i:02d}"  # stable ids: regenerating an unchanged notebook gives the same file
     return nb
 
 
@@ -114,13 +116,20 @@ import logging
 import warnings
 from pathlib import Path
 
+# Library noise only: tqdm looking for Jupyter widgets, Lightning's complaint about the kernel's
+# own sys.argv, a deprecation inside Lightning, and its GPU / TPU / tips banners (its loggers are
+# set to INFO when Lightning is imported, so they are quietened after the import).
+for message in ("IProgress not found", "LightningCLI's args parameter", ".*treespec, LeafSpec"):
+    warnings.filterwarnings("ignore", message=message)
+import lightning
 import torch
 import medical
 from medical.synthetic import write_image_folder
 
+for name in ("lightning.pytorch", "lightning.fabric"):
+    logging.getLogger(name).setLevel(logging.WARNING)
+
 torch.set_num_threads(1)  # tiny models gain nothing from intra-op threads (and lose a lot on a busy CPU)
-logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no GPU / TPU / tips banners
-warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # the kernel's own sys.argv
 REPO = Path(medical.__file__).resolve().parent.parent
 RECIPES = REPO / "domains" / "medical"
 WORK = Path("runs/notebook_medical")
@@ -268,7 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in wanted:
         nb = notebook(NOTEBOOKS[name])
         if args.execute:  # store outputs so readers see results without running it
-            NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+            NotebookClient(nb, timeout=900, kernel_name="python3", record_timing=False,
+                           resources={"metadata": {"path": str(ROOT)}}).execute()
         nbf.write(nb, ROOT / "notebooks" / name)
         print("wrote", ROOT / "notebooks" / name)
 

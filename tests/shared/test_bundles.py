@@ -187,7 +187,7 @@ def test_truncated_safetensors_with_matching_checksum(tiny, pristine, bundle):
     _, path = bundle
     f = path / "adapter.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    _edit_json(path, lambda m: m.update(sha256=shared.artifacts._sha256(f)))
+    _edit_json(path, lambda m: m.update(sha256=shared.artifacts.sha256_file(f)))
     _fails_cleanly(copy.deepcopy(pristine), path, "adapter.safetensors", "unreadable")
 
 
