@@ -1,4 +1,8 @@
-"""Regenerate the tutorial notebooks from the cell sources below (outputs are produced by running them)."""
+"""Regenerate the tutorial notebooks from the cell sources below (outputs are produced by running them).
+
+    python tools/make_notebooks.py                            # all notebooks, without outputs
+    python tools/make_notebooks.py medical_dinov2 --execute   # one notebook, run from the repo root, outputs stored
+"""
 from pathlib import Path
 
 import nbformat as nbf
@@ -264,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from nbclient import NotebookClient
 
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("names", nargs="*", metavar="NAME",
                     help=f"notebooks to write (default: all): {', '.join(n.removesuffix('.ipynb') for n in NOTEBOOKS)}")
     ap.add_argument("--execute", action="store_true",
