@@ -91,10 +91,14 @@ def save(model: nn.Module, path: str | os.PathLike, labels: list[str] | None = N
     if head is not None and labels is not None and len(labels) != getattr(head, "num_classes", len(labels)):
         raise BundleError(f"{len(labels)} labels given but the head predicts {head.num_classes} classes")
     tensors = bundle_tensors(model)
+    source = getattr(backbone, "registry_source", None) or {}
+    backbone_id = backbone_id or state.backbone_id
+    if backbone_kwargs is None and source.get("id") == backbone_id:
+        backbone_kwargs = source.get("kwargs")
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": library_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "backbone": {"id": backbone_id or state.backbone_id, "fingerprint": state.fingerprint,
+        "backbone": {"id": backbone_id, "fingerprint": state.fingerprint,
                      "class": type(backbone).__name__, "kwargs": backbone_kwargs or {}},
         "methods": [{"key": k, **m.to_dict()} for k, m in state.methods],
         "head": head.config() if head is not None else None,

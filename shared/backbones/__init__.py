@@ -44,7 +44,10 @@ def create(name: str, **kwargs) -> nn.Module:
         importlib.import_module(LAZY[name])
     if name not in BACKBONES:
         raise KeyError(f"unknown backbone {name!r}; registered: {', '.join(sorted(set(BACKBONES) | set(LAZY)))}")
-    return BACKBONES[name](**kwargs)
+    model = BACKBONES[name](**kwargs)
+    # Remember how it was built, so a saved bundle can rebuild it (`shared.peft.from_bundle`).
+    model.registry_source = {"id": name, "kwargs": dict(kwargs)}
+    return model
 
 
 @register_backbone("tiny-vit", seeded=True)

@@ -61,8 +61,9 @@ def attach(backbone: nn.Module, methods: Iterable[Method | dict[str, Any]], back
     anat = anatomy(backbone)
     state: PeftState | None = getattr(backbone, "peft_state", None)
     if state is None:
+        source = getattr(backbone, "registry_source", None) or {}
         state = PeftState(fingerprint=fingerprint(backbone) if compute_fingerprint else "",
-                          backbone_id=backbone_id or anat.fingerprint_id())
+                          backbone_id=backbone_id or source.get("id") or anat.fingerprint_id())
     if state.merged:
         raise ValueError("cannot attach methods to a merged model; attach to a fresh backbone")
     params = dict(backbone.named_parameters())
