@@ -87,7 +87,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    if is_demo(sys.argv[1:]):
+    if is_demo(sys.argv[1:]) and not {"-h", "--help"} & set(sys.argv[1:]):
         from medical.synthetic import write_image_folder
 
         root = arg_value(sys.argv[1:], "--data.root", "--data.init_args.root") or "runs/medical_demo/images"

@@ -144,16 +144,16 @@ def domain_main(argv: list[str] | None, demo_config: str | Path, write_demo_data
                 model_class=ClassificationModule, describe=None, evaluate=None) -> dict[str, Any]:
     """A domain's `train` entry: with no `--config`, write the demo data (if missing) where the demo
     recipe (or `--data.root`) says and run the demo recipe; otherwise run the given recipes."""
-    argv = sys.argv[1:] if argv is None else argv
+    cli_args, argv = argv, sys.argv[1:] if argv is None else argv
     demo = is_demo(argv)
-    if demo:
+    if demo and not {"-h", "--help", "--print_config"} & set(argv):
         import yaml
 
         root = arg_value(argv, "--data.root", "--data.init_args.root") or \
             yaml.safe_load(Path(demo_config).read_text())["data"]["init_args"]["root"]
         print(f"demo: {demo_note} in {root} (written on first use)")
         write_demo_data(root)
-    return run(model_class, default_config=demo_config if demo else None, args=argv, describe=describe,
+    return run(model_class, default_config=demo_config if demo else None, args=cli_args, describe=describe,
                evaluate=evaluate)
 
 
@@ -162,12 +162,22 @@ def friendly(entry, *args, **kwargs) -> int:
     line instead of a traceback. Exit code 2 on such an error."""
     try:
         entry(*args, **kwargs)
-    except (ValueError, KeyError) as e:  # noqa: PERF203
+    except (ValueError, KeyError) as e:
         if os.environ.get("PEFT_SUITE_TRACEBACK"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {root_cause(str(e))}", file=sys.stderr)
         return 2
     return 0
+
+
+def root_cause(message: str) -> str:
+    """jsonargparse reports a failing `data:` class as "Does not validate against any of the Union
+    subtypes" with our error buried in a list; surface that error."""
+    if "Union subtypes" not in message:
+        return message
+    causes = [line.strip()[2:] for line in message.splitlines()
+              if line.strip().startswith("- ") and "NoneType" not in line]
+    return causes[0] if causes else message
 
 
 def main(default_config: str | Path | None = None, **kw) -> None:

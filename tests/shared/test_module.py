@@ -180,3 +180,12 @@ def test_friendly_entry_prints_one_line_errors(capsys, monkeypatch):
     assert friendly(bad) == 2
     assert capsys.readouterr().err == "error: data/meta.csv: missing column(s) ['fold']\n"
     assert friendly(lambda: None) == 0
+
+
+def test_root_cause_surfaces_our_error_from_jsonargparse_union_messages():
+    from shared.cli import root_cause
+
+    msg = ("Does not validate against any of the Union subtypes\nSubtypes: [...]\nErrors:\n"
+           "  - /nonexistent: dataset folder not found\n  - Expected a <class 'NoneType'>\nGiven value: ...")
+    assert root_cause(msg) == "/nonexistent: dataset folder not found"
+    assert root_cause("plain message") == "plain message"
