@@ -426,6 +426,8 @@ class SegmentationModule(PeftModule):
         x, y = self._unpack(batch)
         logits = self(x)  # (B, C, H, W)
         loss = self.loss_fn(logits, y)
+        if stage == "train" and (extra := peft.regularization(self.model)) is not None:
+            loss = loss + extra  # e.g. AdaLoRA's orthogonality penalty
         self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=len(x), sync_dist=stage != "train")
         if stage != "train":
             c = self.hparams.num_classes

@@ -62,6 +62,9 @@ class PeftModule(L.LightningModule):
         return [L.pytorch.callbacks.ModelCheckpoint(monitor=self.monitor, mode="max", save_top_k=1,
                                                     filename="best", auto_insert_metric_name=False)]
 
+    def on_before_zero_grad(self, optimizer):
+        peft.step(self.model, self.global_step)  # e.g. AdaLoRA's rank reallocation
+
     def on_save_checkpoint(self, checkpoint):
         # Only what was trained (adapters, heads, decoders, method buffers), not the frozen backbone.
         keep = {f"model.{k}" for k in self.trained_tensor_names()}
@@ -161,8 +164,12 @@ class ClassificationModule(PeftModule):
         x, y = batch
         logits = self(x)
         loss = self.loss(logits, y)
-        if stage == "train" and self.hparams.orthogonality_weight:
-            loss = loss + self.hparams.orthogonality_weight * self.model.head.orthogonality_loss()
+        if stage == "train":
+            if self.hparams.orthogonality_weight:
+                loss = loss + self.hparams.orthogonality_weight * self.model.head.orthogonality_loss()
+            extra = peft.regularization(self.model)  # e.g. AdaLoRA's orthogonality penalty
+            if extra is not None:
+                loss = loss + extra
         self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=len(y), sync_dist=stage != "train")
         if stage != "train":
             probs = logits.sigmoid() if self.multilabel else logits.softmax(-1)

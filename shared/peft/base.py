@@ -41,6 +41,13 @@ class Method:
         """Fold the method into the backbone weights. Returns None when done, else why not."""
         return f"{self.name} cannot be folded into the backbone weights"
 
+    def step(self, model: nn.Module, key: str, global_step: int) -> None:
+        """Called after each optimiser step (before zero_grad); most methods need nothing."""
+
+    def regularization(self, model: nn.Module, key: str):
+        """An extra loss term the method wants added while training, or None."""
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         d = {"name": self.name}
         for f in dataclasses.fields(self):

@@ -29,9 +29,13 @@ class Classifier(nn.Module):
 
 
 def split(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
-    """(backbone, head) of a Classifier, or (model, None)."""
+    """(backbone, head) of a Classifier; (its backbone, None) for other wrappers with an attached
+    `.backbone` (e.g. a segmenter); else (model, None)."""
     if isinstance(model, Classifier):
         return model.backbone, model.head
+    inner = getattr(model, "backbone", None)
+    if getattr(model, "peft_state", None) is None and getattr(inner, "peft_state", None) is not None:
+        return inner, None
     return model, None
 
 
@@ -132,3 +136,17 @@ def merge(model: nn.Module) -> dict[str, str]:
     params = set(n for n, _ in backbone.named_parameters())
     state.owner = {n: k for n, k in state.owner.items() if n in params}
     return report
+
+
+def step(model: nn.Module, global_step: int) -> None:
+    """Let methods that adapt during training (AdaLoRA's rank allocation) act after an optimiser step."""
+    backbone, _ = split(model)
+    for key, m in state_of(backbone).methods:
+        m.step(backbone, key, global_step)
+
+
+def regularization(model: nn.Module):
+    """The sum of the methods' extra training losses (e.g. AdaLoRA's orthogonality), or None."""
+    backbone, _ = split(model)
+    terms = [t for key, m in state_of(backbone).methods if (t := m.regularization(backbone, key)) is not None]
+    return sum(terms) if terms else None

@@ -119,10 +119,12 @@ class DoRA(LoRA):
 @register
 @dataclass(frozen=True)
 class AdaLoRA(_PeftMethod):
-    """SVD-form LoRA (P diag(E) Q) with orthogonality regularisation (Zhang et al. 2023).
+    """SVD-form LoRA (P diag(E) Q) whose ranks are reallocated during training (Zhang et al. 2023).
 
-    Rank reallocation (`update_and_allocate`) belongs to peft's AdaLoraModel wrapper; attached
-    through injection, every layer keeps `init_r`.
+    The rank budget moves from `init_r` per layer towards `target_r` on average between steps
+    `tinit` and `total_step - tfinal` (peft's RankAllocator), and an orthogonality penalty keeps
+    P and Q near-orthogonal. The training module drives both through `shared.peft.step` and
+    `shared.peft.regularization`; set `total_step` to the run's number of optimiser steps.
     """
 
     name: ClassVar[str] = "adalora"
@@ -132,15 +134,48 @@ class AdaLoRA(_PeftMethod):
     targets: Targets = ("qkv",)
     exclude: tuple[str, ...] = ()
     total_step: int = 1000
+    tinit: int = 0
+    tfinal: int = 0
+    delta_t: int = 1
+    orth_reg_weight: float = 0.5
 
     def __post_init__(self):
         super().__post_init__()
         check_positive("init_r", self.init_r)
+        check_positive("total_step", self.total_step)
+        if self.tinit + self.tfinal >= self.total_step:
+            raise ValueError(f"adalora: tinit ({self.tinit}) + tfinal ({self.tfinal}) must be below total_step "
+                             f"({self.total_step}), or no step is left for the rank allocation")
 
     def peft_config(self):
         return hf_peft.AdaLoraConfig(init_r=self.init_r, target_r=self.target_r, lora_alpha=self.alpha,
-                                     target_modules=_targets(self.targets),
-                                     exclude_modules=list(self.exclude) or None, total_step=self.total_step)
+                                     target_modules=_targets(self.targets), total_step=self.total_step,
+                                     tinit=self.tinit, tfinal=self.tfinal, deltaT=self.delta_t,
+                                     orth_reg_weight=self.orth_reg_weight, **_exclude(self.exclude))
+
+    def inject(self, model, key) -> None:
+        # peft's tuner owns the RankAllocator; building it injects into `model` in place. It is
+        # kept in a plain dict (not registered as a submodule: it wraps `model` itself).
+        from peft.tuners.adalora import AdaLoraModel
+
+        model.__dict__.setdefault("peft_tuners", {})[key] = AdaLoraModel(model, self.peft_config(), adapter_name=key)
+
+    def step(self, model, key, global_step: int) -> None:
+        """After the optimiser step, before zero_grad: update importance scores and rank masks."""
+        tuner = model.__dict__.get("peft_tuners", {}).get(key)
+        if tuner is not None and global_step < self.total_step:
+            tuner.update_and_allocate(global_step)
+
+    def regularization(self, model, key):
+        """||P P^T - I||_F and ||Q^T Q - I||_F averaged over the adapted layers, times orth_reg_weight."""
+        import torch
+
+        terms = []
+        for name, p in model.named_parameters():
+            if p.requires_grad and f".{key}" in name and ("lora_A" in name or "lora_B" in name):
+                cov = p @ p.T if "lora_A" in name else p.T @ p
+                terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], device=cov.device)))
+        return self.orth_reg_weight * torch.stack(terms).mean() if terms else None
 
 
 @register

@@ -90,3 +90,32 @@ def test_one_layer_matches_formula(tiny, anat, dora):
         got = layer(h)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert (got - (h @ w.T + bias)).abs().max() > 1e-3, name
+
+
+def test_adalora_reallocates_ranks_to_the_target_budget():
+    """peft's RankAllocator runs through shared.peft.step: after total_step - tfinal the number of
+    kept singular values equals target_r per adapted layer on average (the budget), and the
+    orthogonality penalty is a real, differentiable number."""
+    import torch
+
+    from shared import peft
+    from shared.backbones import anatomy, create
+
+    torch.manual_seed(0)
+    model = peft.attach(create("tiny-vit", depth=2), [peft.AdaLoRA(init_r=6, target_r=2, targets=("qkv", "fc1"),
+                                                                    total_step=12, tinit=2, tfinal=3)])
+    x = torch.randn(4, 3, 32, 32)
+    w = torch.randn(4, 17, 32)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    reg = peft.regularization(model)
+    assert reg is not None and reg.requires_grad and reg.item() > 0
+    for step in range(12):
+        loss = (anatomy(model).forward_tokens(x).x * w).sum() + peft.regularization(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        peft.step(model, step)
+    e = [p for n, p in model.named_parameters() if "lora_E" in n]
+    assert len(e) == 4  # qkv and fc1 in two blocks
+    kept = sum(int((v != 0).sum()) for v in e)
+    assert kept == 2 * len(e)  # target_r x layers; init was 6 x layers
