@@ -41,12 +41,11 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.utils import one_hot
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from shared import backbones, peft
-from shared.artifacts import BundleError, sha256_file, trained_tensors
+from shared.artifacts import BundleError, read_checked_tensors, sha256_file, trained_tensors
 from shared.fs import replace_dir
 from shared.heads import Tokens
 from shared.module import PeftModule
@@ -325,15 +324,7 @@ def _load_decoder(path: Path, meta: dict[str, Any]) -> nn.Module:
     except (ValueError, TypeError) as e:
         raise BundleError(f"{where}: decoder: {e}") from None
     tpath = path / info.get("file", DECODER_FILE)
-    if not tpath.is_file():
-        raise BundleError(f"{tpath}: not found")
-    if sha256_file(tpath) != info.get("sha256"):
-        raise BundleError(f"{tpath}: checksum mismatch (truncated or modified file)")
-    try:
-        with safe_open(str(tpath), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise BundleError(f"{tpath}: unreadable safetensors file ({e})") from None
+    tensors = read_checked_tensors(tpath, info.get("sha256"))
     expected = {k: tuple(v.shape) for k, v in decoder.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     if got != expected:
@@ -437,15 +428,6 @@ class SegmentationModule(PeftModule):
                     metric(y_pred=pred, y=target)
         return loss
 
-    def training_step(self, batch, batch_idx):
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._shared_step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._shared_step(batch, "test")
-
     def _log_metrics(self, stage):
         values = {}
         for name, metric in self.metrics[stage].items():
@@ -461,12 +443,6 @@ class SegmentationModule(PeftModule):
         if values:
             # Identical on every rank (MONAI gathered the buffers); sync_dist averages equal numbers.
             self.log_dict(values, prog_bar=True, sync_dist=True)
-
-    def on_validation_epoch_end(self):
-        self._log_metrics("val")
-
-    def on_test_epoch_end(self):
-        self._log_metrics("test")
 
     def trained_tensor_names(self) -> list[str]:
         return segmenter_tensor_names(self.model)

@@ -152,19 +152,23 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def _read_tensors(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    tpath = path / TENSORS
+def read_checked_tensors(tpath: Path, sha256: str | None) -> dict[str, torch.Tensor]:
+    """A safetensors file whose sha256 must match; BundleError naming the file otherwise."""
     if not tpath.is_file():
         raise BundleError(f"{tpath}: not found")
-    if sha256_file(tpath) != meta["sha256"]:
+    if sha256_file(tpath) != sha256:
         raise BundleError(f"{tpath}: checksum mismatch (truncated or modified file)")
     try:
         with safe_open(str(tpath), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise BundleError(f"{tpath}: unreadable safetensors file ({e})") from None
+
+
+def _read_tensors(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    tensors = read_checked_tensors(path / TENSORS, meta["sha256"])
     if set(tensors) != set(meta["tensors"]):
-        raise BundleError(f"{tpath}: tensor names disagree with {META}")
+        raise BundleError(f"{path / TENSORS}: tensor names disagree with {META}")
     return tensors
 
 

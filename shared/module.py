@@ -42,6 +42,28 @@ class PeftModule(L.LightningModule):
     def trained_tensor_names(self) -> list[str]:
         raise TypeError(f"{type(self).__name__} must define trained_tensor_names()")
 
+    def _shared_step(self, batch, stage: str):
+        raise TypeError(f"{type(self).__name__} must define _shared_step(batch, stage)")
+
+    def _log_metrics(self, stage: str) -> None:
+        raise TypeError(f"{type(self).__name__} must define _log_metrics(stage)")
+
+    def training_step(self, batch, batch_idx):
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._shared_step(batch, "test")
+
+    def on_validation_epoch_end(self):
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self):
+        self._log_metrics("test")
+
+
     def configure_optimizers(self):
         hp = self.hparams
         groups: dict[float, list] = {}
@@ -177,25 +199,10 @@ class ClassificationModule(PeftModule):
             self.metrics[stage].update(probs, target)
         return loss
 
-    def training_step(self, batch, batch_idx):
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._shared_step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._shared_step(batch, "test")
-
     def _log_metrics(self, stage):
         values = self.metrics[stage].compute()
         self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=True, sync_dist=True)
         self.metrics[stage].reset()
-
-    def on_validation_epoch_end(self):
-        self._log_metrics("val")
-
-    def on_test_epoch_end(self):
-        self._log_metrics("test")
 
     def trained_tensor_names(self) -> list[str]:
         return peft_tensor_names(self.model)
