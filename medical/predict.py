@@ -43,6 +43,8 @@ def classify_files(bundle: Path, files: list[str], top_k: int = 5) -> list[tuple
     out = []
     for f in files:
         x, is_volume = _inputs(read_image(f), pre, f)
+        if not is_volume and "volume_axis" in pre:
+            raise ImageReadError(f"{f}: a 2D image, but this bundle classifies 3D volumes (give a .nii.gz / .npy volume)")
         if is_volume and "volume_axis" not in pre:
             raise ImageReadError(f"{f}: a 3D volume, but this bundle classifies 2D images "
                                  f"(give one slice as PNG/DICOM, or use a bundle trained on volumes)")

@@ -9,6 +9,7 @@ tokens, x learning rates) in one pass, choosing the best head on validation.
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     model = backbones.create(cfg.backbone, **cfg.backbone_kwargs).eval()
     loaders = {"train": data.train_dataloader(), "val": data.val_dataloader(), "test": data.test_dataloader()}
     cache = FeatureCache(Path(cfg.cache_dir).expanduser())
-    dataset_id = f"{type(data).__name__}:{getattr(data, 'root', '')}:{getattr(data, 'few_shot', None)}"
+    # the whole data config (class, root, flag, seed, few_shot, split fractions, label policy)
+    dataset_id = json.dumps(cfg.data.as_dict(), sort_keys=True, default=str)
     feats = cached_features(model, loaders, cache, getattr(data, "preprocessing", {}), dataset_id, cfg.blocks)
     multilabel = bool(getattr(data, "multilabel", False))
     rows = {}

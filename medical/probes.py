@@ -82,7 +82,9 @@ class LinearGrid(nn.Module):
 
 def _score(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> float:
     if multilabel:
-        return multilabel_auroc(logits.sigmoid(), y.long(), num_labels=y.shape[1], average="macro").item()
+        target = torch.nan_to_num(y.float(), nan=-1.0).long()  # unknown labels are ignored
+        return multilabel_auroc(logits.sigmoid(), target, num_labels=y.shape[1], average="macro",
+                                ignore_index=-1).item()
     return multiclass_accuracy(logits, y, num_classes=logits.shape[1], average="micro").item()
 
 
@@ -110,8 +112,12 @@ def train_linear_grid(feats: dict[str, dict[str, torch.Tensor]], num_classes: in
             batch = {k: v[idx] for k, v in splits["train"].items()}
             y = labels["train"][idx]
             outs = grid(batch)
-            loss_fn = (lambda o: F.binary_cross_entropy_with_logits(o, y.float())) if multilabel else \
-                (lambda o: F.cross_entropy(o, y))
+            if multilabel:
+                from medical.datasets import masked_bce  # NaN targets (CheXpert "ignore") are masked
+
+                loss_fn = lambda o: masked_bce(o, y.float())  # noqa: E731
+            else:
+                loss_fn = lambda o: F.cross_entropy(o, y)  # noqa: E731
             loss = sum(loss_fn(o) for o in outs)  # heads are independent: the sum trains each on its own loss
             opt.zero_grad()
             loss.backward()

@@ -62,6 +62,15 @@ def is_demo(argv: list[str]) -> bool:
     return not any(a == "--config" or a.startswith("--config=") for a in argv)
 
 
+def attached_methods(model) -> list[dict[str, Any]]:
+    """What is really attached (a bundle given by --model.init_bundle replaces `methods`)."""
+    from shared.peft.core import split
+
+    backbone, _ = split(model.model)
+    state = getattr(backbone, "peft_state", None)
+    return [m.to_dict() for _, m in state.methods] if state is not None else list(model.hparams.methods or [])
+
+
 def method_label(methods: list[dict[str, Any]] | None) -> str:
     """A short readable name for a method list, e.g. `adapter(conformer,ffn,parallel)+lora`."""
     if not methods:
@@ -120,7 +129,7 @@ def run(model_class=ClassificationModule, default_config: str | Path | None = No
             metrics.update(_json_safe(evaluate(model, data)))
         row = {"run": cfg["run_name"] or out.name, "backbone": model.hparams.backbone,
                "dataset": getattr(data, "name", type(data).__name__), "fold": getattr(data, "test_fold", None),
-               "few_shot": getattr(data, "few_shot", None), "method": method_label(model.hparams.methods),
+               "few_shot": getattr(data, "few_shot", None), "method": method_label(attached_methods(model)),
                "trainable_params": s["trainable"], "total_params": s["total"], **metrics,
                "best_checkpoint": Path(trainer.checkpoint_callback.best_model_path).name if ckpt else None,
                "train_seconds": round(time.time() - t0, 1)}

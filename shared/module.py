@@ -84,8 +84,9 @@ class PeftModule(L.LightningModule):
         return [L.pytorch.callbacks.ModelCheckpoint(monitor=self.monitor, mode="max", save_top_k=1,
                                                     filename="best", auto_insert_metric_name=False)]
 
-    def on_before_zero_grad(self, optimizer):
-        peft.step(self.model, self.global_step)  # e.g. AdaLoRA's rank reallocation
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # After optimizer.step(), gradients still present (peft's documented order for AdaLoRA).
+        peft.step(self.model, self.global_step - 1)
 
     def on_save_checkpoint(self, checkpoint):
         # Only what was trained (adapters, heads, decoders, method buffers), not the frozen backbone.

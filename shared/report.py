@@ -36,9 +36,10 @@ def summarise(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         if metric in r:
-            groups[(r.get("dataset"), r.get("method"), r.get("few_shot"))].append(r)
+            groups[(r.get("dataset"), r.get("method"), r.get("few_shot"), r.get("backbone"),
+                    r.get("trainable_params"))].append(r)
     out = []
-    for (dataset, method, shots), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+    for (dataset, method, shots, _, _), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
         vals = [r[metric] for r in rs]
         out.append({"dataset": dataset, "method": method, "few_shot": shots, "runs": len(rs),
                     "folds": sorted({r.get("fold") for r in rs if r.get("fold") is not None}),
