@@ -2,14 +2,26 @@
 
 Each reads its dataset's official on-disk layout (never the network), turns clips into AST
 fbank features (cached on disk after the first decode) and applies SpecAugment to training
-batches where PETL-AST does (ESC-50, UrbanSound8K). Few-shot variants keep k clips per class
-of the training split (seeded). Labels are known right after construction, so the CLI can
-link `data.num_classes` / `data.labels` into the model.
+batches where PETL-AST does (ESC-50, UrbanSound8K; its main.py turns it off for Speech Commands
+and Fluent Speech Commands since commit c80097e "Fixed specaugmentation"). Few-shot variants
+keep k clips per class of the training split (seeded; drawn after unusable files are skipped).
+Labels are known right after construction, so the CLI can link `data.num_classes` /
+`data.labels` into the model.
+
+ESC-50 and UrbanSound8K offer two evaluation protocols (`protocol`, written to metrics.json):
+
+* ``petl-ast``: PETL-AST's rotation: validation = the fold before the test fold, training = the
+  other 3 (ESC-50) / 8 (US8K) folds; the best-validation checkpoint is tested.
+* ``official``: the datasets' own protocol, training on all 4 / 9 other folds; validation is
+  `val_fraction` of the training folds' source recordings (ESC-50 `src_file`, US8K `fsID`, so
+  no recording is in both), or, with ``val_fraction=0``, no validation at all and the LAST epoch
+  is tested (metrics.json says ``official-last-epoch``).
 """
 from __future__ import annotations
 
 import csv
 import logging
+import re
 from pathlib import Path
 from typing import ClassVar
 
@@ -17,7 +29,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from shared.data import few_shot_indices
+from shared.data import balanced_sampler, eval_sampler, few_shot_indices, split_by_group
 
 from .features import TARGET_FRAMES, AudioError, FbankCache, FbankConfig, SpecAugment
 
@@ -32,7 +44,7 @@ class DatasetLayoutError(ValueError):
 def read_csv(path: Path, required: list[str]) -> list[dict[str, str]]:
     if not path.is_file():
         raise DatasetLayoutError(f"{path}: metadata file not found")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # a byte-order mark is not part of a column name
         reader = csv.DictReader(f)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
@@ -60,11 +72,12 @@ class AudioDataModule(L.LightningDataModule):
 
     name: ClassVar[str] = "audio"
     augment_by_default: ClassVar[bool] = False
+    protocol: str = "official"  # the dataset's own train / validation / test lists
 
     def __init__(self, root: str, batch_size: int = 32, num_workers: int = 0, target_frames: int | None = None,
                  specaugment: bool | None = None, freq_mask: int = 24, time_mask: int = 80,
                  cache_dir: str | None = None, few_shot: int | None = None, seed: int = 0,
-                 skip_bad_files: bool = False):
+                 skip_bad_files: bool = False, balanced_sampler: bool = False):
         super().__init__()
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
@@ -74,14 +87,17 @@ class AudioDataModule(L.LightningDataModule):
         use_aug = self.augment_by_default if specaugment is None else specaugment
         self.augment = SpecAugment(freq_mask, time_mask) if use_aug else None
         self.cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "peft-suite" / "fbank"
-        self.skip_bad_files = skip_bad_files
+        self.skip_bad_files, self.balanced_sampler = skip_bad_files, balanced_sampler
         self.labels: list[str] = []
         self.splits: dict[str, list[Item]] = self.read_splits()  # also fills self.labels
-        if few_shot:
-            train = self.splits["train"]
-            keep = few_shot_indices([y for _, y in train], few_shot, seed=seed, label_names=self.labels)
-            self.splits["train"] = [train[i] for i in keep]
         self.skipped: dict[str, int] = {}  # unusable files skipped per split (skip_bad_files)
+        if few_shot and not skip_bad_files:  # else drawn in setup(), from the usable clips only
+            self._draw_few_shot()
+
+    def _draw_few_shot(self) -> None:
+        train = self.splits["train"]
+        keep = few_shot_indices([y for _, y in train], self.few_shot, seed=self.seed, label_names=self.labels)
+        self.splits["train"] = [train[i] for i in keep]
 
     @property
     def num_classes(self) -> int:
@@ -109,16 +125,24 @@ class AudioDataModule(L.LightningDataModule):
                 self.splits[split] = good
             if any(self.skipped.values()):
                 log.warning("skipped unusable audio files per split: %s", self.skipped)
+            if self.few_shot:
+                self._draw_few_shot()
 
     def _loader(self, split: str, train: bool = False):
         ds = ClipDataset(self.splits[split], self.frontend, self.augment if train else None)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=train, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        if train:
+            sampler = balanced_sampler([y for _, y in ds.items], self.seed) if self.balanced_sampler else None
+        else:
+            sampler = eval_sampler(ds)  # no repeated samples under DDP
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=train and sampler is None, sampler=sampler,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self):
         return self._loader("train", train=True)
 
     def val_dataloader(self):
+        if not self.splits["val"]:
+            return []  # protocol without validation: Lightning skips it, the last epoch is tested
         return self._loader("val")
 
     def test_dataloader(self):
@@ -130,76 +154,151 @@ def _check_fold(name: str, fold: int, n: int, what: str = "fold") -> None:
         raise DatasetLayoutError(f"{name}: {what} {fold} does not exist (folds are 1..{n})")
 
 
-class ESC50DataModule(AudioDataModule):
-    """ESC-50: `meta/esc50.csv` + `audio/*.wav`; 5 folds rotated 3 train / 1 val / 1 test.
+PROTOCOLS = ("petl-ast", "official")
 
-    `test_fold` (1-5) is held out; `val_fold` defaults to the next fold (5 -> 1).
+
+class FoldDataModule(AudioDataModule):
+    """A dataset with official folds (ESC-50, UrbanSound8K): `test_fold` is held out; `protocol`
+    decides validation and training (see the module docstring). `val_fold` (petl-ast only)
+    overrides the fold before the test fold; `val_fraction` (official only) is the share of the
+    training folds' source recordings held out for validation (0: none, last epoch tested)."""
+
+    n_folds: ClassVar[int] = 5
+    title: ClassVar[str] = ""
+    group_column: ClassVar[str] = ""  # clips of one source recording share it
+
+    def __init__(self, root: str, test_fold: int = 1, val_fold: int | None = None, protocol: str = "petl-ast",
+                 val_fraction: float = 0.1, **kw):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"{self.title}: protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        if protocol == "official" and val_fold is not None:
+            raise ValueError(f"{self.title}: val_fold is for protocol 'petl-ast'; the official protocol trains on "
+                             f"every fold but the test fold (validation: val_fraction of their recordings)")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"{self.title}: val_fraction must be in [0, 1), got {val_fraction}")
+        self.test_fold, self.val_fraction = test_fold, val_fraction
+        self.val_fold = (val_fold or (test_fold - 2) % self.n_folds + 1) if protocol == "petl-ast" else None
+        self.protocol = protocol if protocol == "petl-ast" or val_fraction else "official-last-epoch"
+        super().__init__(root, **kw)
+
+    def read_rows(self) -> list[tuple[int, Path, int, str]]:
+        """(fold, path, class id, source recording) per clip; fills self.labels."""
+        raise TypeError(f"{type(self).__name__} must define read_rows()")
+
+    def read_splits(self):
+        _check_fold(self.title, self.test_fold, self.n_folds, "test_fold")
+        if self.val_fold is not None:
+            _check_fold(self.title, self.val_fold, self.n_folds, "val_fold")
+            if self.val_fold == self.test_fold:
+                raise DatasetLayoutError(f"{self.title}: val_fold must differ from test_fold")
+        rows = self.read_rows()
+        splits = {"train": [], "val": [], "test": []}
+        train_groups = []
+        for fold, path, y, group in rows:
+            if fold == self.test_fold:
+                splits["test"].append((path, y))
+            elif fold == self.val_fold:
+                splits["val"].append((path, y))
+            else:
+                splits["train"].append((path, y))
+                train_groups.append(group)
+        if self.protocol == "official":
+            try:
+                tr, va = split_by_group(train_groups, (1 - self.val_fraction, self.val_fraction), seed=self.seed)
+            except ValueError as err:
+                raise DatasetLayoutError(f"{self.title}: cannot hold out val_fraction={self.val_fraction} of the "
+                                         f"training recordings ({err})") from None
+            train = splits["train"]
+            splits["train"], splits["val"] = [train[i] for i in tr], [train[i] for i in va]
+        return splits
+
+
+class ESC50DataModule(FoldDataModule):
+    """ESC-50: `meta/esc50.csv` + `audio/*.wav`; 5 folds (see `FoldDataModule` for the protocols).
+
+    petl-ast (default): train 3 folds, validate on the fold before `test_fold` (1 -> 5), as
+    PETL-AST's main.py; official: train 4 folds (validation: `val_fraction` of their `src_file`s).
     """
 
     name = "esc50"
     augment_by_default = True
+    n_folds, title, group_column = 5, "ESC-50", "src_file"
 
-    def __init__(self, root: str, test_fold: int = 1, val_fold: int | None = None, **kw):
-        self.test_fold, self.val_fold = test_fold, val_fold or test_fold % 5 + 1
-        super().__init__(root, **kw)
-
-    def read_splits(self):
-        _check_fold("ESC-50", self.test_fold, 5, "test_fold")
-        _check_fold("ESC-50", self.val_fold, 5, "val_fold")
-        if self.val_fold == self.test_fold:
-            raise DatasetLayoutError("ESC-50: val_fold must differ from test_fold")
+    def read_rows(self):
         meta = self.root / "meta" / "esc50.csv"
-        rows = read_csv(meta, ["filename", "fold", "target", "category"])
-        names = {}
-        for r in rows:
-            names[int(r["target"])] = r["category"]
-        self.labels = [names[i] for i in sorted(names)]
-        splits = {"train": [], "val": [], "test": []}
-        for r in rows:
-            fold = int(r["fold"])
-            split = "test" if fold == self.test_fold else "val" if fold == self.val_fold else "train"
-            splits[split].append((self.root / "audio" / r["filename"], int(r["target"])))
-        return splits
+        cols = ["filename", "fold", "target", "category"] + (["src_file"] if self.protocol == "official" else [])
+        rows = read_csv(meta, cols)
+        self.labels = _label_names(meta, rows, "target", "category")
+        return [(_int(meta, r, "fold", i), self.root / "audio" / r["filename"], int(r["target"]),
+                 r.get("src_file") or r["filename"]) for i, r in enumerate(rows, start=2)]
 
 
-class UrbanSound8KDataModule(AudioDataModule):
-    """UrbanSound8K: `metadata/UrbanSound8K.csv` + `audio/fold<k>/`; 10 folds.
+class UrbanSound8KDataModule(FoldDataModule):
+    """UrbanSound8K: `metadata/UrbanSound8K.csv` + `audio/fold<k>/`; 10 folds (see `FoldDataModule`).
 
-    Validation uses its own fold (default: the next one), never the test fold (the anchor
-    validates on its test fold).
+    petl-ast (default): train 8 folds, validate on the fold before `test_fold` (PETL-AST itself
+    trains on 9 folds and picks its epoch on the test fold; we never select on the test fold);
+    official: train 9 folds (validation: `val_fraction` of their `fsID` recordings).
     """
 
     name = "us8k"
     augment_by_default = True
+    n_folds, title, group_column = 10, "UrbanSound8K", "fsID"
 
-    def __init__(self, root: str, test_fold: int = 1, val_fold: int | None = None, **kw):
-        self.test_fold, self.val_fold = test_fold, val_fold or test_fold % 10 + 1
-        super().__init__(root, **kw)
-
-    def read_splits(self):
-        _check_fold("UrbanSound8K", self.test_fold, 10, "test_fold")
-        _check_fold("UrbanSound8K", self.val_fold, 10, "val_fold")
-        if self.val_fold == self.test_fold:
-            raise DatasetLayoutError("UrbanSound8K: val_fold must differ from test_fold")
+    def read_rows(self):
         meta = self.root / "metadata" / "UrbanSound8K.csv"
-        rows = read_csv(meta, ["slice_file_name", "fold", "classID", "class"])
-        names = {int(r["classID"]): r["class"] for r in rows}
-        self.labels = [names[i] for i in sorted(names)]
-        splits = {"train": [], "val": [], "test": []}
-        for r in rows:
-            fold = int(r["fold"])
-            split = "test" if fold == self.test_fold else "val" if fold == self.val_fold else "train"
-            splits[split].append((self.root / "audio" / f"fold{fold}" / r["slice_file_name"], int(r["classID"])))
-        return splits
+        cols = ["slice_file_name", "fold", "classID", "class"] + (["fsID"] if self.protocol == "official" else [])
+        rows = read_csv(meta, cols)
+        self.labels = _label_names(meta, rows, "classID", "class")
+        out = []
+        for i, r in enumerate(rows, start=2):
+            fold = _int(meta, r, "fold", i)
+            out.append((fold, self.root / "audio" / f"fold{fold}" / r["slice_file_name"], int(r["classID"]),
+                        r.get("fsID") or r["slice_file_name"]))
+        return out
+
+
+def _int(path: Path, row: dict, column: str, line: int) -> int:
+    try:
+        return int(row[column])
+    except (TypeError, ValueError):
+        raise DatasetLayoutError(f"{path}: line {line}: column {column!r} is {row[column]!r}, not an integer") from None
+
+
+def _label_names(path: Path, rows: list[dict], id_col: str, name_col: str) -> list[str]:
+    names: dict[int, str] = {}
+    for i, r in enumerate(rows, start=2):
+        names[_int(path, r, id_col, i)] = r[name_col]
+    if sorted(names) != list(range(len(names))):
+        raise DatasetLayoutError(f"{path}: column {id_col!r} must number the classes 0..{len(names) - 1}, "
+                                 f"got {sorted(names)[:12]}")
+    return [names[i] for i in range(len(names))]
+
+
+# The word folders of the official releases.
+SPEECH_COMMANDS_V1 = ["bed", "bird", "cat", "dog", "down", "eight", "five", "four", "go", "happy", "house", "left",
+                      "marvin", "nine", "no", "off", "on", "one", "right", "seven", "sheila", "six", "stop", "three",
+                      "tree", "two", "up", "wow", "yes", "zero"]
+SPEECH_COMMANDS_WORDS = {"v2": sorted(SPEECH_COMMANDS_V1 + ["backward", "follow", "forward", "learn", "visual"]),
+                         "v0.01": SPEECH_COMMANDS_V1}
 
 
 class SpeechCommandsDataModule(AudioDataModule):
-    """Speech Commands v2: one folder per word, `validation_list.txt`, `testing_list.txt`.
+    """Speech Commands: one folder per word, `validation_list.txt`, `testing_list.txt`.
 
-    Every word folder is a class (35 in v2); `_background_noise_` is not a class.
+    Every word folder is a class; `_background_noise_` is not a class. `version` checks the word
+    folders against the release: "v2" (35 words, PETL-AST's; the recipe sets it), "v0.01" (30),
+    or "any" (the default: whatever folders there are, e.g. FSDD digits in this layout). Empty
+    word folders are refused.
     """
 
     name = "speech_commands"
+
+    def __init__(self, root: str, version: str = "any", **kw):
+        if version not in ("v2", "v0.01", "any"):
+            raise ValueError(f"Speech Commands: version must be v2, v0.01 or any, got {version!r}")
+        self.version = version
+        super().__init__(root, **kw)
 
     def read_splits(self):
         lists = {}
@@ -211,6 +310,18 @@ class SpeechCommandsDataModule(AudioDataModule):
         words = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith(("_", ".")))
         if not words:
             raise DatasetLayoutError(f"{self.root}: no word folders found")
+        if self.version != "any" and words != SPEECH_COMMANDS_WORDS[self.version]:
+            want = SPEECH_COMMANDS_WORDS[self.version]
+            missing, extra = sorted(set(want) - set(words)), sorted(set(words) - set(want))
+            other = [v for v, ws in SPEECH_COMMANDS_WORDS.items() if ws == words]
+            hint = f" (these are the {other[0]} words: set version: {other[0]})" if other else ""
+            raise DatasetLayoutError(f"{self.root}: {len(words)} word folders, Speech Commands {self.version} has "
+                                     f"{len(want)}: missing {missing}, unexpected {extra}{hint}; "
+                                     f"version: any accepts any word set")
+        empty = [w for w in words if not any((self.root / w).glob("*.wav"))]
+        if empty:
+            raise DatasetLayoutError(f"{self.root / empty[0]}: word folder has no .wav files "
+                                     f"({len(empty)} empty: {empty[:5]})")
         self.labels = words
         splits = {"train": [], "val": [], "test": []}
         for y, word in enumerate(words):

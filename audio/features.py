@@ -2,6 +2,10 @@
 
 - `read_audio(path)`: any rate / channel count / bit depth -> mono float32 at 16 kHz, with one
   clear `AudioError` naming the file when it is unreadable, empty, truncated or not finite.
+  Truncated means the container declares more audio than the file holds: a WAV / W64 / AIFF
+  chunk size beyond the end of the file (libsndfile's own header log), a FLAC that ends before
+  its STREAMINFO sample count, an Ogg (Vorbis / Opus) stream that ends without its end-of-stream
+  page. `allow_truncated=True` reads what is there instead (`audio.predict --allow-truncated`).
 - `fbank_ast(wave)`: kaldi fbank (25 ms hanning, 10 ms hop, 128 mel) padded / trimmed to the
   dataset's frame count, normalised with AudioSet's mean and std as AST expects.
 - `SpecAugment`: frequency and time masking (torchaudio), for training only.
@@ -12,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,15 +38,70 @@ class AudioError(ValueError):
     """An audio file cannot be used; the message names the file and the reason."""
 
 
-def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
-    """Mono float32 waveform (T,) at `sample_rate`, values in [-1, 1]."""
+# libsndfile's header log writes "data : 32000 (should be 15978)" when a chunk's declared size
+# does not match the bytes present (the RIFF/riff/FORM line does too, for the whole file).
+_SIZE_MISMATCH = re.compile(r"^\s*(data|SSND|RIFF|riff|FORM|RF64)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.M)
+_UNKNOWN_SIZES = {0, 0xFFFFFFFF, 0xFFFFFFFF - 8}  # streaming writers leave these placeholders
+
+
+def _ogg_complete(path: Path) -> bool:
+    """True when the Ogg file is a whole sequence of pages ending with an end-of-stream page."""
+    data = path.read_bytes()
+    pos, eos = 0, False
+    while pos < len(data):
+        if data[pos:pos + 4] != b"OggS" or pos + 27 > len(data):
+            return False
+        nseg = data[pos + 26]
+        if pos + 27 + nseg > len(data):
+            return False
+        end = pos + 27 + nseg + sum(data[pos + 27:pos + 27 + nseg])
+        if end > len(data):
+            return False
+        eos = bool(data[pos + 5] & 0x04)
+        pos = end
+    return eos
+
+
+def truncation(path: Path, info) -> str | None:
+    """Why `path` is truncated (its header declares more audio than it holds), or None."""
+    found = _SIZE_MISMATCH.findall(info.extra_info or "")
+    for chunk, declared, present in sorted(found, key=lambda f: f[0] not in ("data", "SSND")):  # data chunk first
+        if int(declared) > int(present) and int(declared) not in _UNKNOWN_SIZES:
+            return f"its header declares {chunk} of {int(declared):,} bytes but only {int(present):,} are present"
+    if info.format == "OGG" and not _ogg_complete(path):
+        return "the Ogg stream ends without its end-of-stream page"
+    return None
+
+
+def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, allow_truncated: bool = False) -> torch.Tensor:
+    """Mono float32 waveform (T,) at `sample_rate`, values in [-1, 1].
+
+    A truncated file raises `AudioError` unless `allow_truncated` (then the samples present are used)."""
     path = Path(path)
+    if path.is_dir():
+        raise AudioError(f"{path}: is a folder, not an audio file")
     if not path.is_file():
         raise AudioError(f"{path}: file not found")
+    hint = " (pass allow_truncated / --allow-truncated to use the samples present)"
     try:
+        info = sf.info(str(path))
+        why = truncation(path, info)
+        if why and not allow_truncated:
+            raise AudioError(f"{path}: truncated audio: {why}" + hint)
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # (T, C), any bit depth
     except (sf.LibsndfileError, RuntimeError, OSError) as e:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        if magic == b"OggS" and not _ogg_complete(path):
+            raise AudioError(f"{path}: truncated audio: the Ogg stream ends without its end-of-stream page, "
+                             f"and libsndfile cannot decode the part present ({e})") from None
+        if magic == b"fLaC" and "lost sync" in str(e):
+            raise AudioError(f"{path}: truncated or damaged FLAC: the decoder lost sync before the end its "
+                             f"STREAMINFO declares ({e})") from None
         raise AudioError(f"{path}: unreadable audio ({e})") from None
+    if info.format == "FLAC" and data.shape[0] < info.frames and not allow_truncated:  # STREAMINFO count
+        raise AudioError(f"{path}: truncated audio: its header declares {info.frames:,} frames but only "
+                         f"{data.shape[0]:,} could be read" + hint)
     if data.size == 0:
         raise AudioError(f"{path}: empty audio (0 samples)")
     if not np.isfinite(data).all():
@@ -133,6 +193,6 @@ class FbankCache:
         return feats
 
 
-def features(path: str | os.PathLike, cfg: FbankConfig = FbankConfig()) -> torch.Tensor:
+def features(path: str | os.PathLike, cfg: FbankConfig = FbankConfig(), allow_truncated: bool = False) -> torch.Tensor:
     """Read one file and compute its AST features (no cache)."""
-    return fbank_ast(read_audio(path, cfg.sample_rate), cfg, source=str(path))
+    return fbank_ast(read_audio(path, cfg.sample_rate, allow_truncated), cfg, source=str(path))

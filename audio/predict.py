@@ -1,7 +1,9 @@
 """`python -m audio.predict --adapter runs/esc50/adapter clip.wav [...]`: top-k labels per file.
 
 Loads only what the bundle names: its backbone (hub id / local folder / registered test model)
-and the trained tensors; the frontend settings come from the bundle too.
+and the trained tensors; the frontend settings come from the bundle too. Files that cannot be
+used (unreadable, truncated, a folder) are reported one line each and the others are still
+predicted; the exit code is then 2.
 """
 from __future__ import annotations
 
@@ -14,13 +16,26 @@ import torch
 from audio.features import AudioError, FbankConfig, features
 from shared import peft
 
+EPILOG = """\
+output: per file, its path, then one line per class: "  <probability>  <label>" (softmax).
+exit codes: 0 all files predicted; 2 a bad bundle or argument (nothing predicted), or at least one
+file could not be used (the others were predicted; each bad file is named on stderr).
+"""
+
 
 def frontend_config(meta: dict, where: str = "adapter.json") -> FbankConfig:
+    """The bundle's fbank settings; refuses, in one line, a bundle of another domain or task."""
     pre = dict(meta.get("preprocessing") or {})
     frontend = pre.pop("frontend", None)
     if frontend != "fbank_ast":
+        other = " (a medical image bundle: use python -m medical.predict)" \
+            if str(pre.get("pipeline", "")).startswith("medical.") else ""
         raise peft.BundleError(f"{where}: preprocessing.frontend is {frontend!r}; audio.predict needs a bundle "
-                               f"trained on AST fbank features ('fbank_ast')")
+                               f"trained on AST fbank features ('fbank_ast'){other}")
+    task = meta.get("task", "classification")
+    if task != "classification" or not meta.get("head"):
+        raise peft.BundleError(f"{where}: task {task!r} without a classification head; audio.predict needs a "
+                               f"classification bundle from audio.train")
     try:
         return FbankConfig(**pre)
     except TypeError as e:
@@ -28,18 +43,30 @@ def frontend_config(meta: dict, where: str = "adapter.json") -> FbankConfig:
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
-def predict(model, cfg: FbankConfig, paths: list[str], top_k: int = 5):
+def predict(model, cfg: FbankConfig, paths: list[str], top_k: int = 5, errors: list[str] | None = None,
+            allow_truncated: bool = False):
+    """[(file, [(label, probability), ...])] for the files that could be used; the others' messages
+    go to `errors` (raised when `errors` is None)."""
     model.eval()
     labels = model.labels or [str(i) for i in range(model.head.num_classes)]
     out = []
     for p in paths:
-        x = features(p, cfg).unsqueeze(0)  # (1, T, F)
+        try:
+            x = features(p, cfg, allow_truncated=allow_truncated).unsqueeze(0)  # (1, T, F)
+        except AudioError as e:
+            if errors is None:
+                raise
+            errors.append(str(e))
+            continue
         with torch.inference_mode():
             probs = model(x).softmax(-1)[0]
         scores, idx = probs.topk(min(top_k, len(labels)))
@@ -47,25 +74,37 @@ def predict(model, cfg: FbankConfig, paths: list[str], top_k: int = 5):
     return out
 
 
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m audio.predict", description=__doc__.split("\n\n")[1],
+                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapter", required=True, metavar="BUNDLE",
+                    help="bundle folder written by audio.train (adapter.json + adapter.safetensors)")
+    ap.add_argument("--top-k", type=positive_int, default=5, metavar="K",
+                    help="print the K most probable classes per file (default 5)")
+    ap.add_argument("--allow-truncated", action="store_true",
+                    help="use the samples present in a truncated file (its header declares more) instead of refusing it")
+    ap.add_argument("files", nargs="+", metavar="FILE",
+                    help="audio files libsndfile reads (wav, flac, ogg, ...; any rate and channel count)")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--adapter", required=True, help="adapter bundle folder (adapter.json + adapter.safetensors)")
-    ap.add_argument("--top-k", type=positive_int, default=5)
-    ap.add_argument("files", nargs="+")
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
+    errors: list[str] = []
     try:
         meta = peft.read_meta(args.adapter)
         cfg = frontend_config(meta, str(Path(args.adapter) / "adapter.json"))
         model = peft.from_bundle(args.adapter)
-        results = predict(model, cfg, args.files, args.top_k)
+        for path, top in predict(model, cfg, args.files, args.top_k, errors, args.allow_truncated):
+            print(path)
+            for label, score in top:
+                print(f"  {score:6.3f}  {label}")
     except (peft.BundleError, AudioError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for path, top in results:
-        print(path)
-        for label, score in top:
-            print(f"  {score:6.3f}  {label}")
-    return 0
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    return 2 if errors else 0
 
 
 if __name__ == "__main__":

@@ -55,6 +55,9 @@ def write_esc50_like(root: str | os.PathLike, num_classes: int = 5, clips_per_fo
         return root
     if not 1 <= num_classes <= len(CLASSES):
         raise ValueError(f"num_classes must be 1..{len(CLASSES)}")
+    from shared.cli import mark_demo_folder
+
+    mark_demo_folder(root, "synthetic sounds in the ESC-50 layout")  # ours: the demo may write here again
     rng = np.random.default_rng(seed)
     (root / "audio").mkdir(parents=True, exist_ok=True)
     rows = []

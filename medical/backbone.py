@@ -4,9 +4,14 @@
 `vit_{small,base,large,giant}_patch14[_reg4]_dinov2.lvd142m`. With `weights=None` and network
 access the hub weights are downloaded once; `weights=<file>` loads a local .safetensors / .pth
 (timm's own checkpoint filter resizes the positional embedding to `img_size`). `pretrained=False`
-gives random weights of the real architecture (tests, offline demos).
+gives random weights of the real architecture (tests, offline demos); it is registered seeded
+(`seed=0` by default), so a bundle trained on it is rebuilt with the same weights by
+`shared.peft.from_bundle`. Offline (no network or HF_HUB_OFFLINE=1) with nothing cached, it
+fails at once with one line naming the checkpoint and the two ways out.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,7 +28,26 @@ def timm_name(size: str = "s", registers: bool = False) -> str:
     return f"vit_{SIZES[size]}_patch14{'_reg4' if registers else ''}_dinov2.lvd142m"
 
 
-@register_backbone("dinov2")
+def check_weights_available(name: str) -> None:
+    """Raise `CheckpointUnavailable` unless timm can get `name`'s pretrained weights now: in the
+    Hugging Face cache, or downloadable (hub reachable)."""
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    from audio.backbone import CheckpointUnavailable, hub_reachable
+
+    repo = get_pretrained_cfg(name).hf_hub_id
+    if any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin")):
+        return
+    if not hub_reachable():
+        raise CheckpointUnavailable(
+            f"DINOv2 checkpoint {repo!r} is not in the local Hugging Face cache and the hub cannot be reached "
+            f"(offline or HF_HUB_OFFLINE=1). Either download it once while online (run the same command, or "
+            f"`python -c \"import timm; timm.create_model('{name}', pretrained=True)\"`), or pass a local weights "
+            f"file: --model.backbone_kwargs.weights /path/model.safetensors (recipes: backbone_kwargs: {{weights: ...}})")
+
+
+@register_backbone("dinov2", seeded=True)
 def load_dinov2(size: str = "s", registers: bool = False, img_size: int = 224, weights: str | None = None,
                 pretrained: bool = True, **kw) -> nn.Module:
     import timm
@@ -31,7 +55,13 @@ def load_dinov2(size: str = "s", registers: bool = False, img_size: int = 224, w
     name = timm_name(size, registers)
     args = dict(pretrained=pretrained, img_size=img_size, num_classes=0, **kw)
     if weights:
-        args.update(pretrained=True, pretrained_cfg_overlay={"file": str(weights)})
+        if not Path(weights).expanduser().is_file():
+            from audio.backbone import CheckpointUnavailable
+
+            raise CheckpointUnavailable(f"DINOv2 weights file {weights}: not found (backbone_kwargs.weights)")
+        args.update(pretrained=True, pretrained_cfg_overlay={"file": str(Path(weights).expanduser())})
+    elif pretrained:
+        check_weights_available(name)
     model = timm.create_model(name, **args)
     model.pretrained_cfg = {**(model.pretrained_cfg or {}), "hf_hub_id": name}
     return model

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from shared.data import few_shot_indices, split_by_group
+from shared.data import balanced_sampler, eval_sampler, few_shot_indices, pos_weight, split_by_group
 
 from .io import SUPPORTED_EXTENSIONS, ImageReadError, check_same_shape, read_image, read_mask
 from .transforms import (Intensity, augmentation, check_intensity, finish, mask_to_size, preprocessing_dict,
@@ -67,6 +67,7 @@ __all__ = [
     "MEDMNIST_LABELS",
     "CXR14_LABELS",
     "CHEXPERT_LABELS",
+    "CHEXPERT_COMPETITION",
     "DATASETS",
 ]
 
@@ -86,6 +87,8 @@ CXR14_LABELS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass
 CHEXPERT_LABELS = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
                    "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
                    "Pleural Other", "Fracture", "Support Devices"]
+# The five observations of the CheXpert competition, which the literature reports.
+CHEXPERT_COMPETITION = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 
 _ORGANS_2D = ["bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right", "liver", "lung-left",
               "lung-right", "pancreas", "spleen"]
@@ -230,11 +233,13 @@ class MedicalDataModule(L.LightningDataModule):
     task: ClassVar[str] = "classification"  # or "segmentation"
     default_intensity: ClassVar[str] = "minmax"
     few_shot_unit: ClassVar[str] = "image"  # what few-shot counts for segmentation
+    protocol: str = "official"  # how train / val / test are made (written to metrics.json)
 
     def __init__(self, root: str, img_size: int = 224, batch_size: int = 32, num_workers: int = 0,
                  few_shot: int | None = None, seed: int = 0, augment: bool = False,
-                 intensity: str | list[float] | None = None):
+                 intensity: str | list[float] | None = None, balanced_sampler: bool = False):
         super().__init__()
+        self.balanced_sampler = balanced_sampler
         self.root = Path(root).expanduser()
         if not self.root.exists():
             raise DatasetLayoutError(f"{self.root}: dataset not found")
@@ -286,16 +291,29 @@ class MedicalDataModule(L.LightningDataModule):
             aug = augmentation(segmentation=self.task == "segmentation", seed=self.seed)
         return ItemDataset(self.splits[split], self.load, aug)
 
+    @property
+    def pos_weight(self) -> list[float] | None:
+        """Multi-label: negatives / positives per label in the training split (unknowns left out),
+        the BCE `pos_weight` a model's ``pos_weight: auto`` reads; None for single-label data."""
+        t = self.splits["train"].targets
+        return pos_weight(t) if self.multilabel and t is not None else None
+
     def _loader(self, split: str) -> DataLoader:
         train = split == "train"
         ds = self.dataset(split)
-        sampler = self.train_sampler(ds) if train else None
+        sampler = self.train_sampler(ds) if train else eval_sampler(ds)  # no repeated samples under DDP
         return DataLoader(ds, batch_size=self.batch_size, shuffle=train and sampler is None, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           worker_init_fn=_seed_worker)
 
     def train_sampler(self, ds: Dataset) -> Sampler | None:
-        return None
+        if not self.balanced_sampler:
+            return None
+        t = self.splits["train"].targets
+        if t is None or t.ndim != 1:
+            raise ValueError(f"{type(self).__name__}: balanced_sampler is for single-label classification; "
+                             f"multi-label data balances labels with the model's pos_weight")
+        return balanced_sampler(t, self.seed)
 
     def train_dataloader(self):
         return self._loader("train")
@@ -336,15 +354,39 @@ class MedMNISTDataModule(MedicalDataModule):
     """MedMNIST v2 / MedMNIST+ `.npz` (keys train/val/test _images / _labels), official splits.
 
     `root` is the `.npz` file or a folder holding `<flag>.npz` (size 28) or `<flag>_<size>.npz`.
-    Images (N, H, W) or (N, H, W, 3) are 2D; (N, D, H, W) are 3D volumes, yielded as
-    (D, 3, S, S) slice stacks (axis 0). Labels (N, 1) are single-label, (N, C > 1) multi-label
-    (ChestMNIST). Label names come from `MEDMNIST_LABELS`; an unknown flag gets "class_i".
+    A file's name gives the flag and size (`breastmnist_224.npz` -> breastmnist, 224); an explicit
+    `flag` / `size` that disagrees with the name is refused (the label names depend on the flag).
+    A folder root needs `flag`. Images (N, H, W) or (N, H, W, 3) are 2D; (N, D, H, W) are 3D
+    volumes, yielded as (D, 3, S, S) slice stacks (axis 0). Labels (N, 1) are single-label,
+    (N, C > 1) multi-label (ChestMNIST). Label names come from `MEDMNIST_LABELS`; an unknown
+    flag gets "class_i".
     """
 
     name = "medmnist"
+    protocol = "official splits"
+    FILE_NAME = re.compile(r"^(?P<flag>[a-z0-9]+?)(?:_(?P<size>\d+))?\.npz$")
 
-    def __init__(self, root: str, flag: str = "pneumoniamnist", size: int = 28, **kw):
-        self.flag, self.size = flag.lower(), int(size)
+    def __init__(self, root: str, flag: str | None = None, size: int | None = None, **kw):
+        path = Path(root).expanduser()
+        flag = flag.lower() if flag else None
+        if path.is_file():
+            m = self.FILE_NAME.match(path.name.lower())
+            file_flag = m["flag"] if m else None
+            file_size = int(m["size"]) if m and m["size"] else 28
+            if file_flag in MEDMNIST_LABELS:
+                if flag is not None and flag != file_flag:
+                    raise DatasetLayoutError(f"{path}: the file name says flag {file_flag!r} but flag is {flag!r} "
+                                             f"(label names differ between flags); drop --data.flag or rename")
+                if size is not None and int(size) != file_size:
+                    raise DatasetLayoutError(f"{path}: the file name says size {file_size} but size is {size}")
+                flag, size = file_flag, file_size
+            elif flag is None:
+                flag = path.stem.lower()  # not a MedMNIST name: generic class names, said below
+                log.warning("%s: file name is not <flag>[_<size>].npz of a known MedMNIST flag; labels are "
+                            "class_0.. (set flag for the official names)", path)
+        elif flag is None:
+            raise DatasetLayoutError(f"{path}: a folder root needs flag (e.g. pneumoniamnist) to pick the .npz file")
+        self.flag, self.size = flag, int(size or 28)
         self.name = self.flag if self.size == 28 else f"{self.flag}_{self.size}"
         super().__init__(root, **kw)
 
@@ -453,6 +495,7 @@ class ChestXray14DataModule(MedicalDataModule):
 
     name = "chestxray14"
     few_shot_unit = "patient"
+    protocol = "official test_list.txt; validation = train_val patients"
 
     def __init__(self, root: str, val_fraction: float = 0.1, **kw):
         self.val_fraction = val_fraction
@@ -536,9 +579,13 @@ class CheXpertDataModule(MedicalDataModule):
     `root` is the folder with the CSVs; a Path is looked up under `root.parent`, then `root`, then
     `root` without the Path's first component (a renamed folder).
 
-    Targets (multi-label, float): blank -> 0; -1 -> 1 (``uncertainty="ones"``, U-Ones), 0
-    ("zeros") or NaN ("ignore": masked out of the loss, see `masked_bce`). `uncertainty` may also
-    be a dict {observation: policy} (missing observations use "ones").
+    Targets (multi-label, float): blank -> 0; in TRAINING, -1 -> 1 (``uncertainty="ones"``,
+    U-Ones), 0 ("zeros") or NaN ("ignore": masked out of the loss, see `masked_bce`);
+    `uncertainty` may also be a dict {observation: policy} (missing observations use "ones"). In
+    validation and test, -1 is always NaN: an uncertain label is not scored, whatever the training
+    policy. `labels`: "all" (the 14 observations) or "competition" (`CHEXPERT_COMPETITION`: the 5
+    the literature reports). An observation without positives or without negatives in an
+    evaluation split is named in a warning; the metrics leave it out (`shared.module`).
 
     Splits: validation = the official `valid.csv` (radiologist-labelled); test = `test_fraction`
     of the train.csv PATIENTS held out (seeded `split_by_group`), because the official test set is
@@ -548,10 +595,15 @@ class CheXpertDataModule(MedicalDataModule):
 
     name = "chexpert"
     few_shot_unit = "patient"
+    protocol = "valid.csv validates; held-out train.csv patients test"
     POLICIES = ("ones", "zeros", "ignore")
+    LABEL_SETS = {"all": CHEXPERT_LABELS, "competition": CHEXPERT_COMPETITION}
 
     def __init__(self, root: str, uncertainty: str | dict[str, str] = "ones", test_fraction: float = 0.1,
-                 frontal_only: bool = False, **kw):
+                 frontal_only: bool = False, labels: str = "all", **kw):
+        if labels not in self.LABEL_SETS:
+            raise ValueError(f"CheXpert: labels must be one of {sorted(self.LABEL_SETS)}, got {labels!r}")
+        self.label_set = labels
         policies = uncertainty if isinstance(uncertainty, dict) else {n: uncertainty for n in CHEXPERT_LABELS}
         for n, p in policies.items():
             if n not in CHEXPERT_LABELS:
@@ -570,10 +622,8 @@ class CheXpertDataModule(MedicalDataModule):
             v = float(raw)
         except ValueError:
             v = None
-        if v == 1.0 or v == 0.0:
-            return v
-        if v == -1.0:
-            return {"ones": 1.0, "zeros": 0.0, "ignore": float("nan")}[self.uncertainty[obs]]
+        if v in (1.0, 0.0, -1.0):
+            return v  # -1 (uncertain) is resolved per split in `_targets`
         raise DatasetLayoutError(f"{where}: column {obs!r} has value {raw!r}; expected 1.0, 0.0, -1.0 or blank")
 
     def _resolver(self, rel: str, csv_path: Path) -> Callable[[str], Path]:
@@ -600,18 +650,36 @@ class CheXpertDataModule(MedicalDataModule):
             if not m:
                 raise DatasetLayoutError(f"{where}: no patientNNNNN folder in 'Path' {r['Path']!r}")
             items.append(resolve(r["Path"]))
-            targets.append([self._value(r[o], o, where) for o in CHEXPERT_LABELS])
+            targets.append([self._value(r[o], o, where) for o in self.labels])
             groups.append(m.group(1))
         absent = [p for p in items if not p.is_file()]
         if absent:
             raise DatasetLayoutError(f"{path}: {len(absent)} image(s) in column 'Path' not found, e.g. {absent[0]}")
         return Split(items, np.asarray(targets, dtype=np.float32), np.asarray(groups))
 
+    def _targets(self, raw: np.ndarray, train: bool) -> np.ndarray:
+        """Resolve the uncertain (-1) entries: the policy in training, NaN (not scored) elsewhere."""
+        out = raw.copy()
+        for j, obs in enumerate(self.labels):
+            policy = self.uncertainty[obs] if train else "ignore"
+            out[raw[:, j] == -1.0, j] = {"ones": 1.0, "zeros": 0.0, "ignore": np.nan}[policy]
+        return out
+
     def read_splits(self) -> dict[str, Split]:
-        self.labels, self.multilabel = list(CHEXPERT_LABELS), True
+        self.labels, self.multilabel = list(self.LABEL_SETS[self.label_set]), True
         train_all, val = self._read("train.csv"), self._read("valid.csv")
         tr, te = split_by_group(train_all.groups, (1 - self.test_fraction, self.test_fraction), seed=self.seed)
-        return {"train": train_all.subset(tr), "val": val, "test": train_all.subset(te)}
+        splits = {"train": train_all.subset(tr), "val": val, "test": train_all.subset(te)}
+        for name, split in splits.items():
+            split.targets = self._targets(split.targets, train=name == "train")
+            if name != "train":
+                t = split.targets
+                undefined = [o for j, o in enumerate(self.labels)
+                             if not ((t[:, j] == 1).any() and (t[:, j] == 0).any())]
+                if undefined:
+                    log.warning("CheXpert %s split: %d observation(s) without positives or without negatives "
+                                "are left out of AUROC / AP: %s", name, len(undefined), undefined)
+        return splits
 
     def load(self, item, augment=None):
         return self._image_input(item, augment)
@@ -636,9 +704,44 @@ class ImageFolderDataModule(MedicalDataModule):
     class folder only in val/test is an error. A missing val or test folder is carved from train
     (15 % each, stratified, seeded). When there is no train folder, `root/<class>/` is split
     70 / 15 / 15 stratified by class (seeded).
+
+    `group_pattern`: a regex searched in each file name whose first matched group (or the whole
+    match) is the patient id, e.g. ``"^(person\\d+)_|IM-(\\d+)-"`` for the Kermany chest X-rays
+    (`person1_virus_6.jpeg`, `IM-0115-0001.jpeg`). With it, carved splits are cut BY PATIENT
+    (`split_by_group`, fractions of patients, not stratified), few-shot draws patients, and a
+    patient found in two given split folders is warned about. A name the pattern does not match
+    is its own patient. Without it, names that look grouped (`person12_...`, `patient3-...`)
+    give a warning: carving by image would put one patient's images in train and val.
     """
 
     name = "imagefolder"
+    LOOKS_GROUPED = re.compile(r"^(?:person|patient|pat|subject|subj|case)[-_]?\d+[-_]", re.IGNORECASE)
+
+    def __init__(self, root: str, group_pattern: str | None = None, **kw):
+        try:
+            self.group_pattern = re.compile(group_pattern) if group_pattern else None
+        except re.error as err:
+            raise ValueError(f"group_pattern {group_pattern!r} is not a valid regex ({err})") from None
+        super().__init__(root, **kw)
+
+    def _groups(self, items: Sequence[Path]) -> np.ndarray | None:
+        if self.group_pattern is None:
+            return None
+        ids, unmatched = [], 0
+        for p in items:
+            m = self.group_pattern.search(p.name)
+            if m is None:
+                unmatched += 1
+                ids.append(f"file:{p}")
+            else:
+                ids.append(next((g for g in m.groups() if g), m.group(0)))
+        if unmatched:
+            log.warning("%s: group_pattern matched no patient id in %d of %d file names; each is its own group",
+                        self.root, unmatched, len(items))
+        return np.asarray(ids)
+
+    def _split_unit(self) -> str:
+        return "patient" if self.group_pattern is not None else "image"
 
     def read_splits(self) -> dict[str, Split]:
         if not self.root.is_dir():
@@ -668,27 +771,55 @@ class ImageFolderDataModule(MedicalDataModule):
                     raise DatasetLayoutError(f"{d}: class folder has no images ({', '.join(SUPPORTED_EXTENSIONS)})")
                 items += files
                 ys += [index[d.name]] * len(files)
-            return Split(items, np.asarray(ys, dtype=np.int64))
+            return Split(items, np.asarray(ys, dtype=np.int64), self._groups(items))
+
+        def carve(split: Split, fractions: list[float]) -> tuple[np.ndarray, ...]:
+            if split.groups is None:
+                return stratified_split(split.targets, fractions, self.seed)
+            try:
+                return split_by_group(split.groups, fractions, seed=self.seed)
+            except ValueError as err:
+                raise DatasetLayoutError(f"{self.root}: too few patients to split by group_pattern ({err})") from None
 
         if not split_dirs:
             everything = collect(self.root, True)
-            parts = stratified_split(everything.targets, (0.7, 0.15, 0.15), self.seed)
+            self._warn_if_grouped(everything)
+            parts = carve(everything, [0.7, 0.15, 0.15])
             splits = {s: everything.subset(p) for s, p in zip(SPLITS, parts)}
+            self.protocol = f"70/15/15 split by {self._split_unit()}"
         else:
             train = collect(split_dirs["train"], True)
             splits = {s: collect(split_dirs[s], False) for s in ("val", "test") if s in split_dirs}
-            carve = [s for s in ("val", "test") if s not in splits]
-            if carve:
-                fr = [0.15] * len(carve)
-                parts = stratified_split(train.targets, [1 - sum(fr), *fr], self.seed)
-                for s, p in zip(carve, parts[1:]):
+            carved = [s for s in ("val", "test") if s not in splits]
+            if carved:
+                self._warn_if_grouped(train)
+                fr = [0.15] * len(carved)
+                parts = carve(train, [1 - sum(fr), *fr])
+                for s, p in zip(carved, parts[1:]):
                     splits[s] = train.subset(p)
                 train = train.subset(parts[0])
             splits["train"] = train
+            self.protocol = "split folders" + (f"; {', '.join(carved)} carved from train by {self._split_unit()}"
+                                               if carved else "")
+            if self.group_pattern is not None:
+                for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+                    both = set(splits[a].groups) & set(splits[b].groups)
+                    if both:
+                        log.warning("%s: %d patient(s) have images in both %s and %s, e.g. %s", self.root,
+                                    len(both), a, b, sorted(both)[0])
         empty = [s for s in SPLITS if len(splits[s]) == 0]
         if empty:
             raise DatasetLayoutError(f"{self.root}: split(s) {empty} have no images (too few images per class)")
         return splits
+
+    def _warn_if_grouped(self, split: Split) -> None:
+        if self.group_pattern is not None or not len(split):
+            return
+        grouped = [p.name for p in split.items if self.LOOKS_GROUPED.match(p.name)]
+        if len(grouped) >= max(2, len(split) // 4):
+            log.warning("%s: %d of %d file names look grouped by patient (e.g. %s); splitting by image can put "
+                        "one patient's images in train and val/test. Set group_pattern (e.g. '^(person\\d+)_') "
+                        "to split by patient", self.root, len(grouped), len(split), grouped[0])
 
     def load(self, item, augment=None):
         return self._image_input(item, augment)
@@ -711,6 +842,7 @@ class LungMaskDataModule(MedicalDataModule):
 
     name = "lungmask"
     task = "segmentation"
+    protocol = "70/15/15 split by image"
 
     def __init__(self, root: str, missing_masks: str = "error", **kw):
         if missing_masks not in ("error", "skip"):
@@ -850,6 +982,7 @@ class DecathlonDataModule(MedicalDataModule):
 
     name = "decathlon"
     task = "segmentation"
+    protocol = "dataset.json training volumes split by volume"
     default_intensity = "percentile"
     few_shot_unit = "volume"
 

@@ -1,8 +1,11 @@
-"""`python -m medical.predict --adapter <bundle> image.(png|jpg|dcm|nii.gz) [...]`
+"""`python -m medical.predict --adapter <bundle> image.(png|jpg|dcm|nii.gz|npy) [...]`
 
-Classification bundles print class probabilities (2D images, or 3D volumes aggregated over
-slices); segmentation bundles write the predicted mask next to `--out` as PNG (2D) or NIfTI (3D).
-Only the bundle is needed: it names its backbone, preprocessing and labels.
+Classification bundles (from `medical.train` or `medical.probe`) print class probabilities (2D
+images, or 3D volumes aggregated over slices); segmentation bundles (`medical.segment`) write
+each predicted mask into `--out` at the INPUT's resolution: PNG for 2D, NIfTI for 3D (with the
+input's affine when the input is NIfTI). Only the bundle is needed: it names its backbone,
+preprocessing and labels. Files that cannot be read are reported (one line each) and the others
+are still predicted; the exit code is then 2.
 """
 from __future__ import annotations
 
@@ -12,15 +15,39 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from medical.io import ImageReadError, read_image
 from medical.transforms import to_model_input, volume_to_slices
 from medical.volumes import classify
 from shared import peft
 
+PIPELINE = "medical.transforms.to_model_input"
+EPILOG = """\
+output: per classified file, its path, then one line per class: "  <probability>  <label>"
+(softmax, or sigmoid per label for multi-label bundles); per segmented file "mask written to <path>".
+exit codes: 0 all files predicted; 2 a bad bundle or argument (nothing predicted), or at least one
+file could not be read (the others were predicted; each bad file is named on stderr).
+"""
 
-def _inputs(img: np.ndarray, pre: dict, path: str) -> tuple[torch.Tensor, bool]:
-    """(model input, is_volume): (1, 3, S, S) for 2D, (1, D, 3, S, S) for 3D.
+
+def check_bundle(meta: dict, where: str) -> None:
+    """Refuse, in one line, a bundle this command cannot run (another domain or input kind)."""
+    pre = meta.get("preprocessing") or {}
+    bb = (meta.get("backbone") or {}).get("id")
+    if pre.get("frontend"):
+        raise peft.BundleError(f"{where}: an audio bundle (frontend {pre['frontend']!r}, backbone {bb!r}); "
+                               f"medical.predict runs medical image bundles: use python -m audio.predict")
+    if pre.get("pipeline") != PIPELINE:
+        raise peft.BundleError(f"{where}: preprocessing.pipeline is {pre.get('pipeline')!r}; medical.predict needs a "
+                               f"bundle trained on medical images by medical.train / probe / segment ({PIPELINE!r})")
+    task = meta.get("task", "classification")
+    if task not in ("classification", "segmentation"):
+        raise peft.BundleError(f"{where}: task {task!r}; medical.predict classifies or segments images")
+
+
+def _inputs(img: np.ndarray, pre: dict, path: str) -> tuple[torch.Tensor, bool, int]:
+    """(model input, is_volume, slice axis): (1, 3, S, S) for 2D, (1, D, 3, S, S) for 3D.
 
     NIfTI volumes are sliced along their last (axial) axis; .npy volumes along the axis the
     training data used (`volume_axis` in the bundle's preprocessing).
@@ -29,81 +56,160 @@ def _inputs(img: np.ndarray, pre: dict, path: str) -> tuple[torch.Tensor, bool]:
     if isinstance(intensity, list):
         intensity = tuple(intensity)
     if img.ndim == 3 and img.shape[-1] not in (3, 4):
-        axis = -1 if ".nii" in Path(path).name else pre.get("volume_axis", 0)
-        return volume_to_slices(img, size, intensity, axis=axis)[None], True
-    return to_model_input(img, size, intensity)[None], False
+        axis = img.ndim - 1 if ".nii" in Path(path).name else pre.get("volume_axis", 0) % img.ndim
+        return volume_to_slices(img, size, intensity, axis=axis)[None], True, axis
+    return to_model_input(img, size, intensity)[None], False, -1
 
 
-def classify_files(bundle: Path, files: list[str], top_k: int = 5) -> list[tuple[str, list[tuple[str, float]]]]:
+def _read(f: str) -> np.ndarray:
+    if Path(f).is_dir():
+        raise ImageReadError(f"{f}: is a folder, not an image file (give the image files inside it)")
+    return read_image(f)
+
+
+def load_classifier(bundle: Path):
+    """The bundle's classifier in eval mode, and how to compute logits from a 2D batch."""
     model = peft.from_bundle(bundle).eval()
+    meta = model.bundle_meta
+    probe = meta.get("probe")
+    if not probe:
+        return model, lambda x: classify(model, x, meta.get("slice_pool", "cls"))
+    from medical.backbone import probe_features
+    from medical.probes import variants
+
+    def logits(x):  # a linear probe of medical.probe reads the study's feature bank
+        if x.ndim == 5:
+            raise ImageReadError("a linear-probe bundle classifies 2D images")
+        feats = variants(probe_features(model.backbone, x, probe["blocks"]), probe["blocks"])[probe["feature"]]
+        return model.head.fc(feats)
+
+    return model, logits
+
+
+def classify_files(bundle: Path, files: list[str], top_k: int = 5, errors: list[str] | None = None):
+    """[(file, [(label, probability), ...])] for the files that could be read; the others' messages go
+    to `errors` (raised when `errors` is None)."""
+    model, logits_of = load_classifier(bundle)
     meta = model.bundle_meta
     pre = meta.get("preprocessing") or {}
     multilabel = bool(meta.get("multilabel"))
     labels = model.labels or [str(i) for i in range(model.head.num_classes)]
     out = []
     for f in files:
-        x, is_volume = _inputs(read_image(f), pre, f)
-        if not is_volume and "volume_axis" in pre:
-            raise ImageReadError(f"{f}: a 2D image, but this bundle classifies 3D volumes (give a .nii.gz / .npy volume)")
-        if is_volume and "volume_axis" not in pre:
-            raise ImageReadError(f"{f}: a 3D volume, but this bundle classifies 2D images "
-                                 f"(give one slice as PNG/DICOM, or use a bundle trained on volumes)")
+        try:
+            x, is_volume, _ = _inputs(_read(f), pre, f)
+            if not is_volume and "volume_axis" in pre:
+                raise ImageReadError(f"{f}: a 2D image, but this bundle classifies 3D volumes (give a .nii.gz / .npy volume)")
+            if is_volume and "volume_axis" not in pre:
+                raise ImageReadError(f"{f}: a 3D volume, but this bundle classifies 2D images "
+                                     f"(give one slice as PNG/DICOM, or use a bundle trained on volumes)")
+        except ImageReadError as e:
+            if errors is None:
+                raise
+            errors.append(str(e))
+            continue
         with torch.inference_mode():
-            logits = classify(model, x, meta.get("slice_pool", "cls"))[0]
+            logits = logits_of(x)[0]
         probs = logits.sigmoid() if multilabel else logits.softmax(-1)
         order = probs.argsort(descending=True)[:top_k]
         out.append((f, [(labels[i], probs[i].item()) for i in order.tolist()]))
     return out
 
 
-def segment_files(bundle: Path, files: list[str], out_dir: Path) -> list[Path]:
-    from medical.segmentation import load_segmenter, predict_volume
+def segment_at(backbone, decoder, slices: torch.Tensor, size: tuple[int, int], batch: int = 16) -> np.ndarray:
+    """(D, 3, S, S) preprocessed slices -> (D, H, W) labels: logits resized (bilinear) to the input's
+    in-plane size, then argmax."""
+    from medical.segmentation import Segmenter
+
+    model = Segmenter(backbone, decoder).eval()
+    ref = next(backbone.parameters())
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(slices), batch):
+            logits = model(slices[i:i + batch].to(ref.device, ref.dtype))
+            if tuple(logits.shape[-2:]) != tuple(size):
+                logits = F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
+            out.append(logits.argmax(1).cpu())
+    return torch.cat(out).numpy().astype(np.uint8)
+
+
+def segment_files(bundle: Path, files: list[str], out_dir: Path, errors: list[str] | None = None) -> list[Path]:
+    from medical.segmentation import load_segmenter
 
     backbone, decoder, meta = load_segmenter(bundle)
     pre = meta.get("preprocessing") or {}
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for f in files:
-        x, is_volume = _inputs(read_image(f), pre, f)
-        slices = x[0] if is_volume else x
-        mask = predict_volume(backbone, decoder, slices).numpy().astype(np.uint8)  # (D or 1, S, S)
+        try:
+            img = _read(f)
+            x, is_volume, axis = _inputs(img, pre, f)
+        except ImageReadError as e:
+            if errors is None:
+                raise
+            errors.append(str(e))
+            continue
+        out_dir.mkdir(parents=True, exist_ok=True)
         stem = Path(f).name.split(".")[0]
         if is_volume:
             import nibabel as nib
 
+            in_plane = [n for i, n in enumerate(img.shape) if i != axis]
+            mask = np.moveaxis(segment_at(backbone, decoder, x[0], in_plane), 0, axis)  # the input's shape
+            affine = nib.load(str(f)).affine if ".nii" in Path(f).name else np.eye(4)
             path = out_dir / f"{stem}_mask.nii.gz"
-            nib.save(nib.Nifti1Image(np.moveaxis(mask, 0, -1), np.eye(4)), str(path))
+            _save_atomic(path, lambda tmp: nib.save(nib.Nifti1Image(mask, affine), str(tmp)))
         else:
             from PIL import Image
 
+            mask = segment_at(backbone, decoder, x, img.shape[:2])[0]
             path = out_dir / f"{stem}_mask.png"
-            scale = 255 // max(1, int(mask.max()))  # visible grey levels per class
-            Image.fromarray(mask[0] * scale).save(path)
+            scale = 255 // max(1, len(meta.get("labels") or []) - 1, 1)  # visible grey levels per class
+            _save_atomic(path, lambda tmp: Image.fromarray(mask * scale).save(tmp, format="PNG"))
         written.append(path)
+        print(f"mask written to {path}")
     return written
 
 
+def _save_atomic(path: Path, write) -> None:
+    from shared.fs import atomic_path
+
+    with atomic_path(path, suffix="".join(path.suffixes)) as tmp:  # nibabel reads .nii.gz from the name
+        write(tmp)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m medical.predict", description=__doc__.split("\n\n")[1],
+                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapter", required=True, type=Path, metavar="BUNDLE",
+                    help="bundle folder written by medical.train / probe / segment (adapter.json + adapter.safetensors)")
+    ap.add_argument("--top-k", type=int, default=5, metavar="K",
+                    help="classification: print the K most probable classes per file (default 5)")
+    ap.add_argument("--out", type=Path, default=Path("predictions"), metavar="FOLDER",
+                    help="segmentation: folder for the predicted masks, <name>_mask.png / .nii.gz (default ./predictions)")
+    ap.add_argument("files", nargs="+", metavar="FILE",
+                    help="images: .png .jpg .dcm (2D), .nii / .nii.gz / .npy (3D volumes or 2D arrays)")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--adapter", required=True, type=Path)
-    ap.add_argument("--top-k", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=Path("predictions"), help="folder for predicted masks")
-    ap.add_argument("files", nargs="+")
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
+    errors: list[str] = []
     try:
         meta = peft.read_meta(args.adapter)
+        check_bundle(meta, str(args.adapter / "adapter.json"))
         if meta.get("task") == "segmentation":
-            for path in segment_files(args.adapter, args.files, args.out):
-                print(f"mask written to {path}")
+            segment_files(args.adapter, args.files, args.out, errors)
         else:
-            for f, top in classify_files(args.adapter, args.files, args.top_k):
+            for f, top in classify_files(args.adapter, args.files, args.top_k, errors):
                 print(f)
                 for label, p in top:
                     print(f"  {p:6.3f}  {label}")
     except (peft.BundleError, ImageReadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    return 2 if errors else 0
 
 
 if __name__ == "__main__":

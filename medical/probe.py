@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from medical.probes import KS, LRS, cached_features, describe, knn_grid, train_linear_grid
 from shared import backbones
-from shared.cli import arg_value, friendly, is_demo, write_json_atomic
+from shared.cli import arg_value, friendly, is_demo, prepare_demo_data, write_json_atomic
 from shared.data import FeatureCache
 
 RECIPES = Path(__file__).resolve().parent.parent / "domains" / "medical"
@@ -40,8 +42,49 @@ def parser() -> ArgumentParser:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--cache_dir", default="~/.cache/peft-suite/features")
+    p.add_argument("--accelerator", default="auto", help="where features are extracted: auto (GPU when available), cpu, gpu / cuda, mps")
     p.add_subclass_arguments(L.LightningDataModule, "data")
     return p
+
+
+def select_device(accelerator: str = "auto") -> torch.device:
+    """The device feature extraction runs on: `auto` takes CUDA, then Apple MPS, when available."""
+    a = str(accelerator).lower()
+    if a == "cpu":
+        return torch.device("cpu")
+    if a in ("gpu", "cuda") or (a == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--accelerator {accelerator}: no CUDA device is available (use auto or cpu)")
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if a == "mps" or (a == "auto" and mps is not None and mps.is_available()):
+        if mps is None or not mps.is_available():
+            raise ValueError(f"--accelerator {accelerator}: no MPS device is available (use auto or cpu)")
+        return torch.device("mps")
+    if a != "auto":
+        raise ValueError(f"--accelerator must be auto, cpu, gpu, cuda or mps; got {accelerator!r}")
+    return torch.device("cpu")
+
+
+def save_probe_bundle(model, head: torch.nn.Module, feature: str, blocks: int, path: Path, *, backbone: str,
+                      backbone_kwargs: dict, labels, preprocessing: dict, multilabel: bool, metrics: dict) -> Path:
+    """The chosen linear probe as an adapter bundle `medical.predict` runs: the frozen backbone (no
+    methods) + a LinearHead holding the probe's weights; `probe` records which feature it reads."""
+    from shared import peft
+    from shared.heads import LinearHead
+
+    dim = backbones.anatomy(model).embed_dim
+    pool = {"cls_1": "cls", "cls_1+patch_mean": "cls+patch_mean"}.get(feature)
+    # cls_1 / cls_1+patch_mean are standard heads (the Classifier's own forward reproduces them);
+    # the multi-block CLS variants read the last blocks, which medical.predict computes from `probe`.
+    lin = LinearHead(dim if pool else head.in_features, head.out_features, pool=pool or "cls")
+    lin.fc.load_state_dict(head.state_dict())
+    peft.attach(model, [], backbone_id=backbone)
+    clf = peft.Classifier(model, lin, labels=labels)
+    return peft.save(clf, path, labels=labels, metrics=metrics, preprocessing=preprocessing, backbone_id=backbone,
+                     backbone_kwargs=backbone_kwargs,
+                     extra={"task": "classification", "multilabel": multilabel,
+                            "probe": {"feature": feature, "blocks": blocks}})
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
@@ -55,11 +98,15 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     data = init.data
     data.setup("fit")
     model = backbones.create(cfg.backbone, **cfg.backbone_kwargs).eval()
+    device = select_device(cfg.accelerator)
+    model.to(device)
+    print(f"extracting features on {device}")
     loaders = {"train": data.train_dataloader(), "val": data.val_dataloader(), "test": data.test_dataloader()}
     cache = FeatureCache(Path(cfg.cache_dir).expanduser())
     # the whole data config (class, root, flag, seed, few_shot, split fractions, label policy)
     dataset_id = json.dumps(cfg.data.as_dict(), sort_keys=True, default=str)
     feats = cached_features(model, loaders, cache, getattr(data, "preprocessing", {}), dataset_id, cfg.blocks)
+    model.cpu()
     multilabel = bool(getattr(data, "multilabel", False))
     rows = {}
     if not multilabel:
@@ -80,19 +127,36 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"best linear probe on val: {best.feature} lr {best.lr:g} -> {metric} {best.test:.4f}")
     out = Path(cfg.output_dir)
     total = sum(p.numel() for p in model.parameters())
+    recipe = {k: v for k, v in cfg.as_dict().items() if k not in ("config", "output_dir")}
+    labels = getattr(data, "labels", None)
+    bundle = save_probe_bundle(model, head, best.feature, cfg.blocks, out / "linear" / "adapter",
+                               backbone=cfg.backbone, backbone_kwargs=dict(cfg.backbone_kwargs), labels=labels,
+                               preprocessing=getattr(data, "preprocessing", {}) or {}, multilabel=multilabel,
+                               metrics={metric: best.test, "val": best.val})
     for name, row in rows.items():
         row.update(run=f"{out.name}_{name}", backbone=cfg.backbone, dataset=getattr(data, "name", type(data).__name__),
-                   fold=None, few_shot=getattr(data, "few_shot", None), total_params=total)
+                   fold=None, few_shot=getattr(data, "few_shot", None), total_params=total, config=recipe)
         write_json_atomic(out / name / "metrics.json", row)
-    print(f"results written to {out}")
+    print(f"metrics written to {out / 'knn' / 'metrics.json'} and {out / 'linear' / 'metrics.json'}" if "knn" in rows
+          else f"metrics written to {out / 'linear' / 'metrics.json'}")
+    print(f"chosen linear probe saved as a bundle: {bundle} (python -m medical.predict --adapter {bundle} IMAGE)")
     return rows
 
 
-if __name__ == "__main__":
-    if is_demo(sys.argv[1:]) and not {"-h", "--help"} & set(sys.argv[1:]):
+DEMO_NOTE = "synthetic radiology-like images (MONAI shapes, image-folder layout)"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else argv
+    if is_demo(argv) and not {"-h", "--help", "--print_config"} & set(argv):
         from medical.synthetic import write_image_folder
 
-        root = arg_value(sys.argv[1:], "--data.root", "--data.init_args.root") or "runs/medical_demo/images"
-        print(f"demo: synthetic images in {root}; backbone: a small DINOv2-architecture ViT with RANDOM weights")
-        write_image_folder(root)
-    sys.exit(friendly(run))
+        root = arg_value(argv, "--data.root", "--data.init_args.root") or \
+            yaml.safe_load(DEMO.read_text())["data"]["init_args"]["root"]
+        print("backbone: a small DINOv2-architecture ViT with RANDOM weights (demo; no pretrained knowledge)")
+        prepare_demo_data(root, write_image_folder, DEMO_NOTE)
+    return run(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(friendly(main))

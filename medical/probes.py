@@ -42,7 +42,9 @@ def cached_features(model: nn.Module, loaders: dict[str, Iterable], cache: Featu
     out = {}
     for split, loader in loaders.items():
         key = cache.key(fp, preprocessing, f"{dataset}:{split}", extractor=f"dinov2_probe_last{n}")
-        out[split] = cache.get_or_compute(key, lambda: extract_features(lambda x: probe_features(model, x, n), loader))
+        device = next(model.parameters()).device  # the caller chose it (medical.probe: GPU when available)
+        out[split] = cache.get_or_compute(key, lambda: extract_features(lambda x: probe_features(model, x, n), loader,
+                                                                        device=device))
     return out
 
 

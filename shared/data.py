@@ -27,10 +27,54 @@ __all__ = [
     "SyntheticDataModule",
     "synthetic_example",
     "dataset_digest",
+    "eval_sampler",
+    "balanced_sampler",
+    "pos_weight",
     "extract_features",
     "few_shot_indices",
     "split_by_group",
 ]
+
+
+# --------------------------------------------------------------------------- samplers
+
+
+def eval_sampler(dataset: Any) -> torch.utils.data.Sampler | None:
+    """The sampler of a validation / test loader: under torch.distributed with several processes,
+    each process gets its own share of the samples and none is repeated (Lightning's default
+    `DistributedSampler` pads the last share with repeated samples, so metrics would count them
+    twice); otherwise None (sequential order). Lightning leaves a `DistributedSampler` in place."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+        return UnrepeatedDistributedSampler(dataset, shuffle=False)
+    return None
+
+
+def balanced_sampler(labels: Sequence[int] | np.ndarray, seed: int = 0) -> torch.utils.data.WeightedRandomSampler:
+    """Class-balanced sampling with replacement: each sample is drawn with probability proportional
+    to 1 / (its class's count), so every class is expected equally often per epoch (epoch length =
+    number of samples)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not len(labels):
+        raise ValueError("balanced_sampler needs 1-D single-label class ids (one per training sample)")
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    weights = torch.as_tensor(1.0 / counts[inverse], dtype=torch.double)
+    return torch.utils.data.WeightedRandomSampler(weights, num_samples=len(labels), replacement=True,
+                                                  generator=torch.Generator().manual_seed(seed))
+
+
+def pos_weight(targets: np.ndarray) -> list[float]:
+    """Per-label negatives / positives of an (N, C) multi-label target matrix (NaN = unknown, left
+    out): the `pos_weight` of BCE that balances each label. A label with no positive gets 1.0."""
+    t = np.asarray(targets, dtype=float)
+    if t.ndim != 2:
+        raise ValueError(f"pos_weight needs (N, C) multi-label targets, got shape {t.shape}")
+    pos = np.nansum(t == 1, axis=0)
+    neg = np.nansum(t == 0, axis=0)
+    return [float(n / p) if p else 1.0 for p, n in zip(pos, neg)]
 
 
 # --------------------------------------------------------------------------- few-shot
@@ -349,8 +393,9 @@ class SyntheticDataModule(L.LightningDataModule):
             self.splits[name] = torch.utils.data.TensorDataset(x, y)
 
     def _loader(self, split: str, shuffle: bool = False):
+        sampler = None if shuffle else eval_sampler(self.splits[split])
         return torch.utils.data.DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle,
-                                           num_workers=self.num_workers)
+                                           sampler=sampler, num_workers=self.num_workers)
 
     def train_dataloader(self):
         return self._loader("train", shuffle=True)

@@ -24,12 +24,15 @@ class Tokens(NamedTuple):
     x: (B, N, D). The first `num_prefix` tokens are non-patch tokens (CLS, distillation,
     registers); CLS is index 0 whenever num_prefix > 0. `grid` is the patch grid (H, W) with
     N - num_prefix == H * W (row-major: token num_prefix + h*W + w is patch (h, w)), or None
-    for 1-D sequences (text, audio frames without a grid).
+    for 1-D sequences (text, audio frames without a grid). `mask`: (B, N), 1 / True for real
+    tokens and 0 / False for padding (a text model's attention_mask), or None when every token
+    is real; "mean", "patch_mean" and "last" pooling then read only real tokens.
     """
 
     x: torch.Tensor
     num_prefix: int = 0
     grid: tuple[int, int] | None = None
+    mask: torch.Tensor | None = None
 
     @property
     def patches(self) -> torch.Tensor:
@@ -57,15 +60,34 @@ class Tokens(NamedTuple):
             raise ValueError(f"pool={how!r} needs a CLS token, but num_prefix == 0")
         if how in ("patch_mean", "cls+patch_mean") and self.x.shape[1] <= self.num_prefix:
             raise ValueError(f"pool={how!r} needs patch tokens, but all tokens are prefix tokens")
+        if self.mask is not None and tuple(self.mask.shape) != tuple(self.x.shape[:2]):
+            raise ValueError(f"Tokens.mask has shape {tuple(self.mask.shape)}, expected {tuple(self.x.shape[:2])}")
         if how == "cls":
             return self.x[:, 0]  # (B, D)
         if how == "mean":
-            return self.x.mean(1)  # all tokens, prefix included (PETL-AST)
+            return _masked_mean(self.x, self.mask)  # all tokens, prefix included (PETL-AST)
         if how == "patch_mean":
-            return self.patches.mean(1)  # (B, D)
+            m = None if self.mask is None else self.mask[:, self.num_prefix :]
+            return _masked_mean(self.patches, m)  # (B, D)
         if how == "cls+patch_mean":
-            return torch.cat([self.x[:, 0], self.patches.mean(1)], dim=-1)  # (B, 2D), DINOv2 probe
-        return self.x[:, -1]  # "last": the token that has seen the whole sequence in a causal decoder
+            m = None if self.mask is None else self.mask[:, self.num_prefix :]
+            return torch.cat([self.x[:, 0], _masked_mean(self.patches, m)], dim=-1)  # (B, 2D), DINOv2 probe
+        # "last": the token that has seen the whole sequence in a causal decoder; with a mask, each
+        # row's last real token (right padding would otherwise hand the head a pad token)
+        if self.mask is None:
+            return self.x[:, -1]
+        n = self.x.shape[1]
+        pos = torch.arange(n, device=self.x.device).expand(self.x.shape[0], n)
+        last = torch.where(self.mask.bool(), pos, -1).amax(1).clamp(min=0)  # (B,); all-pad rows read token 0
+        return self.x[torch.arange(self.x.shape[0], device=self.x.device), last]  # (B, D)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over dim 1 of (B, N, D), counting only tokens where mask (B, N) is set."""
+    if mask is None:
+        return x.mean(1)
+    w = mask.to(x.dtype).unsqueeze(-1)  # (B, N, 1)
+    return (x * w).sum(1) / w.sum(1).clamp(min=1)
 
 
 def pooled_dim(dim: int, how: str) -> int:
@@ -180,20 +202,17 @@ class PrototypicalHead(nn.Module):
         return (sim * self.weight.clamp(min=0)).sum(-1) + self.bias  # (B, C)
 
     def orthogonality_loss(self) -> torch.Tensor:
-        """mean_c ||P_c P_c^T - I||_F / P^2, with P_c the class's prototypes as unit-norm rows.
+        """Bird-MAE's orthogonality loss: ||P_c P_c^T - I||_F taken over all classes at once (the
+        Frobenius norm of the (C, P, P) stack), divided by its number of entries C * P * P.
 
-        Rows are L2-normalised because the similarity is a cosine: only prototype directions
-        matter, and unnormalised U(0,1) prototypes would make the Gram's diagonal dominate.
+        P_c are the class's prototypes as unit-norm rows: the similarity is a cosine, so only
+        directions matter, and unnormalised U(0,1) prototypes would make the Gram's diagonal dominate.
+        Train them with their own learning rate through `lr_groups: {"head\\.prototypes": 0.04}`.
         """
         p = F.normalize(self.prototypes, dim=1).view(self.num_classes, self.prototypes_per_class, self.dim)  # (C, P, D)
         gram = p @ p.transpose(1, 2)  # (C, P, P)
         eye = torch.eye(self.prototypes_per_class, device=p.device, dtype=p.dtype)
-        per_class = torch.linalg.matrix_norm(gram - eye, ord="fro") / self.prototypes_per_class**2  # (C,)
-        return per_class.mean()
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Prototypes apart from the class-wise layer, so they can get their own lr (0.04 in Bird-MAE)."""
-        return {"prototypes": [self.prototypes], "head": [self.weight, self.bias]}
+        return torch.linalg.vector_norm(gram - eye) / gram.numel()
 
     def config(self) -> dict:
         return {"kind": self.kind, "dim": self.dim, "num_classes": self.num_classes,

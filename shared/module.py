@@ -11,10 +11,10 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy, MulticlassAUROC, MultilabelAUROC, MultilabelAveragePrecision,
-)
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.functional.classification import binary_auroc, binary_average_precision
+from torchmetrics.utilities import dim_zero_cat
 
 from shared import backbones, peft
 from shared.heads import asymmetric_loss, build_head
@@ -28,13 +28,77 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+# Parameters AdamW should not decay when `decay_exclude` is on: every 0-/1-D tensor (biases, norm
+# scales, BitFit), learned tokens (prompts, prefixes, positions, CLS / registers) and prototypes.
+NO_DECAY = re.compile(r"peft_prompt|peft_prefix|prototypes|pos_embed|cls_token|reg_token|dist_token")
+
+
+def excluded_from_decay(name: str, p: torch.Tensor) -> bool:
+    return p.ndim <= 1 or bool(NO_DECAY.search(name))
+
+
+def monitor_mode(metric: str) -> str:
+    """"min" for metrics where lower is better (losses, distances, errors), else "max"."""
+    return "min" if re.search(r"loss|hd95|error|distance", metric.rsplit("/", 1)[-1]) else "max"
+
+
+def macro_over_defined(preds: torch.Tensor, target: torch.Tensor, kind: str = "auroc"
+                       ) -> tuple[float, torch.Tensor, int]:
+    """Per-class binary AUROC or AP of (N, C) scores against (N, C) {0, 1} targets (-1 = unknown,
+    left out), averaged over the classes that have both positives and negatives in `target`.
+
+    Returns (mean, per-class values with nan where undefined, number of classes dropped). The mean
+    is nan when no class is defined. torchmetrics' macro average counts an undefined class as 0.
+    """
+    fn = {"auroc": binary_auroc, "ap": binary_average_precision}[kind]
+    values = torch.full((preds.shape[1],), float("nan"))
+    for c in range(preds.shape[1]):
+        keep = target[:, c] >= 0
+        y = target[keep, c].long()
+        if y.numel() and 0 < int(y.sum()) < y.numel():
+            values[c] = fn(preds[keep, c].float(), y).float().cpu()
+    defined = ~torch.isnan(values)
+    mean = float(values[defined].mean()) if defined.any() else float("nan")
+    return mean, values, int((~defined).sum())
+
+
+class PerClassScore(Metric):
+    """AUROC or AP per class (one-vs-rest) over a whole split, macro-averaged over the classes that
+    have positives and negatives in it (`macro_over_defined`). `compute()` gives the per-class
+    values (nan = undefined). Single-label targets (N,) are one-hot encoded; with `binary=True`
+    (two classes) only class 1 is scored, the usual binary AUROC."""
+
+    full_state_update = False
+
+    def __init__(self, kind: str = "auroc", binary: bool = False, **kw):
+        super().__init__(**kw)
+        if kind not in ("auroc", "ap"):
+            raise ValueError(f"kind must be auroc or ap, got {kind!r}")
+        self.kind, self.binary = kind, binary
+        self.add_state("preds", default=[], dist_reduce_fx="cat")
+        self.add_state("target", default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        if target.ndim == 1:  # single-label: class scores (N, C), targets (N,)
+            target = F.one_hot(target.long(), preds.shape[1])
+        if self.binary:
+            preds, target = preds[:, 1:], target[:, 1:]
+        self.preds.append(preds.detach().float())
+        self.target.append(target.detach().long())
+
+    def compute(self) -> torch.Tensor:
+        return macro_over_defined(dim_zero_cat(self.preds), dim_zero_cat(self.target), self.kind)[1]
+
+
 class PeftModule(L.LightningModule):
     """Conventions every PEFT task module shares: AdamW over the trainable tensors (optionally
     grouped by `lr_groups`), a per-step cosine schedule with warm-up, testing on the best
     validation checkpoint (`monitor`), and checkpoints that hold only the trained tensors.
 
     Subclasses set `self.model`, `monitor`, and `trained_tensor_names()`; hparams must include
-    lr, weight_decay, betas, eps, warmup_fraction (and optionally lr_groups).
+    lr, weight_decay, betas, eps, warmup_fraction (and optionally lr_groups and decay_exclude:
+    no weight decay on biases, norms, prompts, prefixes and prototypes). The checkpoint mode
+    follows the monitored metric (`monitor_mode`: min for losses and distances, else max).
     """
 
     monitor = "val/loss"
@@ -66,13 +130,14 @@ class PeftModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        groups: dict[float, list] = {}
+        groups: dict[tuple[float, float], list] = {}
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
             lr = next((g_lr for pat, g_lr in (hp.get("lr_groups") or {}).items() if re.search(pat, name)), hp.lr)
-            groups.setdefault(lr, []).append(p)
-        opt = torch.optim.AdamW([{"params": ps, "lr": lr} for lr, ps in groups.items()],
+            wd = 0.0 if hp.get("decay_exclude") and excluded_from_decay(name, p) else hp.weight_decay
+            groups.setdefault((lr, wd), []).append(p)
+        opt = torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
                                 lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, weight_decay=hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(hp.warmup_fraction * total)
@@ -81,8 +146,12 @@ class PeftModule(L.LightningModule):
 
     def configure_callbacks(self):
         # Test on the best validation checkpoint, never the last epoch.
-        return [L.pytorch.callbacks.ModelCheckpoint(monitor=self.monitor, mode="max", save_top_k=1,
+        return [L.pytorch.callbacks.ModelCheckpoint(monitor=self.monitor, mode=monitor_mode(self.monitor), save_top_k=1,
                                                     filename="best", auto_insert_metric_name=False)]
+
+    def on_train_start(self):
+        # Methods that schedule over the run (AdaLoRA's rank budget) learn its length here.
+        peft.start(self.model, max(1, int(self.trainer.estimated_stepping_batches)))
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         # After optimizer.step(), gradients still present (peft's documented order for AdaLoRA).
@@ -109,7 +178,14 @@ class ClassificationModule(PeftModule):
         lr, weight_decay, betas, eps: AdamW.
         lr_groups: {regex on parameter name: lr}, e.g. `{"head\\.prototypes": 0.04}`.
         warmup_fraction: share of the total steps spent in linear warm-up.
-        orthogonality_weight: weight of a prototypical head's orthogonality loss.
+        orthogonality_weight: weight of a prototypical head's orthogonality loss (Bird-MAE: 1; other
+            heads have none).
+        monitor: the validation metric that picks the checkpoint tested at the end (default
+            `val/acc`, multi-label `val/map`; the DINOv2 radiology recipes choose `val/auroc`).
+        decay_exclude: no weight decay on biases, norms, prompts, prefixes and prototypes.
+        pos_weight: multi-label BCE weight of the positives per label (a list), or "auto": the
+            training split's negatives / positives per label, read from the data module's
+            `pos_weight` when training starts.
         init_bundle: start from a saved adapter bundle (its methods and head replace `methods` /
             `head`): evaluate a downloaded adapter on your data, or keep training it. Its labels
             must equal the data's labels.
@@ -121,12 +197,20 @@ class ClassificationModule(PeftModule):
                  loss: str = "auto", lr: float = 1e-3, weight_decay: float = 0.01,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  lr_groups: dict[str, float] | None = None, warmup_fraction: float = 0.0,
-                 orthogonality_weight: float = 0.0, preprocessing: dict[str, Any] | None = None,
-                 init_bundle: str | None = None):
+                 orthogonality_weight: float = 1.0, preprocessing: dict[str, Any] | None = None,
+                 init_bundle: str | None = None, monitor: str | None = None, decay_exclude: bool = False,
+                 pos_weight: list[float] | str | None = None):
         super().__init__()
         self.save_hyperparameters()
         if loss not in ("auto", "ce", "bce", "asl"):
             raise ValueError(f"loss must be auto, ce, bce or asl, got {loss!r}")
+        if pos_weight is not None and not multilabel:
+            raise ValueError("pos_weight is for multi-label training (BCE); balance single-label classes with "
+                             "the data module's balanced_sampler")
+        if isinstance(pos_weight, str) and pos_weight != "auto":
+            raise ValueError(f"pos_weight must be a list of numbers or 'auto', got {pos_weight!r}")
+        if isinstance(pos_weight, (list, tuple)) and len(pos_weight) != num_classes:
+            raise ValueError(f"pos_weight has {len(pos_weight)} values for num_classes={num_classes}")
         if labels is not None and len(labels) != num_classes:
             raise ValueError(f"{len(labels)} labels for num_classes={num_classes}")
         net = backbones.create(backbone, **(backbone_kwargs or {}))
@@ -141,6 +225,23 @@ class ClassificationModule(PeftModule):
         self.loss_kind = ("bce" if multilabel else "ce") if loss == "auto" else loss
         self.strict_loading = False  # checkpoints hold only the trained tensors
         self.metrics = torch.nn.ModuleDict({s: self._metrics(num_classes) for s in ("val", "test")})
+        valid = {f"val/{k}" for k in self.metrics["val"]} | {"val/loss"}
+        if monitor is not None and monitor not in valid:
+            raise ValueError(f"monitor {monitor!r} is not logged by this model; choose one of {sorted(valid)}")
+        self.pos_weight = (torch.tensor([float(v) for v in pos_weight])
+                           if isinstance(pos_weight, (list, tuple)) else None)
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.pos_weight == "auto" and self.pos_weight is None:
+            data = getattr(self.trainer, "datamodule", None)
+            weights = getattr(data, "pos_weight", None)
+            if weights is None:
+                raise ValueError(f"pos_weight: 'auto' needs a data module with a pos_weight property, "
+                                 f"{type(data).__name__} has none")
+            self.pos_weight = torch.as_tensor(weights, dtype=torch.float32)
+            if len(self.pos_weight) != self.hparams.num_classes:
+                raise ValueError(f"{type(data).__name__}.pos_weight has {len(self.pos_weight)} values for "
+                                 f"num_classes={self.hparams.num_classes}")
 
     @staticmethod
     def _from_bundle(net, path: str, labels: list[str] | None, num_classes: int) -> peft.Classifier:
@@ -160,18 +261,18 @@ class ClassificationModule(PeftModule):
         return model
 
     def _metrics(self, c: int) -> MetricCollection:
+        # AUROC / AP per class over the split, averaged over the classes that have positives and
+        # negatives in it (torchmetrics' macro counts an absent class as 0); unknown multi-label
+        # targets (NaN, e.g. CheXpert's uncertain labels) become -1 and are left out.
         if self.hparams.multilabel:
-            # ignore_index: unknown targets (NaN, e.g. CheXpert's "ignore" policy) become -1
-            return MetricCollection({"map": MultilabelAveragePrecision(c, average="macro", ignore_index=-1),
-                                     "auroc": MultilabelAUROC(c, average="macro", ignore_index=-1)})
-        ms = {"acc": MulticlassAccuracy(c, average="micro")}
-        if c > 2:
-            ms["auroc"] = MulticlassAUROC(c, average="macro")
-        return MetricCollection(ms)
+            return MetricCollection({"map": PerClassScore("ap"), "auroc": PerClassScore("auroc")},
+                                    compute_groups=False)
+        return MetricCollection({"acc": MulticlassAccuracy(c, average="micro"),
+                                 "auroc": PerClassScore("auroc", binary=c == 2)})
 
     @property
     def monitor(self) -> str:  # noqa: D401 - overrides the base attribute
-        return "val/map" if self.hparams.multilabel else "val/acc"
+        return self.hparams.get("monitor") or ("val/map" if self.hparams.multilabel else "val/acc")
 
     def forward(self, inputs):
         return self.model(inputs)
@@ -179,16 +280,23 @@ class ClassificationModule(PeftModule):
     def loss(self, logits, y):
         if self.loss_kind == "ce":
             return F.cross_entropy(logits, y)
+        y = y.float()
+        valid = ~torch.isnan(y)  # unknown labels (CheXpert "ignore") add neither loss nor gradient
+        target = torch.where(valid, y, torch.zeros_like(y))
         if self.loss_kind == "bce":
-            return F.binary_cross_entropy_with_logits(logits, y.float())
-        return asymmetric_loss(logits, y.float())
+            pw = None if self.pos_weight is None else self.pos_weight.to(logits.device, logits.dtype)
+            loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none", pos_weight=pw)
+            return (loss * valid).sum() / valid.sum().clamp_min(1)
+        if not valid.all():
+            raise ValueError("the asymmetric loss needs known targets; use loss: bce with unknown (NaN) labels")
+        return asymmetric_loss(logits, target)
 
     def _shared_step(self, batch, stage: str):
         x, y = batch
         logits = self(x)
         loss = self.loss(logits, y)
         if stage == "train":
-            if self.hparams.orthogonality_weight:
+            if self.hparams.orthogonality_weight and hasattr(self.model.head, "orthogonality_loss"):
                 loss = loss + self.hparams.orthogonality_weight * self.model.head.orthogonality_loss()
             extra = peft.regularization(self.model)  # e.g. AdaLoRA's orthogonality penalty
             if extra is not None:
@@ -201,9 +309,20 @@ class ClassificationModule(PeftModule):
         return loss
 
     def _log_metrics(self, stage):
-        values = self.metrics[stage].compute()
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=True, sync_dist=True)
+        values = self.metrics[stage].compute()  # gathered over processes by torchmetrics
         self.metrics[stage].reset()
+        out, dropped = {}, {}
+        for k, v in values.items():
+            if isinstance(self.metrics[stage][k], PerClassScore):  # nan where a class lacks positives or negatives
+                v = v.reshape(-1)  # torchmetrics squeezes a single class to a scalar
+                defined = ~torch.isnan(v)
+                out[f"{stage}/{k}"] = v[defined].mean() if defined.any() else torch.tensor(float("nan"))
+                dropped[f"{stage}/{k}_classes_dropped"] = float((~defined).sum())
+            else:
+                out[f"{stage}/{k}"] = v
+        # Equal on every rank already; sync_dist averages equal numbers.
+        self.log_dict(out, prog_bar=True, sync_dist=True)
+        self.log_dict(dropped, sync_dist=True)
 
     def trained_tensor_names(self) -> list[str]:
         return peft_tensor_names(self.model)

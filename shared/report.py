@@ -1,20 +1,36 @@
 """Results tables from run folders: every run writes `metrics.json`; this gathers them.
 
-Rows are grouped by (dataset, method, few_shot); the metric is reported as mean +- std over
-folds / seeds, beside the trainable parameter count. A plot of the metric against trainable
-parameters per method (log scale) mirrors the PETL-AST paper's figure.
+Runs are averaged together only when their saved recipes (the `config` every `metrics.json`
+holds) differ in nothing but the fold / seed; runs of different recipes (another learning rate,
+epoch count, backbone ...) are separate rows, named by the recipe keys that tell them apart.
+Each row shows the dataset, method, backbone, the runs it averages (by name) and the metric as
+mean ± std over those runs. The std is the POPULATION std (divide by n, numpy's default), as
+PETL-AST reports; with one run it is 0. Metrics in [0, 1] (accuracy, AUROC, Dice, ...) are shown
+in %; others (HD95, losses, seconds) in their own units. Rows written before recipes were saved
+(no `config`) are grouped on what they show: dataset, method, shots, backbone, protocol.
+
+A plot of the metric against trainable parameters (log scale) mirrors the PETL-AST paper's figure.
+`main` writes `report-<metric>.md` and `report-<metric>.png` (e.g. `report-test-acc.md`), so
+reports of two metrics sit side by side.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from shared.fs import atomic_path, atomic_write
+
+# Recipe keys that vary between the runs of one experiment (or do not change its results).
+RUN_KEYS = {"seed_everything", "seed", "test_fold", "val_fold", "fold", "cache_dir", "num_workers",
+            "enable_progress_bar", "enable_model_summary", "enable_checkpointing", "logger",
+            "default_root_dir", "output_dir", "run_name", "accelerator", "devices"}
+NOT_FRACTIONS = re.compile(r"loss|hd\d*|hausdorff|distance|seconds|time|epoch|step|volumes|count|params", re.I)
 
 
 def collect(root: str | os.PathLike) -> list[dict[str, Any]]:
@@ -32,31 +48,108 @@ def collect(root: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def summarise(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in rows:
-        if metric in r:
-            groups[(r.get("dataset"), r.get("method"), r.get("few_shot"), r.get("backbone"),
-                    r.get("trainable_params"))].append(r)
-    out = []
-    for (dataset, method, shots, _, _), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        vals = [r[metric] for r in rs]
-        out.append({"dataset": dataset, "method": method, "few_shot": shots, "runs": len(rs),
-                    "folds": sorted({r.get("fold") for r in rs if r.get("fold") is not None}),
-                    "mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                    "trainable_params": rs[0].get("trainable_params"),
-                    "trainable_percent": 100.0 * rs[0].get("trainable_params", 0) / max(1, rs[0].get("total_params", 1))})
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and scalars are leaves (as JSON text, comparable)."""
+    if not isinstance(d, dict):
+        return {prefix: json.dumps(d, sort_keys=True, default=str)}
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
 
 
+def recipe_key(row: dict[str, Any]) -> tuple | None:
+    """The saved recipe without its fold / seed (and bookkeeping) keys; None when the row has none."""
+    cfg = row.get("config")
+    if not isinstance(cfg, dict):
+        return None
+    return tuple(sorted((k, v) for k, v in flatten(cfg).items() if k.split(".")[-1] not in RUN_KEYS))
+
+
+def summarise(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """One entry per recipe (runs that differ only in fold / seed): mean and population std."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if metric in r and isinstance(r[metric], (int, float)):
+            shown = (r.get("dataset"), r.get("method"), r.get("few_shot"), r.get("backbone"), r.get("protocol"))
+            groups[(shown, recipe_key(r))].append(r)
+    out = []
+    for (shown, recipe), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0][0])) + (str(kv[0][1]),)):
+        vals = [float(r[metric]) for r in rs]
+        trainable = sorted({r.get("trainable_params") for r in rs if r.get("trainable_params") is not None})
+        total = rs[0].get("total_params") or 0
+        out.append({"dataset": shown[0], "method": shown[1], "few_shot": shown[2], "backbone": shown[3],
+                    "protocol": shown[4], "runs": len(rs), "run_names": sorted(str(r.get("run", "?")) for r in rs),
+                    "folds": sorted({r.get("fold") for r in rs if r.get("fold") is not None}),
+                    "mean": statistics.fmean(vals), "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0,
+                    "values": vals, "trainable_params": trainable[0] if len(trainable) == 1 else trainable or None,
+                    "trainable_percent": (100.0 * max(trainable) / total) if trainable and total else None,
+                    "recipe": dict(recipe) if recipe is not None else None})
+    _name_variants(out)
+    return out
+
+
+def _name_variants(summary: list[dict[str, Any]]) -> None:
+    """`label`: dataset: method (backbone, shots), plus the recipe keys that differ between entries
+    that would otherwise share a label (e.g. `lr=0.003, max_epochs=20`), so every label is unique."""
+    def base(s):
+        extra = [str(s["backbone"])] + ([f"{s['few_shot']}-shot"] if s["few_shot"] else [])
+        return f"{s['dataset']}: {s['method']} ({', '.join(extra)})"
+
+    by_base: dict[str, list[dict]] = defaultdict(list)
+    for s in summary:
+        by_base[base(s)].append(s)
+    for label, group in by_base.items():
+        if len(group) == 1:
+            group[0]["label"], group[0]["variant"] = label, ""
+            continue
+        recipes = [s["recipe"] or {} for s in group]
+        keys = sorted({k for r in recipes for k in r if len({r2.get(k) for r2 in recipes}) > 1})
+        for i, s in enumerate(group):
+            r = recipes[i]
+            diff = ", ".join(f"{k.split('.')[-1]}={json.loads(r[k]) if k in r else '-'}" for k in keys)
+            if s["protocol"] and len({g["protocol"] for g in group}) > 1:
+                diff = ", ".join(filter(None, [f"protocol={s['protocol']}", diff]))
+            s["variant"] = diff or f"variant {i + 1}"
+            s["label"] = f"{label} [{s['variant']}]"
+
+
+def is_fraction(metric: str, summary: list[dict[str, Any]]) -> bool:
+    """Shown in %: a metric whose name is not a distance / loss / time and whose values lie in [0, 1]."""
+    values = [v for s in summary for v in s.get("values", [s["mean"]])]
+    return not NOT_FRACTIONS.search(metric.split("/")[-1]) and all(0.0 <= v <= 1.0 for v in values)
+
+
+def _params(s: dict[str, Any]) -> str:
+    t = s["trainable_params"]
+    if t is None:
+        return "-"
+    return f"{t:,}" if isinstance(t, int) else f"{min(t):,}-{max(t):,}"
+
+
 def markdown(summary: list[dict[str, Any]], metric: str) -> str:
-    lines = [f"| dataset | method | shots | runs (folds) | {metric} (mean ± std) | trainable params | % of total |",
-             "|---|---|---|---|---|---|---|"]
+    pct = is_fraction(metric, summary)
+    scale = 100.0 if pct else 1.0
+    unit = " %" if pct else ""
+    protocol = any(s.get("protocol") for s in summary)
+    variant = any(s.get("variant") for s in summary)
+    head = ["dataset", "method", "backbone", "shots"] + (["protocol"] if protocol else []) + \
+        (["recipe"] if variant else []) + \
+        ["runs (folds)", f"{metric}{unit} (mean ± std)", "trainable params", "% of total", "run names"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         folds = ",".join(map(str, s["folds"])) or "-"
-        lines.append(f"| {s['dataset']} | {s['method']} | {s['few_shot'] or 'all'} | {s['runs']} ({folds}) | "
-                     f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f} | {s['trainable_params']:,} | "
-                     f"{s['trainable_percent']:.3f} |")
+        cells = [str(s["dataset"]), str(s["method"]), str(s.get("backbone")), str(s["few_shot"] or "all")]
+        cells += [str(s.get("protocol") or "-")] if protocol else []
+        cells += [s.get("variant") or "-"] if variant else []
+        cells += [f"{s['runs']} ({folds})", f"{scale * s['mean']:.2f} ± {scale * s['std']:.2f}", _params(s),
+                  f"{s['trainable_percent']:.3f}" if s.get("trainable_percent") is not None else "-",
+                  ", ".join(s.get("run_names", []))]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"std: population std over the runs of a row (divide by n; PETL-AST reports the same); "
+                 f"rows average only runs whose saved recipes differ in fold / seed alone."
+                 + (" Values in %." if pct else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -66,13 +159,19 @@ def plot(summary: list[dict[str, Any]], metric: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    pct = is_fraction(metric, summary)
+    scale = 100.0 if pct else 1.0
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s in summary:
-        ax.errorbar(s["trainable_params"], 100 * s["mean"], yerr=100 * s["std"], fmt="o", capsize=3,
-                    label=f"{s['dataset']}: {s['method']}")
+        t = s["trainable_params"]
+        x = t if isinstance(t, int) else (max(t) if t else None)
+        if x is None:
+            continue
+        ax.errorbar(max(1, x), scale * s["mean"], yerr=scale * s["std"], fmt="o", capsize=3,
+                    label=s.get("label") or f"{s['dataset']}: {s['method']}")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
-    ax.set_ylabel(f"{metric} (%)")
+    ax.set_ylabel(f"{metric} (%)" if pct else metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
@@ -81,22 +180,30 @@ def plot(summary: list[dict[str, Any]], metric: str, path: Path) -> None:
     plt.close(fig)
 
 
+def slug(metric: str) -> str:
+    """test/acc -> test-acc (file-name safe)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", metric).strip("-") or "metric"
+
+
 def main(argv: list[str] | None = None, default_metric: str = "test/acc") -> str:
     ap = argparse.ArgumentParser(description="Summarise run folders into a Markdown table and a plot")
     ap.add_argument("runs", help="folder searched recursively for metrics.json")
     ap.add_argument("--metric", default=default_metric)
-    ap.add_argument("--out", default=None, help="Markdown file (default: <runs>/report.md)")
-    ap.add_argument("--plot", default=None, help="PNG file (default: <runs>/report.png)")
+    ap.add_argument("--out", default=None, help="Markdown file (default: <runs>/report-<metric>.md)")
+    ap.add_argument("--plot", default=None, help="PNG file (default: <runs>/report-<metric>.png)")
     args = ap.parse_args(argv)
     rows = collect(args.runs)
     if not rows:
         raise SystemExit(f"no metrics.json found under {args.runs}")
     summary = summarise(rows, args.metric)
     if not summary:
-        raise SystemExit(f"no run under {args.runs} reports {args.metric!r}")
+        metrics = sorted({k for r in rows for k, v in r.items() if "/" in k and isinstance(v, (int, float))})
+        raise SystemExit(f"no run under {args.runs} reports {args.metric!r} (they report: {', '.join(metrics) or 'nothing'})")
     table = markdown(summary, args.metric)
-    out = Path(args.out or Path(args.runs) / "report.md")
+    out = Path(args.out or Path(args.runs) / f"report-{slug(args.metric)}.md")
+    png = Path(args.plot or Path(args.runs) / f"report-{slug(args.metric)}.png")
     atomic_write(out, table)
-    plot(summary, args.metric, Path(args.plot or Path(args.runs) / "report.png"))
+    plot(summary, args.metric, png)
     print(table)
+    print(f"report written to {out} and {png}")
     return table

@@ -9,7 +9,10 @@ Vocabulary used by every method:
 - sublayer ("mhsa" or "ffn") of a block, described by a `Sublayer`:
     entry  - a module whose first positional input is the sublayer's input
              (after its pre-norm in pre-LN models);
-    exit   - the `nn.Linear` whose output is the sublayer's output, before the residual add;
+    exit   - the sublayer's last `nn.Linear` (its weights are where affine methods fold);
+    out    - the module whose output the residual add receives, when it is not `exit`: DINOv2's
+             LayerScale (`ls1` / `ls2`, or the Identity standing in for it). Methods add their
+             delta there: after every per-sublayer scale, before drop-path;
     norm   - the LayerNorm that belongs to the sublayer (pre-norm, or post-norm in BERT);
 - tokens: the (B, N, D) sequence that flows between blocks, `num_prefix` leading
   non-patch tokens (CLS, distillation, registers) and the patch grid.
@@ -34,6 +37,12 @@ class Sublayer:
     exit: nn.Linear
     norm: nn.Module | None
     dim: int  # width of the residual stream at this sublayer
+    out: nn.Module | None = None  # see the module docstring; None: the exit layer's output
+
+    @property
+    def output(self) -> nn.Module:
+        """The module whose output is the sublayer's output as the residual add receives it."""
+        return self.exit if self.out is None else self.out
 
 
 class UnsupportedMethod(ValueError):
@@ -96,6 +105,11 @@ class Anatomy(abc.ABC):
     def qkv(self, attn: nn.Module, x: torch.Tensor):
         """Project (B, N, D) to q, k, v each (B, H, N, hd)."""
         raise UnsupportedMethod(self.prefix_unsupported or f"{self.family}: no attention access")
+
+    @staticmethod
+    def attention_dropout(attn: nn.Module) -> float:
+        """The attention-probability dropout the module applies while training."""
+        return 0.0
 
     def attention_output(self, attn: nn.Module, ctx: torch.Tensor, inputs: tuple):
         """Project the attention context (B, N, H*hd) and return what the module returns."""

@@ -30,13 +30,19 @@ def _timm_classes():
 
 
 class _TimmBlocks(Anatomy):
-    """Shared by timm ViT and Swin: pre-LN blocks with attn.qkv/proj and mlp.fc1/fc2."""
+    """Shared by timm ViT and Swin: pre-LN blocks with attn.qkv/proj and mlp.fc1/fc2.
+
+    ViT blocks scale each sublayer by LayerScale (`ls1` / `ls2`; an Identity when the model has
+    none) before the residual add, so that module's output is the sublayer output.
+    """
 
     def sublayer(self, block, placement):
         _check_placement(placement)
         if placement == "mhsa":
-            return Sublayer(block.attn.qkv, block.attn.proj, block.norm1, block.attn.proj.out_features)
-        return Sublayer(block.mlp.fc1, block.mlp.fc2, block.norm2, block.mlp.fc2.out_features)
+            return Sublayer(block.attn.qkv, block.attn.proj, block.norm1, block.attn.proj.out_features,
+                            out=getattr(block, "ls1", None))
+        return Sublayer(block.mlp.fc1, block.mlp.fc2, block.norm2, block.mlp.fc2.out_features,
+                        out=getattr(block, "ls2", None))
 
 
 @register_anatomy
@@ -61,7 +67,8 @@ class ViTAnatomy(_TimmBlocks):
         x = self.model.forward_features(inputs)  # (B, N, D), final norm applied
         ph, pw = self.model.patch_embed.patch_size
         grid = (inputs.shape[-2] // ph, inputs.shape[-1] // pw)
-        return Tokens(x, self.num_prefix_tokens, grid)
+        # non-patch tokens = whatever precedes the grid: the prefix, plus kept prompt outputs
+        return Tokens(x, x.shape[1] - grid[0] * grid[1], grid)
 
     # prefix tuning
     def attention(self, block):
@@ -69,6 +76,10 @@ class ViTAnatomy(_TimmBlocks):
 
     def attention_heads(self, attn):
         return attn.num_heads
+
+    @staticmethod
+    def attention_dropout(attn):
+        return float(attn.attn_drop.p)
 
     @staticmethod
     def qkv(attn, x):
@@ -142,14 +153,20 @@ class ASTAnatomy(Anatomy):
         return tuple(self.model.embeddings.get_shape(self.model.config))  # (frequency, time)
 
     def forward_tokens(self, inputs):
-        x = self.model(input_values=inputs).last_hidden_state  # (B, 2 + F*T, D)
-        return Tokens(x, 2, self.grid())
+        x = self.model(input_values=inputs).last_hidden_state  # (B, P + F*T, D)
+        f, t = self.grid()
+        # P = CLS + distillation, or what a prompt method left there (dropped / kept prefix, prompt outputs)
+        return Tokens(x, x.shape[1] - f * t, (f, t))
 
     def attention(self, block):
         return block.attention
 
     def attention_heads(self, attn):
         return attn.num_attention_heads
+
+    @staticmethod
+    def attention_dropout(attn):
+        return float(attn.attention_dropout)
 
     @staticmethod
     def qkv(attn, x):
@@ -208,7 +225,7 @@ class DecoderAnatomy(Anatomy):
     def forward_tokens(self, inputs):
         kwargs = inputs if isinstance(inputs, dict) else {"input_ids": inputs}
         x = _base_model(self.model)(**kwargs).last_hidden_state  # (B, N, D)
-        return Tokens(x, 0, None)
+        return Tokens(x, 0, None, kwargs.get("attention_mask"))  # the mask lets pooling skip padding
 
 
 def _encoder_classes():
@@ -253,7 +270,7 @@ class EncoderAnatomy(Anatomy):
     def forward_tokens(self, inputs):
         kwargs = inputs if isinstance(inputs, dict) else {"input_ids": inputs}
         x = _base_model(self.model)(**kwargs).last_hidden_state
-        return Tokens(x, 1, None)
+        return Tokens(x, 1, None, kwargs.get("attention_mask"))  # the mask lets pooling skip padding
 
 
 def square_grid(n: int) -> tuple[int, int]:

@@ -10,6 +10,7 @@ gradient; we zero only the up projection).
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,46 +34,81 @@ def module_name(key: str, placement: str) -> str:
     return f"peft_{key}_{placement}"
 
 
+# The sublayer input a parallel module reads, held between the entry and exit hooks of one
+# forward. The slot is private to the calling thread and emptied by the exit hook, so concurrent
+# forwards on one model (threads, a server answering several requests) never see each other's
+# inputs. Keyed by module id; kept off the module so models stay deep-copyable and picklable.
+_INPUTS = threading.local()
+
+
+def _slots() -> dict[int, torch.Tensor]:
+    d = getattr(_INPUTS, "slots", None)
+    if d is None:
+        d = _INPUTS.slots = {}
+    return d
+
+
+def hooks_of(owner: nn.Module, model: nn.Module):
+    """(module, hook dict, hook id) for every forward / pre-forward hook of `model` bound to `owner`,
+    wherever it lives now (a merged peft layer hands its hooks to its base layer)."""
+    for m in model.modules():
+        for hooks in (m._forward_pre_hooks, m._forward_hooks):
+            for hid, fn in list(hooks.items()):
+                if getattr(fn, "__self__", None) is owner:
+                    yield m, hooks, hid
+
+
 class SublayerModule(nn.Module):
-    """Base of every module that hooks one sublayer (parallel or sequential)."""
+    """Base of every module that hooks one sublayer (parallel or sequential).
+
+    The delta joins the sublayer's output where the residual add receives it (`Sublayer.output`:
+    after LayerScale, before drop-path). Parallel modules read the sublayer input at the entry
+    layer; the forward is stateless across calls (see `_INPUTS`).
+    """
 
     def __init__(self, mode: str, scale: float = 1.0):
         super().__init__()
         self.mode, self.scale = mode, scale
-        self._h = None  # the sublayer input, held between the entry and exit hooks
+
+    @property
+    def additive(self) -> bool:
+        """True when the hook only adds a term that does not depend on the hooked output."""
+        return self.mode == "parallel"
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"{type(self).__name__} must define delta()")
 
     def install(self, sub: Sublayer) -> None:
+        ref = sub.exit.weight
+        self.to(device=ref.device, dtype=ref.dtype)  # join the layer's dtype and device
         if self.mode == "parallel":
             sub.entry.register_forward_pre_hook(self._capture)
-        sub.exit.register_forward_hook(self._on_exit)
-        # The layers hooked (a tuple, so they are not registered as submodules): methods attached
-        # later, e.g. LoRA, may wrap them, and merge must fold into and unhook these very layers.
-        self._hooked = (sub.entry, sub.exit)
+        sub.output.register_forward_hook(self._on_exit)
 
-    @property
-    def hooked_exit(self) -> nn.Linear:
-        return self._hooked[1]
+    def exit_site(self, model: nn.Module) -> nn.Module:
+        """The module whose output this module changes (its exit hook's current home)."""
+        for m, hooks, _ in hooks_of(self, model):
+            if hooks is m._forward_hooks:
+                return m
+        raise RuntimeError(f"{type(self).__name__}: its exit hook is not installed in this model")
 
-    def uninstall(self) -> None:
-        entry, exit_ = self._hooked
-        for hooks in (entry._forward_pre_hooks, exit_._forward_hooks):
-            for hid, fn in list(hooks.items()):
-                if getattr(fn, "__self__", None) is self:
-                    del hooks[hid]
+    def uninstall(self, model: nn.Module) -> None:
+        for _, hooks, hid in list(hooks_of(self, model)):
+            del hooks[hid]
 
     def _capture(self, module, args):
-        self._h = args[0]
+        _slots()[id(self)] = args[0]
 
     def _on_exit(self, module, args, out):
+        y = out[0] if isinstance(out, tuple) else out
         if self.mode == "parallel":
-            h, self._h = self._h, None
+            h = _slots().pop(id(self), None)
             if h is None:
                 raise RuntimeError("parallel adapter: the sublayer's entry layer did not run before its exit")
-            return out + self.scale * self.delta(h)
-        return out + self.scale * self.delta(out)
+            y = y + self.scale * self.delta(h)
+        else:
+            y = y + self.scale * self.delta(y)
+        return (y, *out[1:]) if isinstance(out, tuple) else y
 
 
 class Linear(nn.Linear):
@@ -154,37 +190,39 @@ class FiLMModule(SublayerModule):
         self.beta = nn.Parameter(torch.zeros(d_out))
 
     def _on_exit(self, module, args, out):
-        return out * self.gamma + self.beta
+        y = out[0] if isinstance(out, tuple) else out
+        y = y * self.gamma + self.beta
+        return (y, *out[1:]) if isinstance(out, tuple) else y
 
 
 # --- Compacter ---------------------------------------------------------------------------------
 class PHMShared(nn.Module):
-    """Compacter's "slow" weights: n matrices (n x n) shared by every PHM layer of the model."""
+    """Compacter's "slow" weights: n matrices A_i (n x n) shared by every PHM layer of the model,
+    down and up projections alike, initialised N(0, 1e-4) (AdapterHub's Compacter defaults:
+    shared_phm_rule, phm_c_init "normal", phm_init_range 1e-4)."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, init_std: float = 1e-4):
         super().__init__()
-        self.a_down = nn.Parameter(torch.empty(n, n, n))
-        self.a_up = nn.Parameter(torch.empty(n, n, n))
-        for a in (self.a_down, self.a_up):
-            nn.init.xavier_normal_(a)
+        self.rule = nn.Parameter(torch.empty(n, n, n))
+        nn.init.normal_(self.rule, std=init_std)
 
 
 class PHMLinear(nn.Module):
     """Parameterised hypercomplex multiplication: W = sum_i A_i (x) (s_i t_i^T), rank-one fast weights."""
 
-    def __init__(self, d_in, d_out, shared: PHMShared, which: str, zero: bool = False):
+    def __init__(self, d_in, d_out, shared: PHMShared, zero: bool = False):
         super().__init__()
-        n = shared.a_down.shape[0]
+        n = shared.rule.shape[0]
         if d_in % n or d_out % n:
             raise ValueError(f"compacter: widths {d_in} and {d_out} must be divisible by phm_dim={n}")
-        self.n, self.which = n, which
+        self.n = n
         self._shared = (shared,)  # a tuple, so the shared module is not registered twice
         self.s = nn.Parameter(torch.randn(n, d_in // n) / math.sqrt(d_in))
         self.t = nn.Parameter(torch.zeros(n, d_out // n) if zero else torch.randn(n, d_out // n) / math.sqrt(d_out // n))
         self.bias = nn.Parameter(torch.zeros(d_out))
 
     def weight(self) -> torch.Tensor:
-        a = getattr(self._shared[0], f"a_{self.which}")  # (n, n, n)
+        a = self._shared[0].rule  # (n, n, n)
         b = torch.einsum("ic,id->icd", self.s, self.t)  # rank-one fast weights (n, in/n, out/n)
         w = torch.einsum("iab,icd->acbd", a, b)  # sum_i kron(A_i, B_i)
         return w.reshape(self.n * self.s.shape[1], self.n * self.t.shape[1])  # (in, out)
@@ -209,15 +247,31 @@ class _Sublayers(Method):
     def sites(self, anat: Anatomy):
         blocks = anat.blocks()
         chosen = range(len(blocks)) if self.blocks is None else self.blocks
+        seen: dict[int, int] = {}
         for i in chosen:
-            if not -len(blocks) <= i < len(blocks):
-                raise ValueError(f"{self.name}: block index {i} out of range for {len(blocks)} blocks")
+            if isinstance(i, bool) or not isinstance(i, int) or not -len(blocks) <= i < len(blocks):
+                raise ValueError(f"{self.name}: block index {i!r} out of range for {len(blocks)} blocks")
+            j = i % len(blocks)
+            if j in seen:
+                raise ValueError(f"{self.name}: blocks {seen[j]} and {i} are the same block (of {len(blocks)}); "
+                                 "list each block once")
+            seen[j] = i
+        for j in seen:
             for placement in _placements(self.placement):
-                yield blocks[i], placement, anat.sublayer(blocks[i], placement)
+                yield blocks[j], placement, anat.sublayer(blocks[j], placement)
 
     def _attached(self, model, anat, key):
         for block, placement, sub in self.sites(anat):
             yield block, placement, sub, getattr(block, module_name(key, placement))
+
+    def merge_phase(self, model, anat, key) -> int:
+        """0 when a hook sits on the base layer inside a peft layer (it must be folded before that
+        peft layer merges into the base), else 2 (after the peft methods)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        bases = {id(m.get_base_layer()) for m in model.modules() if isinstance(m, BaseTunerLayer)}
+        inner = any(id(mod.exit_site(model)) in bases for *_, mod in self._attached(model, anat, key))
+        return 0 if inner else 2
 
 
 @dataclass(frozen=True)
@@ -253,7 +307,8 @@ class _AdapterBase(_Sublayers):
             d_in = sub.entry.in_features if self.mode == "parallel" else sub.exit.out_features
             plan.append((block, placement, sub, self.build(d_in, sub.exit.out_features, anat, shared, key)))
         for name, mod in shared.items():
-            model.add_module(name, mod)
+            ref = plan[0][2].exit.weight
+            model.add_module(name, mod.to(device=ref.device, dtype=ref.dtype))
         extra = []
         for block, placement, sub, mod in plan:
             block.add_module(module_name(key, placement), mod)
@@ -296,13 +351,13 @@ class Adapter(_AdapterBase):
         if not (self.kind == "bottleneck" and self.mode == "sequential" and self.activation == "identity"):
             return ("only sequential bottleneck adapters with activation 'identity' are linear in the "
                     "exit layer's output and can be folded; this one stays attached")
-        for _, _, sub, mod in self._attached(model, anat, key):
-            # out = (I + sUD) y + s(U d_b + u_b),  y = W x + b
-            m = torch.eye(sub.exit.out_features) + self.scale * mod.up.weight @ mod.down.weight
-            shift = self.scale * (mod.up.weight @ mod.down.bias + mod.up.bias)
-            _fold_affine(mod.hooked_exit, m, shift)
-            mod.uninstall()
-        return None
+
+        def affine(mod):  # out = (I + sUD) y + s(U d_b + u_b)
+            up, down = mod.up.weight.detach(), mod.down.weight.detach()
+            m = torch.eye(up.shape[0], device=up.device, dtype=up.dtype) + self.scale * up @ down
+            return m, self.scale * (up @ mod.down.bias.detach() + mod.up.bias.detach())
+
+        return _fold_all(self, model, anat, key, affine)
 
 
 def _layout(anat: Anatomy):
@@ -332,6 +387,52 @@ def _fold_affine(linear: nn.Linear, m: torch.Tensor, shift: torch.Tensor) -> Non
             linear.bias.copy_(new_b)
 
 
+def _fold_target(model: nn.Module, sub: Sublayer, mod: SublayerModule) -> nn.Linear | str:
+    """The Linear that `mod`'s affine exit hook can be folded into, or why there is none.
+
+    The hook lives on the exit Linear itself or on the output module after it (LayerScale, or an
+    Identity where there is none); a LayerScale is first absorbed into the Linear (gamma -> 1).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    site = mod.exit_site(model)
+    first = next(iter(site._forward_hooks.values()))
+    if getattr(first, "__self__", None) is not mod:
+        return (f"another method's hook on {type(site).__name__} runs before it and stays attached, "
+                "so it cannot be folded into the weights")
+    target = site
+    if not isinstance(site, nn.Linear):
+        target = sub.exit
+        if target._forward_hooks:
+            return f"the exit layer {type(target).__name__} carries another method's hook; it stays attached"
+    if isinstance(target, BaseTunerLayer) or not isinstance(target, nn.Linear):
+        return (f"its exit layer is a {type(target).__name__} (an unmerged peft layer?); "
+                "merge that method first or leave both attached")
+    gamma = getattr(site, "gamma", None) if site is not target else None
+    if isinstance(gamma, torch.Tensor):  # absorb LayerScale into the Linear: W <- diag(g) W
+        with torch.no_grad():
+            target.weight.mul_(gamma.reshape(-1, 1).to(target.weight))
+            if target.bias is not None:
+                target.bias.mul_(gamma.to(target.bias))
+            gamma.fill_(1.0)
+    return target
+
+
+def _fold_all(method, model, anat, key, affine) -> str | None:
+    """Fold every site's affine map (M, shift) = affine(module) and unhook it; or say why not."""
+    plan = []
+    for _, _, sub, mod in method._attached(model, anat, key):
+        target = _fold_target(model, sub, mod)
+        if isinstance(target, str):
+            return target
+        plan.append((target, mod))
+    for target, mod in plan:
+        m, shift = affine(mod)
+        _fold_affine(target, m, shift)
+        mod.uninstall(model)
+    return None
+
+
 @register
 @dataclass(frozen=True)
 class Compacter(_AdapterBase):
@@ -357,7 +458,7 @@ class Compacter(_AdapterBase):
         slow = shared[name]
 
         def linear(i, o, zero=False):
-            return PHMLinear(i, o, slow, "up" if zero else "down", zero=zero)
+            return PHMLinear(i, o, slow, zero=zero)
 
         b = self.width(d_out)
         b = max(self.phm_dim, b - b % self.phm_dim)  # PHM needs widths divisible by n
@@ -379,7 +480,5 @@ class FiLM(_Sublayers):
         return ()
 
     def merge(self, model, anat, key):
-        for _, _, sub, mod in self._attached(model, anat, key):
-            _fold_affine(mod.hooked_exit, torch.diag(mod.gamma.detach()), mod.beta.detach())
-            mod.uninstall()
-        return None
+        return _fold_all(self, model, anat, key,
+                         lambda mod: (torch.diag(mod.gamma.detach()), mod.beta.detach()))

@@ -41,6 +41,18 @@ class Method:
         """Fold the method into the backbone weights. Returns None when done, else why not."""
         return f"{self.name} cannot be folded into the backbone weights"
 
+    def merge_phase(self, model: nn.Module, anat: Anatomy, key: str) -> int:
+        """When `merge` folds this method: 0 hooks inside a peft layer, 1 peft layers, 2 the rest.
+
+        Folding order must follow nesting: a hook on the base layer that a peft layer wraps folds
+        before the peft delta joins that base; a hook on the peft layer's output (or on a later
+        module) folds after it.
+        """
+        return 2
+
+    def start(self, model: nn.Module, key: str, total_steps: int) -> None:
+        """Called once before training with the run's number of optimiser steps."""
+
     def step(self, model: nn.Module, key: str, global_step: int) -> None:
         """Called after each optimiser step (before zero_grad); most methods need nothing."""
 

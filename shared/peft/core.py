@@ -1,6 +1,7 @@
 """attach / summary / merge: the verbs of the PEFT core."""
 from __future__ import annotations
 
+import copy
 import hashlib
 from typing import Any, Iterable
 
@@ -50,19 +51,34 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def weightless_copy(module: nn.Module) -> nn.Module:
+    """A deep copy whose parameters and buffers live on the meta device (no memory for weights)."""
+    memo = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(module, memo)
+
+
 def attach(backbone: nn.Module, methods: Iterable[Method | dict[str, Any]], backbone_id: str | None = None,
-           compute_fingerprint: bool = True) -> nn.Module:
+           compute_fingerprint: bool = True, validate: bool = True) -> nn.Module:
     """Attach PEFT methods to `backbone` in place and freeze everything they do not train.
 
     Methods compose; Hugging Face peft methods are injected first so that hook-based methods
     wrap the peft layers. Returns the same module, with `backbone.peft_state` recording what was
     attached. Calling attach again adds more methods.
+
+    Refused means untouched: every method is first attached to a weightless copy of the model,
+    so a method that does not fit raises before the backbone is modified.
     """
     methods = [from_dict(m) if isinstance(m, dict) else m for m in methods]
     for m in methods:
         if not isinstance(m, Method):
             raise TypeError(f"expected a method config or dict, got {type(m).__name__}")
     anat = anatomy(backbone)
+    if validate and methods:
+        attach(weightless_copy(backbone), methods, backbone_id=backbone_id, compute_fingerprint=False, validate=False)
     state: PeftState | None = getattr(backbone, "peft_state", None)
     if state is None:
         source = getattr(backbone, "registry_source", None) or {}
@@ -125,17 +141,23 @@ def merge(model: nn.Module) -> dict[str, str]:
     state = state_of(backbone)
     anat: Anatomy = anatomy(backbone)
     report = {}
-    for key, m in state.methods:
-        if key in state.merged:
-            report[key] = "merged"
-            continue
+    pending = [(key, m) for key, m in state.methods if key not in state.merged]
+    for key, m in sorted(pending, key=lambda km: km[1].merge_phase(backbone, anat, km[0])):  # stable
         why = m.merge(backbone, anat, key)
         report[key] = why or "merged"
         if why is None:
             state.merged.append(key)
+    report = {key: report.get(key, "merged") for key, _ in state.methods}
     params = set(n for n, _ in backbone.named_parameters())
     state.owner = {n: k for n, k in state.owner.items() if n in params}
     return report
+
+
+def start(model: nn.Module, total_steps: int) -> None:
+    """Tell methods that schedule over the run (AdaLoRA) how many optimiser steps it has."""
+    backbone, _ = split(model)
+    for key, m in state_of(backbone).methods:
+        m.start(backbone, key, total_steps)
 
 
 def step(model: nn.Module, global_step: int) -> None:

@@ -12,7 +12,7 @@ from typing import ClassVar
 import peft as hf_peft
 from torch import nn
 
-from .base import Method, check_positive, register
+from .base import Method, check_choice, check_positive, register
 
 Targets = tuple[str, ...] | str
 
@@ -48,10 +48,10 @@ class _PeftMethod(Method):
         try:
             self.inject(model, key)
         except ValueError as e:
-            if "target" in str(e).lower():  # peft names the targets that matched nothing
+            if "not found in the base model" in str(e):  # peft names the targets that matched nothing
                 raise ValueError(f"{self.name}: targets {self.targets!r} matched no layer of "
                                  f"{type(model).__name__}: {e}") from None
-            raise
+            raise ValueError(f"{self.name}: {e}") from None
         # The trained tensors are the layers' adapter tensors for this key (peft's
         # `adapter_layer_names`), not every new parameter (AdaLoRA's `ranknum` is a constant).
         trained = []
@@ -64,13 +64,24 @@ class _PeftMethod(Method):
                         trained += [item] if isinstance(item, nn.Parameter) else list(item.parameters())
         return trained
 
+    def merge_phase(self, model, anat, key) -> int:
+        return 1
+
     def merge(self, model, anat, key):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        for name, module in list(model.named_modules()):
-            if isinstance(module, BaseTunerLayer) and key in module.active_adapters:
-                module.merge(adapter_names=[key])
-                _replace_with_base(model, name, module)
+        layers = [(n, m) for n, m in model.named_modules()
+                  if isinstance(m, BaseTunerLayer) and key in m.active_adapters]
+        for name, layer in layers:  # a hook that reshapes the base output would see the delta after merging
+            blocking = [fn for fn in layer.get_base_layer()._forward_hooks.values()
+                        if not getattr(getattr(fn, "__self__", None), "additive", False)]
+            if blocking:
+                return (f"{name}: a method attached before it hooks the base layer's output "
+                        f"({type(getattr(blocking[0], '__self__', blocking[0])).__name__}) and stays attached; "
+                        f"merging would change what that hook sees")
+        for name, layer in layers:
+            layer.merge(adapter_names=[key])
+            _replace_with_base(model, name, layer)
         return None
 
 
@@ -94,15 +105,29 @@ class LoRA(_PeftMethod):
     targets: Targets = ("qkv",)
     exclude: tuple[str, ...] = ()
     dropout: float = 0.0
+    bias: str = "none"  # "lora_only": also train the biases of the adapted layers (DINOv2 radiology)
 
     def __post_init__(self):
         super().__post_init__()
         check_positive("r", self.r)
+        check_choice("bias", self.bias, ("none", "lora_only"))
 
     def peft_config(self, **extra):
         return hf_peft.LoraConfig(r=self.r, lora_alpha=self.alpha, target_modules=_targets(self.targets),
                                   exclude_modules=list(self.exclude) or None,
-                                  lora_dropout=self.dropout, **extra)
+                                  lora_dropout=self.dropout, bias=self.bias, **extra)
+
+    def attach(self, model, anat, key):
+        trained = list(super().attach(model, anat, key))
+        if self.bias == "lora_only":  # the adapted layers' own biases (existing backbone tensors)
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            for module in model.modules():
+                if isinstance(module, BaseTunerLayer) and key in module.active_adapters:
+                    b = getattr(module.get_base_layer(), "bias", None)
+                    if isinstance(b, nn.Parameter):
+                        trained.append(b)
+        return trained
 
 
 @register
@@ -122,9 +147,11 @@ class AdaLoRA(_PeftMethod):
     """SVD-form LoRA (P diag(E) Q) whose ranks are reallocated during training (Zhang et al. 2023).
 
     The rank budget moves from `init_r` per layer towards `target_r` on average between steps
-    `tinit` and `total_step - tfinal` (peft's RankAllocator), and an orthogonality penalty keeps
-    P and Q near-orthogonal. The training module drives both through `shared.peft.step` and
-    `shared.peft.regularization`; set `total_step` to the run's number of optimiser steps.
+    `tinit` and `total_step - tfinal` (peft's RankAllocator), then stays fixed: every later step
+    re-applies the final rank pattern, so pruned singular values cannot grow back. An
+    orthogonality penalty keeps P and Q near-orthogonal. The training module drives both through
+    `shared.peft.start` (which sets `total_step` from the run when it is None),
+    `shared.peft.step` and `shared.peft.regularization`.
     """
 
     name: ClassVar[str] = "adalora"
@@ -133,7 +160,7 @@ class AdaLoRA(_PeftMethod):
     alpha: float = 8.0
     targets: Targets = ("qkv",)
     exclude: tuple[str, ...] = ()
-    total_step: int = 1000
+    total_step: int | None = None  # None: the run's number of optimiser steps (shared.peft.start)
     tinit: int = 0
     tfinal: int = 0
     delta_t: int = 1
@@ -142,14 +169,20 @@ class AdaLoRA(_PeftMethod):
     def __post_init__(self):
         super().__post_init__()
         check_positive("init_r", self.init_r)
-        check_positive("total_step", self.total_step)
-        if self.tinit + self.tfinal >= self.total_step:
+        check_positive("total_step", self.total_step, allow_none=True)
+        if self.total_step is not None:
+            self._check_schedule(self.total_step)
+
+    def _check_schedule(self, total_step: int) -> None:
+        if self.tinit + self.tfinal >= total_step:
             raise ValueError(f"adalora: tinit ({self.tinit}) + tfinal ({self.tfinal}) must be below total_step "
-                             f"({self.total_step}), or no step is left for the rank allocation")
+                             f"({total_step}), or no step is left for the rank allocation")
 
     def peft_config(self):
+        # peft needs a total_step when the tuner is built; a run-derived one is set by start().
+        total = self.total_step or self.tinit + self.tfinal + 1
         return hf_peft.AdaLoraConfig(init_r=self.init_r, target_r=self.target_r, lora_alpha=self.alpha,
-                                     target_modules=_targets(self.targets), total_step=self.total_step,
+                                     target_modules=_targets(self.targets), total_step=total,
                                      tinit=self.tinit, tfinal=self.tfinal, deltaT=self.delta_t,
                                      orth_reg_weight=self.orth_reg_weight, **_exclude(self.exclude))
 
@@ -160,11 +193,25 @@ class AdaLoRA(_PeftMethod):
 
         model.__dict__.setdefault("peft_tuners", {})[key] = AdaLoraModel(model, self.peft_config(), adapter_name=key)
 
-    def step(self, model, key, global_step: int) -> None:
-        """After the optimiser step, before zero_grad: update importance scores and rank masks."""
+    def start(self, model, key, total_steps: int) -> None:
+        """Set the schedule's length from the run when the config leaves total_step to it."""
         tuner = model.__dict__.get("peft_tuners", {}).get(key)
-        if tuner is not None and global_step < self.total_step:
-            tuner.update_and_allocate(global_step)
+        if tuner is None or self.total_step is not None:
+            return
+        self._check_schedule(total_steps)
+        tuner.peft_config[key].total_step = int(total_steps)  # the RankAllocator reads this very config
+        tuner.__dict__["peft_started"] = True
+
+    def step(self, model, key, global_step: int) -> None:
+        """After the optimiser step, before zero_grad: update importance scores and rank masks; after
+        `total_step - tfinal`, re-apply the final rank pattern at every step (peft's masking)."""
+        tuner = model.__dict__.get("peft_tuners", {}).get(key)
+        if tuner is None:
+            return
+        if self.total_step is None and not tuner.__dict__.get("peft_started"):
+            raise RuntimeError("adalora: total_step is None and the run length is unknown; pass total_step or "
+                               "call shared.peft.start(model, total_steps) before training")
+        tuner.update_and_allocate(global_step)
 
     def regularization(self, model, key):
         """||P P^T - I||_F and ||Q^T Q - I||_F averaged over the adapted layers, times orth_reg_weight."""
@@ -191,6 +238,16 @@ class IA3(_PeftMethod):
     targets: Targets = ("qkv", "fc2")
     feedforward: tuple[str, ...] = ("fc2",)
     exclude: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.feedforward, list):
+            object.__setattr__(self, "feedforward", tuple(self.feedforward))
+        if not isinstance(self.targets, str):
+            stray = [f for f in self.feedforward if f not in self.targets]
+            if stray:
+                raise ValueError(f"ia3: feedforward {stray} must also be listed in targets {list(self.targets)} "
+                                 "(feedforward names the targets whose input is scaled)")
 
     def peft_config(self):
         return hf_peft.IA3Config(target_modules=_targets(self.targets),

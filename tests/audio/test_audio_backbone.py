@@ -1,5 +1,6 @@
-"""audio.backbone: loading an AST checkpoint at another frame count by interpolating the time
-axis of its positional embedding (the anchor re-initialises it instead)."""
+"""audio.backbone: loading an AST checkpoint at another frame count by resizing the time axis of
+its positional embedding (centre crop for fewer frames, as the original AST code does;
+interpolation on request or for more frames). The anchor re-initialises it instead."""
 from __future__ import annotations
 
 import sys
@@ -47,15 +48,106 @@ def reference_grid(pos: torch.Tensor, old=(12, 101), new=(12, 49)) -> torch.Tens
     return torch.cat([pos[:, :2], grid[0].permute(1, 2, 0).reshape(1, -1, d)], dim=1)
 
 
+def crop_reference(pos: torch.Tensor, old=(12, 101), new_t: int = 49) -> torch.Tensor:
+    """The original AST code's rule, by explicit index arithmetic: new time column j is old column
+    old_t//2 - new_t//2 + j (101 -> 49: columns 26..74), every frequency row kept."""
+    f_rows, old_t = old
+    start = old_t // 2 - new_t // 2
+    rows = [pos[0, :2]]
+    for f in range(f_rows):
+        for j in range(new_t):
+            rows.append(pos[0, 2 + f * old_t + start + j][None])
+    return torch.cat(rows)[None]
+
+
 def cosine(a, b) -> float:
     return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+def test_pos_embed_cropped_along_time_by_default(ckpt):
+    """500 frames = 49 time patches: the default keeps the checkpoint's centre columns 26..74 of
+    101 bit for bit (10 ms spacing kept), as YuanGongND/ast's `50 - t//2 : 50 - t//2 + t`."""
+    from audio.backbone import load_ast
+
+    path, sd = ckpt
+    model = load_ast(str(path), max_length=500)
+    pos, orig = model.embeddings.position_embeddings.detach(), sd[POS]
+    assert pos.shape == (1, 2 + 12 * 49, 32)
+    assert torch.equal(pos, crop_reference(orig, new_t=49))
+    # hand-picked positions: (row 0, column 0) <- old (0, 26); (row 11, column 48) <- old (11, 74)
+    assert torch.equal(pos[0, 2], orig[0, 2 + 26])
+    assert torch.equal(pos[0, 2 + 11 * 49 + 48], orig[0, 2 + 11 * 101 + 74])
+    assert torch.equal(pos[:, :2], orig[:, :2])
+    # differs from the old bilinear squeeze, which moved every position
+    assert not torch.allclose(pos, reference_grid(orig), atol=1e-3)
+    with torch.no_grad():
+        assert model(torch.randn(1, 500, 128)).last_hidden_state.shape == (1, 2 + 12 * 49, 32)
+
+
+def test_pos_embed_interpolated_by_hand(ckpt):
+    """pos_resize="interpolate": new column j = linear blend of old columns at
+    s = (j + 0.5) * 101 / 49 - 0.5 (align_corners=False), computed here without F.interpolate."""
+    from audio.backbone import load_ast
+
+    path, sd = ckpt
+    pos = load_ast(str(path), max_length=500, pos_resize="interpolate").embeddings.position_embeddings.detach()
+    orig = sd[POS][0, 2:].reshape(12, 101, 32).double()
+    for j in (0, 1, 24, 48):
+        s = max((j + 0.5) * 101 / 49 - 0.5, 0.0)
+        lo = int(s)
+        w = s - lo
+        hi = min(lo + 1, 100)
+        expected = (1 - w) * orig[:, lo] + w * orig[:, hi]  # (12, 32): every frequency row
+        got = pos[0, 2:].reshape(12, 49, 32)[:, j].double()
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    # j = 0: s = 0.5306..., so 0.4694 * column 0 + 0.5306 * column 1
+    torch.testing.assert_close(pos[0, 2].double(), 0.46938775510204 * orig[0, 0] + 0.53061224489796 * orig[0, 1],
+                               atol=1e-5, rtol=0)
+
+
+def test_pos_embed_longer_input_is_interpolated_in_both_modes(ckpt):
+    """More frames than the checkpoint (1100 -> 109 columns): the AST code interpolates; so do we."""
+    from audio.backbone import load_ast
+
+    path, sd = ckpt
+    crop = load_ast(str(path), max_length=1100).embeddings.position_embeddings.detach()
+    interp = load_ast(str(path), max_length=1100, pos_resize="interpolate").embeddings.position_embeddings.detach()
+    assert crop.shape == (1, 2 + 12 * 109, 32)
+    torch.testing.assert_close(crop, reference_grid(sd[POS], new=(12, 109)), atol=1e-6, rtol=0)
+    assert torch.equal(crop, interp)
+
+
+def test_resize_pos_embed_crops_frequency_and_grows_time_by_hand():
+    """Mixed case on a grid whose value is 100*f + t: 5 -> 3 frequency rows keep rows 1..3
+    (5//2 - 3//2 = 1); 7 -> 9 time columns are interpolated, value 100*f + clamp(s, 0, 6)."""
+    from audio.backbone import resize_pos_embed
+
+    f0, t0, f1, t1 = 5, 7, 3, 9
+    grid = torch.tensor([[100.0 * f + t for t in range(t0)] for f in range(f0)])  # (5, 7)
+    pos = torch.cat([torch.tensor([[-1.0], [-2.0]]), grid.reshape(-1, 1)])[None].expand(1, -1, 2).contiguous()
+    out = resize_pos_embed(pos, (f0, t0), (f1, t1))
+    assert out.shape == (1, 2 + f1 * t1, 2)
+    assert out[0, :2, 0].tolist() == [-1.0, -2.0]
+    for i, f in enumerate((1, 2, 3)):
+        for j in range(t1):
+            s = min(max((j + 0.5) * t0 / t1 - 0.5, 0.0), t0 - 1)
+            assert abs(out[0, 2 + i * t1 + j, 0].item() - (100 * f + s)) < 1e-4, (i, j)
+    with pytest.raises(ValueError, match="pos_resize"):
+        resize_pos_embed(pos, (f0, t0), (f1, t1), mode="nearest")
+
+
+def test_unknown_pos_resize_is_refused_before_loading(tmp_path):
+    from audio.backbone import load_ast
+
+    with pytest.raises(ValueError, match="pos_resize"):
+        load_ast(str(tmp_path / "nothing-here"), max_length=500, pos_resize="squeeze")
 
 
 def test_pos_embed_interpolated_along_time(ckpt):
     from audio.backbone import load_ast
 
     path, sd = ckpt
-    model = load_ast(str(path), max_length=500)
+    model = load_ast(str(path), max_length=500, pos_resize="interpolate")
     assert model.config.max_length == 500 and model.config.num_mel_bins == 128
     pos, orig = model.embeddings.position_embeddings.detach(), sd[POS]
     assert orig.shape == (1, 2 + 12 * 101, 32) and pos.shape == (1, 2 + 12 * 49, 32)
@@ -81,7 +173,7 @@ def test_anchor_from_pretrained_loses_the_positions(ckpt):
     from audio.backbone import load_ast
 
     path, sd = ckpt
-    ref = reference_grid(sd[POS])
+    ref = crop_reference(sd[POS], new_t=49)
     anchor = ASTModel.from_pretrained(str(path), max_length=500, ignore_mismatched_sizes=True)
     ours = load_ast(str(path), max_length=500)
     a_pos = anchor.embeddings.position_embeddings.detach()
@@ -149,7 +241,7 @@ def test_registered_lazily_in_shared_backbones(ckpt, monkeypatch):
     assert "ast" in backbones.BACKBONES
     pos = model.embeddings.position_embeddings.detach()
     assert pos.shape == (1, 2 + 12 * 9, 32)
-    torch.testing.assert_close(pos, reference_grid(sd[POS], new=(12, 9)), atol=1e-6, rtol=0)
+    assert torch.equal(pos, crop_reference(sd[POS], new_t=9))  # 100 frames: columns 46..54 of 101
     anat = backbones.anatomy(model)
     assert anat.embed_dim == 32
     with torch.no_grad():

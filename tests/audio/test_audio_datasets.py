@@ -54,10 +54,10 @@ def rewrite_csv(path: Path, drop: str | None = None, edit=None) -> None:
 def test_esc50_labels_and_default_split(esc50, tmp_path):
     dm = ESC50DataModule(str(esc50), cache_dir=str(tmp_path / "cache"))
     assert dm.labels == ["dog", "rooster", "rain"] and dm.num_classes == 3
-    assert (dm.test_fold, dm.val_fold) == (1, 2)
+    assert (dm.test_fold, dm.val_fold, dm.protocol) == (1, 5, "petl-ast")  # PETL-AST: test 1, valid 5
     assert {esc_fold(p) for p, _ in dm.splits["test"]} == {1}
-    assert {esc_fold(p) for p, _ in dm.splits["val"]} == {2}
-    assert {esc_fold(p) for p, _ in dm.splits["train"]} == {3, 4, 5}
+    assert {esc_fold(p) for p, _ in dm.splits["val"]} == {5}
+    assert {esc_fold(p) for p, _ in dm.splits["train"]} == {2, 3, 4}
     assert [len(dm.splits[s]) for s in ("train", "val", "test")] == [18, 6, 6]
     for p, y in dm.splits["train"]:  # label = the `target` at the end of the file name
         assert y == int(p.stem.split("-")[-1]) and p.is_file()
@@ -67,7 +67,7 @@ def test_esc50_labels_and_default_split(esc50, tmp_path):
 @pytest.mark.parametrize("test_fold", [1, 2, 3, 4, 5])
 def test_esc50_fold_rotation(esc50, tmp_path, test_fold):
     dm = ESC50DataModule(str(esc50), test_fold=test_fold, cache_dir=str(tmp_path / "cache"))
-    val = test_fold % 5 + 1  # the next fold, 5 -> 1
+    val = {1: 5, 2: 1, 3: 2, 4: 3, 5: 4}[test_fold]  # PETL-AST main.py: folds_valid / folds_test
     assert dm.val_fold == val
     folds = {s: {esc_fold(p) for p, _ in dm.splits[s]} for s in dm.splits}
     assert folds == {"test": {test_fold}, "val": {val}, "train": set(range(1, 6)) - {test_fold, val}}
@@ -137,7 +137,7 @@ def test_esc50_few_shot_is_seeded_and_deterministic(esc50, tmp_path):
 
     dm, a = train(0)
     assert len(a) == 6 and sorted(y for _, y in a) == [0, 0, 1, 1, 2, 2]
-    assert {esc_fold(Path(p)) for p, _ in a} <= {3, 4, 5}  # drawn from the train folds only
+    assert {esc_fold(Path(p)) for p, _ in a} <= {2, 3, 4}  # drawn from the train folds only
     assert len(dm.splits["val"]) == 6 and len(dm.splits["test"]) == 6  # evaluation untouched
     assert train(0)[1] == a
     assert any(train(s)[1] != a for s in range(1, 6))
@@ -223,9 +223,9 @@ def us8k_fold(path: Path) -> int:
 def test_us8k_labels_and_splits(us8k, tmp_path, afx):
     dm = UrbanSound8KDataModule(str(us8k), cache_dir=str(tmp_path / "cache"))
     assert dm.labels == afx.US8K_CLASSES and dm.num_classes == 3
-    assert (dm.test_fold, dm.val_fold) == (1, 2)
+    assert (dm.test_fold, dm.val_fold) == (1, 10)
     folds = {s: {us8k_fold(p) for p, _ in dm.splits[s]} for s in dm.splits}
-    assert folds == {"test": {1}, "val": {2}, "train": set(range(3, 11))}
+    assert folds == {"test": {1}, "val": {10}, "train": set(range(2, 10))}
     for p, y in dm.splits["train"]:  # classID is the second field of the file name
         assert y == int(p.stem.split("-")[1]) and p.is_file()
     assert dm.preprocessing["target_frames"] == 400
@@ -234,7 +234,7 @@ def test_us8k_labels_and_splits(us8k, tmp_path, afx):
 @pytest.mark.parametrize("test_fold", range(1, 11))
 def test_us8k_validation_fold_is_never_the_test_fold(us8k, tmp_path, test_fold):
     dm = UrbanSound8KDataModule(str(us8k), test_fold=test_fold, cache_dir=str(tmp_path / "cache"))
-    assert dm.val_fold == test_fold % 10 + 1 != test_fold
+    assert dm.val_fold == (test_fold - 2) % 10 + 1 != test_fold  # the fold before
     test = {us8k_fold(p) for p, _ in dm.splits["test"]}
     val = {us8k_fold(p) for p, _ in dm.splits["val"]}
     assert test == {test_fold} and val == {dm.val_fold} and not test & val
@@ -302,7 +302,7 @@ def test_us8k_corrupt_file_named_and_skipped(us8k, tmp_path, afx):
 def test_gsc_labels_and_official_lists(gsc, tmp_path, afx):
     root, split = gsc
     dm = SpeechCommandsDataModule(str(root), cache_dir=str(tmp_path / "cache"))
-    assert dm.labels == afx.GSC_WORDS and dm.num_classes == 3
+    assert dm.labels == afx.GSC_WORDS and dm.num_classes == 35
     assert "_background_noise_" not in dm.labels
     for s in ("train", "val", "test"):
         assert rel(root, dm.splits[s]) == set(split[s])
@@ -310,18 +310,18 @@ def test_gsc_labels_and_official_lists(gsc, tmp_path, afx):
             assert dm.labels[y] == p.parent.name
     every = [p for s in dm.splits.values() for p, _ in s]
     assert not any("_background_noise_" in str(p) for p in every)
-    assert len(every) == 15
-    assert dm.augment is None  # no SpecAugment for Speech Commands (as PETL-AST)
+    assert len(every) == 175
+    assert dm.augment is None  # PETL-AST main.py (since c80097e): apply_SpecAug=False for GSC
     assert dm.preprocessing["target_frames"] == 100
 
 
 def test_gsc_batches(gsc, tmp_path):
     root, _ = gsc
     dm = SpeechCommandsDataModule(str(root), batch_size=9, cache_dir=str(tmp_path / "cache"))
-    check_batch(first_batch(dm, "train"), 100, 3, 9)
+    check_batch(first_batch(dm, "train"), 100, 35, 9)
     assert dm.train_dataloader().dataset.augment is None
-    x, y = next(iter(dm.val_dataloader()))
-    assert x.shape == (3, 100, 128) and sorted(y.tolist()) == [0, 1, 2]
+    ys = torch.cat([y for _, y in dm.val_dataloader()])
+    assert sorted(ys.tolist()) == list(range(35))  # one validation clip per word
 
 
 def test_gsc_specaugment_can_be_enabled(gsc, tmp_path):
@@ -334,8 +334,8 @@ def test_gsc_specaugment_can_be_enabled(gsc, tmp_path):
 def test_gsc_few_shot(gsc, tmp_path):
     root, _ = gsc
     dm = SpeechCommandsDataModule(str(root), few_shot=2, seed=3, cache_dir=str(tmp_path / "cache"))
-    assert sorted(y for _, y in dm.splits["train"]) == [0, 0, 1, 1, 2, 2]
-    assert len(dm.splits["val"]) == len(dm.splits["test"]) == 3
+    assert sorted(y for _, y in dm.splits["train"]) == sorted(list(range(35)) * 2)
+    assert len(dm.splits["val"]) == len(dm.splits["test"]) == 35
     dm2 = SpeechCommandsDataModule(str(root), few_shot=2, seed=3, cache_dir=str(tmp_path / "cache"))
     assert dm2.splits == dm.splits
 
@@ -436,3 +436,149 @@ def test_fsc_corrupt_file_skipped(fsc, tmp_path, afx):
     assert dm.skipped == {"train": 1, "val": 0, "test": 0}
     assert bad not in [p for p, _ in dm.splits["train"]]
     assert sum(len(y) for _, y in dm.train_dataloader()) == 5
+
+
+# --------------------------------------------------------------------------- protocols (issue 13)
+
+
+def share_src_files(root: Path) -> None:
+    """Real ESC-50: several clips (takes A, B, ...) cut from one freesound recording share `src_file`;
+    here takes A+B share one, C+D another."""
+    rewrite_csv(root / "meta" / "esc50.csv",
+                edit=lambda r: {**r, "src_file": str(int(r["src_file"]) - "ABCDEFG".index(r["take"]) % 2)})
+
+
+def test_esc50_official_protocol_trains_on_four_folds_and_validates_on_whole_recordings(esc50, tmp_path, afx):
+    afx.make_esc50(esc50, per_fold=4)  # 4 takes of 2 recordings per class and fold
+    share_src_files(esc50)
+    dm = ESC50DataModule(str(esc50), test_fold=2, protocol="official", val_fraction=0.25,
+                         cache_dir=str(tmp_path / "cache"))
+    assert dm.protocol == "official" and dm.val_fold is None
+    assert {esc_fold(p) for p, _ in dm.splits["test"]} == {2}
+    assert {esc_fold(p) for p, _ in dm.splits["train"] + dm.splits["val"]} == {1, 3, 4, 5}
+    assert len(dm.splits["train"]) + len(dm.splits["val"]) == 4 * 3 * 4  # every training-fold clip
+    src = {r["filename"]: r["src_file"] for r in csv.DictReader(open(esc50 / "meta" / "esc50.csv"))}
+    groups = {s: {src[p.name] for p, _ in dm.splits[s]} for s in ("train", "val")}
+    assert not groups["train"] & groups["val"]  # no recording in both
+    assert len(groups["val"]) == round(0.25 * 24)  # 24 training recordings, a quarter held out
+    assert len(dm.splits["val"]) == 2 * len(groups["val"])  # both takes of each held-out recording
+
+
+def test_esc50_official_protocol_without_validation_tests_the_last_epoch(esc50, tmp_path):
+    dm = ESC50DataModule(str(esc50), protocol="official", val_fraction=0, cache_dir=str(tmp_path / "cache"))
+    assert dm.protocol == "official-last-epoch"
+    assert dm.splits["val"] == [] and len(dm.splits["train"]) == 24
+    dm.setup("fit")
+    assert dm.val_dataloader() == []  # Lightning skips validation
+
+
+def test_protocol_arguments_are_checked(esc50, us8k):
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        ESC50DataModule(str(esc50), protocol="anchor")
+    with pytest.raises(ValueError, match="val_fold is for protocol 'petl-ast'"):
+        UrbanSound8KDataModule(str(us8k), protocol="official", val_fold=3)
+    with pytest.raises(ValueError, match="val_fraction"):
+        ESC50DataModule(str(esc50), protocol="official", val_fraction=1.0)
+
+
+def test_us8k_official_protocol_trains_on_nine_folds_grouped_by_fsid(us8k, tmp_path):
+    meta = us8k / "metadata" / "UrbanSound8K.csv"
+    rewrite_csv(meta, edit=lambda r: {**r, "fsID": str(int(r["fold"]) * 100 + int(r["classID"]) % 2)})
+    dm = UrbanSound8KDataModule(str(us8k), test_fold=4, protocol="official", val_fraction=0.2,
+                                cache_dir=str(tmp_path / "cache"))
+    folds = {us8k_fold(p) for p, _ in dm.splits["train"] + dm.splits["val"]}
+    assert folds == set(range(1, 11)) - {4} and {us8k_fold(p) for p, _ in dm.splits["test"]} == {4}
+    fsid = {r["slice_file_name"]: r["fsID"] for r in csv.DictReader(open(meta))}
+    val, train = ({fsid[p.name] for p, _ in dm.splits[s]} for s in ("val", "train"))
+    assert val and not val & train and len(val) == round(0.2 * 18)
+
+
+def test_petl_ast_recipes_augment_like_the_anchor():
+    """PETL-AST main.py (HEAD, and since commit c80097e "Fixed specaugmentation"): apply_SpecAug=True
+    for ESC-50 and UrbanSound8K, False for GSC and FSC; our recipes say the same explicitly."""
+    import yaml
+
+    data = Path(__file__).resolve().parents[2] / "domains" / "audio" / "data"
+    got = {n: yaml.safe_load((data / f"{n}.yaml").read_text())["data"]["init_args"]["specaugment"]
+           for n in ("esc50", "us8k", "speech_commands", "fsc")}
+    assert got == {"esc50": True, "us8k": True, "speech_commands": False, "fsc": False}
+    recipe = {n: yaml.safe_load((data / f"{n}.yaml").read_text())["data"]["init_args"] for n in ("esc50", "us8k")}
+    assert recipe["esc50"]["protocol"] == recipe["us8k"]["protocol"] == "petl-ast"
+
+
+# --------------------------------------------------------------------------- smaller items (issue 13.6)
+
+
+def test_gsc_version_checks_the_word_folders(gsc, tmp_path):
+    import shutil
+
+    root, _ = gsc
+    assert SpeechCommandsDataModule(str(root), version="v2").num_classes == 35
+    for w in ("backward", "follow", "forward", "learn", "visual"):  # what a v0.01 root lacks
+        shutil.rmtree(root / w)
+    with open(root / "validation_list.txt") as f:
+        keep = [line for line in f if line.split("/")[0] not in ("backward", "follow", "forward", "learn", "visual")]
+    (root / "validation_list.txt").write_text("".join(keep))
+    with open(root / "testing_list.txt") as f:
+        keep = [line for line in f if line.split("/")[0] not in ("backward", "follow", "forward", "learn", "visual")]
+    (root / "testing_list.txt").write_text("".join(keep))
+    with pytest.raises(DatasetLayoutError, match=r"30 word folders, Speech Commands v2 has 35: missing "
+                                                 r"\['backward', 'follow', 'forward', 'learn', 'visual'\].*v0\.01"):
+        SpeechCommandsDataModule(str(root), version="v2")
+    assert SpeechCommandsDataModule(str(root), version="v0.01").num_classes == 30
+
+
+def test_gsc_empty_word_folder_is_refused(gsc):
+    root, _ = gsc
+    for wav in (root / "wow").glob("*.wav"):
+        wav.unlink()
+    for name in ("validation_list.txt", "testing_list.txt"):
+        lines = [ln for ln in (root / name).read_text().splitlines(keepends=True) if not ln.startswith("wow/")]
+        (root / name).write_text("".join(lines))
+    with pytest.raises(DatasetLayoutError, match=r"wow: word folder has no \.wav files"):
+        SpeechCommandsDataModule(str(root))
+
+
+def test_metadata_with_a_utf8_byte_order_mark(esc50, tmp_path):
+    meta = esc50 / "meta" / "esc50.csv"
+    meta.write_bytes(b"\xef\xbb\xbf" + meta.read_bytes())  # as Excel saves CSV
+    dm = ESC50DataModule(str(esc50), cache_dir=str(tmp_path / "cache"))
+    assert dm.labels == ["dog", "rooster", "rain"] and len(dm.splits["test"]) == 6
+
+
+def test_few_shot_is_drawn_after_bad_files_are_skipped(esc50, tmp_path, afx):
+    # 6 training clips per class; k = 6 needs all of them, so one unusable clip must fail loudly
+    # (drawn before skipping, the class would silently end with 5), and k = 5 keeps 5 usable ones.
+    probe = ESC50DataModule(str(esc50), cache_dir=str(tmp_path / "cache"))
+    bad = next(p for p, y in probe.splits["train"] if y == 1)
+    afx.corrupt(bad)
+    dm = ESC50DataModule(str(esc50), few_shot=5, skip_bad_files=True, target_frames=32,
+                         cache_dir=str(tmp_path / "cache"))
+    assert len(dm.splits["train"]) == 18  # nothing drawn before the files are checked
+    dm.setup("fit")
+    assert dm.skipped["train"] == 1
+    assert sorted(y for _, y in dm.splits["train"]) == [0] * 5 + [1] * 5 + [2] * 5
+    assert bad not in [p for p, _ in dm.splits["train"]]
+    dm = ESC50DataModule(str(esc50), few_shot=6, skip_bad_files=True, target_frames=32,
+                         cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="class 'rooster' has 5 samples, fewer than k=6"):
+        dm.setup("fit")
+
+
+def test_balanced_sampler_draws_classes_equally(esc50, tmp_path):
+    keep = lambda r: r if r["target"] != "1" or r["fold"] in ("1", "2") else None  # noqa: E731
+    with open(esc50 / "meta" / "esc50.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if keep(r)]
+    with open(esc50 / "meta" / "esc50.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    dm = ESC50DataModule(str(esc50), test_fold=1, val_fold=5, balanced_sampler=True, target_frames=16,
+                         batch_size=6, seed=0, cache_dir=str(tmp_path / "cache"))
+    ys = [y for _, y in dm.splits["train"]]
+    assert ys.count(1) == 2 and ys.count(0) == ys.count(2) == 6  # "rooster" is rare in training
+    dm.setup("fit")
+    sampler = dm.train_dataloader().sampler
+    drawn = torch.tensor([ys[i] for _ in range(300) for i in sampler])
+    share = torch.bincount(drawn, minlength=3).float() / len(drawn)
+    assert torch.allclose(share, torch.full((3,), 1 / 3), atol=0.03)  # unbalanced: 2/14 for rooster

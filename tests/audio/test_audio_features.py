@@ -150,18 +150,22 @@ def test_empty_wav(tmp_path):
     assert_names(e, p)
 
 
-def test_truncated_wav_reads_the_part_that_is_there(tmp_path, afx):
-    # libsndfile (checked: 1.2.x) reads a wav whose data chunk is cut short up to the end of the
-    # file, so a half-downloaded clip decodes as a shorter clip rather than failing.
+def test_truncated_wav_is_refused_unless_allowed(tmp_path, afx):
+    # A half-downloaded clip: its data chunk declares 64 000 bytes, 31 978 are present. It is
+    # refused (naming the file and both sizes); allow_truncated reads the part that is there.
     full = tmp_path / "full.wav"
     afx.write_wav(full, seconds=1.0, sr=16_000, channels=2, subtype="PCM_16")
     data = full.read_bytes()
     cut = tmp_path / "cut.wav"
     cut.write_bytes(data[: len(data) // 2])
-    whole, part = read_audio(full), read_audio(cut)
+    with pytest.raises(AudioError, match=r"cut\.wav: truncated audio: .*data of 64,000 bytes but only 31,978"):
+        read_audio(cut)
+    with pytest.raises(AudioError, match="truncated"):
+        features(cut, FbankConfig(target_frames=100))
+    whole, part = read_audio(full), read_audio(cut, allow_truncated=True)
     assert 7_900 <= part.numel() <= 8_000  # half of 16 000 frames, less the 44-byte header
     assert torch.equal(part, whole[: part.numel()])
-    assert features(cut, FbankConfig(target_frames=100)).shape == (100, 128)
+    assert features(cut, FbankConfig(target_frames=100), allow_truncated=True).shape == (100, 128)
 
 
 def test_wav_cut_inside_its_header(tmp_path, afx):

@@ -493,3 +493,146 @@ def test_datasets_pickle_without_the_trainer(tmp_path, med):
     x2, m2 = clone[0]
     assert torch.equal(x, x2) and torch.equal(m, m2)
     assert clone.load.__self__.trainer is None and dm.trainer is not None
+
+
+# --------------------------------------------------------------------------- issue 13: protocols and labels
+
+
+def test_medmnist_flag_and_size_come_from_the_file_name(tmp_path, med):
+    path = med.write_medmnist(tmp_path / "breastmnist_64.npz", shape=(64, 64), n=(4, 2, 2))
+    dm = MedMNISTDataModule(path, img_size=S)  # no flag: breastmnist, size 64 from the name
+    assert (dm.flag, dm.size, dm.name) == ("breastmnist", 64, "breastmnist_64")
+    assert dm.labels == ["malignant", "normal, benign"]  # 0 malignant, 1 normal/benign
+    assert MedMNISTDataModule(path, flag="BreastMNIST", size=64).labels == dm.labels
+    with pytest.raises(DatasetLayoutError, match=r"breastmnist_64\.npz: the file name says flag 'breastmnist' "
+                                                 r"but flag is 'pneumoniamnist'"):
+        MedMNISTDataModule(path, flag="pneumoniamnist")
+    with pytest.raises(DatasetLayoutError, match="file name says size 64 but size is 28"):
+        MedMNISTDataModule(path, size=28)
+    with pytest.raises(DatasetLayoutError, match="a folder root needs flag"):
+        MedMNISTDataModule(tmp_path)
+    plain = med.write_medmnist(tmp_path / "breastmnist.npz")
+    assert (MedMNISTDataModule(plain).flag, MedMNISTDataModule(plain).size) == ("breastmnist", 28)
+
+
+def test_medmnist_recipe_takes_the_flag_from_the_file(tmp_path, med):
+    import yaml
+
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[2] / "domains/medical/data/medmnist.yaml").read_text())
+    path = med.write_medmnist(tmp_path / "breastmnist.npz")
+    dm = MedMNISTDataModule(**{**recipe["data"]["init_args"], "root": str(path), "num_workers": 0})
+    assert dm.flag == "breastmnist" and dm.labels[0] == "malignant"
+
+
+def chexpert_raw(root: Path, csv_name: str = "train.csv") -> dict[str, dict[str, str]]:
+    """The CSV's raw values by image file: {path tail: {observation: raw}}."""
+    rows = csv.DictReader(open(root / csv_name))
+    return {"/".join(Path(r["Path"]).parts[-3:]): r for r in rows}
+
+
+def test_chexpert_uncertain_labels_are_never_scored(tmp_path, med):
+    root = med.write_chexpert(tmp_path, train_patients=range(1, 21))
+    dm = CheXpertDataModule(root, uncertainty="ones", test_fraction=0.3)
+    raw = chexpert_raw(root)
+    seen = {"train": 0, "test": 0}
+    for split in ("train", "test"):
+        s = dm.splits[split]
+        for p, y in zip(s.items, s.targets):
+            r = raw["/".join(Path(p).parts[-3:])]
+            for j, obs in enumerate(CHEXPERT_LABELS):
+                if r[obs] == "-1.0":
+                    seen[split] += 1
+                    # training follows the policy (U-Ones); evaluation leaves uncertain labels out
+                    assert (y[j] == 1.0) if split == "train" else np.isnan(y[j]), (split, p, obs)
+                else:
+                    assert y[j] == (1.0 if r[obs] == "1.0" else 0.0)
+    assert seen["train"] and seen["test"]  # the fixture has uncertain labels in both
+
+
+def test_chexpert_competition_labels(chexpert_root):
+    from medical.datasets import CHEXPERT_COMPETITION
+
+    dm = CheXpertDataModule(chexpert_root, labels="competition", img_size=S, batch_size=4)
+    assert dm.labels == ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+    assert dm.labels == CHEXPERT_COMPETITION and dm.num_classes == 5
+    raw = chexpert_raw(chexpert_root, "valid.csv")
+    for p, y in zip(dm.splits["val"].items, dm.splits["val"].targets):
+        r = raw["/".join(Path(p).parts[-3:])]
+        assert y.tolist() == [float(r[o]) if r[o] else 0.0 for o in dm.labels]
+    _, y = batch(dm, "val")
+    assert y.shape == (4, 5)
+    with pytest.raises(ValueError, match="labels must be one of"):
+        CheXpertDataModule(chexpert_root, labels="five")
+
+
+def test_chexpert_labels_without_positives_are_left_out_and_reported(chexpert_root, caplog):
+    from shared.module import PerClassScore
+
+    with caplog.at_level("WARNING", logger="medical.datasets"):
+        dm = CheXpertDataModule(chexpert_root, uncertainty="ignore")
+    val = dm.splits["val"].targets  # 2 patients x 2 views: some observations never positive
+    undefined = [o for j, o in enumerate(dm.labels) if not ((val[:, j] == 1).any() and (val[:, j] == 0).any())]
+    assert undefined and f"CheXpert val split: {len(undefined)} observation(s)" in caplog.text
+    assert str(undefined) in caplog.text
+    # a perfect score on the defined labels is 1.0; the undefined ones are dropped, not scored 0
+    target = torch.from_numpy(np.nan_to_num(val, nan=-1.0)).long()
+    metric = PerClassScore("auroc")
+    metric.update(target.clamp_min(0).float(), target)
+    per_class = metric.compute()
+    assert int(torch.isnan(per_class).sum()) == len(undefined)
+    assert per_class[~torch.isnan(per_class)].mean().item() == 1.0
+
+
+def kermany(root: Path, med, patients: dict[str, int]) -> Path:
+    """Kermany chest X-ray names: pneumonia `person<N>_<bacteria|virus>_<k>.jpeg`, normal
+    `IM-<NNNN>-<kkkk>.jpeg`; several images per patient."""
+    k = 0
+    for cls, n in patients.items():
+        for pid in range(1, n + 1):
+            for take in range(3):
+                name = (f"person{pid}_{'bacteria' if take % 2 else 'virus'}_{take}.jpeg" if cls == "PNEUMONIA"
+                        else f"IM-{pid:04d}-{take + 1:04d}.jpeg")
+                (root / "train" / cls).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(med.pattern(seed=k)).save(root / "train" / cls / name, format="JPEG")
+                k += 1
+    return root
+
+
+def test_imagefolder_splits_by_patient_with_a_group_pattern(tmp_path, med, caplog):
+    root = kermany(tmp_path / "chest_xray", med, {"NORMAL": 10, "PNEUMONIA": 10})
+    with caplog.at_level("WARNING", logger="medical.datasets"):
+        by_image = ImageFolderDataModule(root)
+    assert "30 of 60 file names look grouped by patient (e.g. person10_bacteria_1.jpeg)" in caplog.text
+    pid = lambda p: p.name.split("_")[0] if p.name.startswith("person") else p.name.split("-")[1]  # noqa: E731
+    leaks = {pid(p) for p in by_image.splits["train"].items} & {pid(p) for p in by_image.splits["val"].items}
+    assert leaks  # by image, patients straddle train and val
+    dm = ImageFolderDataModule(root, group_pattern=r"^(person\d+)_|IM-(\d+)-")
+    got = {s: {pid(p) for p in dm.splits[s].items} for s in ("train", "val", "test")}
+    assert not got["train"] & got["val"] and not got["train"] & got["test"] and not got["val"] & got["test"]
+    assert sum(len(dm.splits[s]) for s in got) == 60 and len(got["val"]) == len(got["test"]) == 3  # of 20
+    assert all(len(dm.splits[s]) == 3 * len(got[s]) for s in got)  # whole patients (3 images each)
+    assert dm.protocol == "split folders; val, test carved from train by patient"
+    few = ImageFolderDataModule(root, group_pattern=r"^(person\d+)_|IM-(\d+)-", few_shot=2)
+    assert len(set(few.splits["train"].groups)) == 4 and len(few.splits["train"]) == 12  # 2 patients per class
+    with pytest.raises(ValueError, match="not a valid regex"):
+        ImageFolderDataModule(root, group_pattern="(person")
+
+
+def test_imagefolder_balanced_sampler_and_multilabel_pos_weight(tmp_path, med, chexpert_root):
+    root = med.write_imagefolder(tmp_path / "f", per_class=10)
+    for p in sorted((root / "pneumonia").iterdir())[:8]:
+        p.unlink()  # 10 normal, 2 pneumonia
+    dm = ImageFolderDataModule(root, balanced_sampler=True, img_size=S, seed=0)
+    ys = dm.splits["train"].targets
+    dm.setup("fit")
+    sampler = dm.train_dataloader().sampler
+    drawn = np.concatenate([ys[list(sampler)] for _ in range(200)])
+    assert abs((drawn == 1).mean() - 0.5) < 0.05 and (ys == 1).mean() < 0.25
+    assert dm.pos_weight is None  # single-label
+    cx = CheXpertDataModule(chexpert_root, uncertainty="ignore")
+    t = cx.splits["train"].targets
+    want = [float(((t[:, j] == 0).sum()) / (t[:, j] == 1).sum()) if (t[:, j] == 1).any() else 1.0
+            for j in range(t.shape[1])]
+    assert cx.pos_weight == pytest.approx(want) and max(want) > 1
+    with pytest.raises(ValueError, match="balanced_sampler is for single-label"):
+        CheXpertDataModule(chexpert_root, balanced_sampler=True).train_dataloader()

@@ -50,9 +50,12 @@ def test_equals_bare_hf_peft(tiny, anat, dora):
     x = tiny.input(anat)
     method = (peft.DoRA if dora else peft.LoRA)(r=R, alpha=ALPHA, targets=TARGETS[anat])
     ours = peft.attach(copy.deepcopy(pristine), [method])
-    ref = hf_peft.inject_adapter_in_model(
-        hf_peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=list(TARGETS[anat]), use_dora=dora),
-        copy.deepcopy(pristine))
+    # The reference is peft's public entry point (PeftModel, which also decides what trains),
+    # not the injection our code calls.
+    wrapped = hf_peft.get_peft_model(
+        copy.deepcopy(pristine),
+        hf_peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=list(TARGETS[anat]), use_dora=dora))
+    ref = wrapped.get_base_model()
     values = _random_values(ours)
     layers = _set(ours, method.name, values)
     _set(ref, "default", values)
@@ -63,7 +66,8 @@ def test_equals_bare_hf_peft(tiny, anat, dora):
     assert (out - tiny.forward(pristine, x)).abs().max() > 1e-3  # the update is not a no-op
 
     # the trainable tensors are exactly peft's adapter tensors
-    hf_trainable = {n.replace(".default", f".{method.name}") for n, p in ref.named_parameters() if p.requires_grad}
+    hf_trainable = {n.removeprefix("base_model.model.").replace(".default", f".{method.name}")
+                    for n, p in wrapped.named_parameters() if p.requires_grad}
     assert set(ours.peft_state.owner) == hf_trainable
 
 

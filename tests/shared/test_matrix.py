@@ -41,8 +41,10 @@ class Spec:
 
 _TIMM = dict(mhsa=("attn.qkv", "attn.proj", "norm1"), ffn=("mlp.fc1", "mlp.fc2", "norm2"), final_norm="norm",
              lora=("qkv",), ia3=("qkv", "fc2"), ia3_ff=("fc2",), vera=("qkv",))
-_NO_TOKENS_DECODER = {"prompt_deep": "causal", "prompt_shallow": "causal", "prefix": "causal", "bitfit": "bias"}
-_NO_TOKENS_BERT = {"prompt_deep": "attention mask", "prompt_shallow": "attention mask", "prefix": "prefixtuningconfig"}
+_NO_TOKENS_DECODER = {"prompt_deep": "causal", "prompt_shallow": "causal", "prefix": "causal", "bitfit": "bias",
+                      "lora_qkv": "separate q/k/v"}
+_NO_TOKENS_BERT = {"prompt_deep": "attention mask", "prompt_shallow": "attention mask", "prefix": "prefixtuningconfig",
+                   "lora_qkv": "separate q/k/v"}
 _NO_TOKENS_SWIN = {"prompt_deep": "window", "prompt_shallow": "window", "prefix": "window"}
 
 SPECS = {
@@ -52,7 +54,7 @@ SPECS = {
                 mhsa=("attention.q_proj", "attention.o_proj", "layernorm_before"),
                 ffn=("mlp.fc1", "mlp.fc2", "layernorm_after"), final_norm="layernorm",
                 lora=("q_proj", "v_proj"), ia3=("q_proj", "v_proj", "fc2"), ia3_ff=("fc2",),
-                vera=("q_proj", "v_proj"), pool="mean"),
+                vera=("q_proj", "v_proj"), pool="mean", unsupported={"lora_qkv": "separate q/k/v"}),
     "swin": Spec(blocks=("layers.0.blocks.0", "layers.1.blocks.0"), pool="patch_mean",
                  unsupported=_NO_TOKENS_SWIN, **_TIMM),
     "llama": Spec(blocks=("layers.0", "layers.1"),
@@ -80,6 +82,8 @@ class Variant:
 
 VARIANTS = {
     "lora": Variant(lambda s: peft.LoRA(r=4, alpha=8, targets=s.lora), True),
+    "lora_bias": Variant(lambda s: peft.LoRA(r=4, alpha=8, targets=s.lora, bias="lora_only"), True),
+    "lora_qkv": Variant(lambda s: peft.QKVLoRA(r=4, alpha=8, parts=("q", "v")), True),
     "dora": Variant(lambda s: peft.DoRA(r=4, alpha=8, targets=s.lora), True),
     "adalora": Variant(lambda s: peft.AdaLoRA(init_r=4, target_r=2, alpha=8, targets=s.lora), True),
     "ia3": Variant(lambda s: peft.IA3(targets=s.ia3, feedforward=s.ia3_ff), True),
@@ -170,6 +174,9 @@ def _lokr_count(m: nn.Linear, r: int) -> int:
 
 def expected_count(method: peft.Method, spec: Spec, model: nn.Module) -> int:
     """Trainable parameters `method` adds to the pristine `model` (closed form)."""
+    if isinstance(method, peft.QKVLoRA):  # one (A, B) pair per chosen part of each fused qkv
+        return sum(len(method.parts) * method.r * (m.in_features + m.out_features // 3)
+                   for _, m in _matched(model, method.targets))
     if isinstance(method, (peft.LoRA, peft.AdaLoRA, peft.LoHa, peft.LoKr, peft.VeRA, peft.IA3)):
         layers = _matched(model, method.targets)
         assert layers, method.targets
@@ -179,7 +186,8 @@ def expected_count(method: peft.Method, spec: Spec, model: nn.Module) -> int:
         if isinstance(method, peft.DoRA):
             return sum(method.r * (m.in_features + m.out_features) + m.out_features for _, m in layers)
         if isinstance(method, peft.LoRA):
-            return sum(method.r * (m.in_features + m.out_features) for _, m in layers)
+            bias = sum(m.bias.numel() for _, m in layers if m.bias is not None) if method.bias == "lora_only" else 0
+            return sum(method.r * (m.in_features + m.out_features) for _, m in layers) + bias
         if isinstance(method, peft.AdaLoRA):
             return sum(method.init_r * (m.in_features + m.out_features) + method.init_r for _, m in layers)
         if isinstance(method, peft.LoHa):
@@ -203,7 +211,7 @@ def expected_count(method: peft.Method, spec: Spec, model: nn.Module) -> int:
         return sum(2 * ex.out_features for _, ex, _ in _sites(spec, model, method.placement))
 
     # adapters and Compacter
-    total = 2 * method.phm_dim ** 3 if isinstance(method, peft.Compacter) else 0
+    total = method.phm_dim ** 3 if isinstance(method, peft.Compacter) else 0  # one shared set of A_i
     for entry, ex, norm in _sites(spec, model, method.placement):
         d_out = ex.out_features
         d_in = entry.in_features if method.mode == "parallel" else d_out
@@ -303,9 +311,10 @@ def test_training_updates_only_method_tensors(tiny, anat, variant):
 
     # every other parameter and buffer of the original backbone is bit-identical
     now = _unprefixed(list(model.named_parameters()) + list(model.named_buffers()))
+    owned = {n.replace(".base_layer", "") for n in state.owner}  # LoRA bias="lora_only" trains base biases
     for name, ref in list(pristine.named_parameters()) + list(pristine.named_buffers()):
         assert name in now, f"original tensor {name} is gone"
-        if name not in state.owner:
+        if name not in owned:
             assert torch.equal(now[name], ref), f"frozen tensor {name} changed"
             assert not isinstance(now[name], nn.Parameter) or not now[name].requires_grad
     assert not torch.allclose(tiny.forward(model, x), tiny.forward(pristine, x), atol=1e-4)

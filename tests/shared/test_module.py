@@ -137,14 +137,26 @@ def test_ddp_two_processes_train_and_save_one_bundle(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("PEFT_SUITE_STAGE_DIR", None)
+    # 41 per class: 9 test clips per class, 45 in all, which 2 processes cannot share evenly.
     proc = subprocess.run(
         [sys.executable, "-m", "shared.demo", *_cli_args(out, "--trainer.accelerator", "cpu",
-                                                         "--trainer.devices", "2", "--trainer.strategy", "ddp")],
+                                                         "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                                                         "--data.per_class", "41", "--trainer.max_epochs", "1")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "adapter" / "adapter.safetensors").is_file()
     row = json.loads((out / "metrics.json").read_text())
-    assert row["test/acc"] > 0.5
+    assert row["test/acc"] > 0.3  # 5 classes: chance is 0.2
+    # Every test sample counted exactly once (a padding DistributedSampler scores 46 samples, one
+    # twice): the DDP metric equals the bundle's accuracy over the 45 test samples in one process.
+    data = SyntheticDataModule(kind="spectrogram", num_classes=5, per_class=41, shape=(64, 32))
+    data.setup()
+    x, y = data.splits["test"].tensors
+    assert len(y) == 45
+    with torch.no_grad():
+        correct = int((peft.from_bundle(out / "adapter").eval()(x).argmax(-1) == y).sum())
+    assert 0 < correct < 45  # a perfect or null score would not tell 45 from 46 samples
+    assert row["test/acc"] == pytest.approx(correct / 45, abs=1e-6)
     # exactly one bundle and no leftover staging folders from either rank
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
 
@@ -189,3 +201,110 @@ def test_root_cause_surfaces_our_error_from_jsonargparse_union_messages():
            "  - /nonexistent: dataset folder not found\n  - Expected a <class 'NoneType'>\nGiven value: ...")
     assert root_cause(msg) == "/nonexistent: dataset folder not found"
     assert root_cause("plain message") == "plain message"
+
+
+# --------------------------------------------------------------------------- issue 13: metrics and selection
+
+
+def test_checkpoint_mode_follows_the_monitored_metric():
+    from shared.module import PeftModule, monitor_mode
+
+    class Default(PeftModule):
+        pass
+
+    assert monitor_mode("val/loss") == "min" and monitor_mode("val/hd95") == "min"
+    assert monitor_mode("val/acc") == "max" and monitor_mode("val/dice") == "max" and monitor_mode("val/auroc") == "max"
+    [cb] = Default().configure_callbacks()
+    assert (cb.monitor, cb.mode) == ("val/loss", "min")  # was "max": the worst checkpoint kept
+    [cb] = _module().configure_callbacks()
+    assert (cb.monitor, cb.mode) == ("val/acc", "max")
+    [cb] = _module(multilabel=True, monitor="val/auroc").configure_callbacks()
+    assert (cb.monitor, cb.mode) == ("val/auroc", "max")
+    assert _module(multilabel=True).monitor == "val/map"
+    with pytest.raises(ValueError, match="monitor 'val/dice' is not logged"):
+        _module(monitor="val/dice")
+
+
+def test_weight_decay_exclusion_option():
+    m = _module(head={"kind": "prototypical", "prototypes_per_class": 2, "upsample": 1}, weight_decay=0.1,
+                methods=[{"name": "prompt", "n_tokens": 2, "deep": True}, {"name": "bitfit"},
+                         {"name": "lora", "r": 4, "targets": ["qkv"]}], decay_exclude=True)
+    m._trainer = _FakeTrainer()
+    opt = m.configure_optimizers()["optimizer"]
+    names = {id(p): n for n, p in m.model.named_parameters()}
+    by_wd = {wd: sorted(names[id(p)] for g in opt.param_groups if g["weight_decay"] == wd for p in g["params"])
+             for wd in {g["weight_decay"] for g in opt.param_groups}}
+    assert set(by_wd) == {0.0, 0.1}
+    assert all("lora_" in n for n in by_wd[0.1] if n != "head.weight")  # LoRA matrices and the class weights decay
+    assert "head.prototypes" in by_wd[0.0] and "backbone.peft_prompt.tokens" in by_wd[0.0]
+    assert any(n.endswith(".bias") for n in by_wd[0.0])
+    m = _module(weight_decay=0.1)  # default: everything decays (PETL-AST's AdamW)
+    m._trainer = _FakeTrainer()
+    assert {g["weight_decay"] for g in m.configure_optimizers()["optimizer"].param_groups} == {0.1}
+
+
+def test_macro_scores_drop_classes_absent_from_the_split():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+    from torchmetrics.functional.classification import multilabel_average_precision
+
+    from shared.module import PerClassScore, macro_over_defined
+
+    # 3 labels, the third never positive in this split (a rare finding in a small split)
+    target = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0], [1, 0, 0], [0, 1, 0]])
+    preds = torch.tensor([[.9, .2, .1], [.4, .8, .3], [.3, .7, .2], [.6, .1, .9], [.8, .3, .1], [.2, .4, .5]])
+    mean, per_class, dropped = macro_over_defined(preds, target, "ap")
+    want = [average_precision_score(target[:, j], preds[:, j]) for j in range(2)]
+    assert dropped == 1 and torch.isnan(per_class[2])
+    assert mean == pytest.approx(sum(want) / 2)
+    tm = multilabel_average_precision(preds, target, num_labels=3, average="macro").item()
+    assert tm < mean - 0.2  # torchmetrics' macro scores the absent label as 0
+    # unknown targets (-1) are left out per class
+    t2 = target.clone()
+    t2[0, 0] = -1
+    auroc, _, _ = macro_over_defined(preds, t2, "auroc")
+    assert auroc == pytest.approx((roc_auc_score(target[1:, 0], preds[1:, 0]) + roc_auc_score(target[:, 1], preds[:, 1])) / 2)
+    m = PerClassScore("ap")
+    m.update(preds[:3], target[:3])
+    m.update(preds[3:], target[3:])  # over the split, not per batch
+    assert torch.allclose(m.compute()[:2], torch.tensor(want, dtype=torch.float32), atol=1e-6)
+
+
+def _logged_metrics(m, batches):
+    logged = {}
+    m.log = lambda *a, **k: None
+    m.log_dict = lambda d, **k: logged.update({k_: float(v) for k_, v in d.items()})
+    for logits, y in batches:
+        m.forward = lambda x, _l=logits: _l
+        m._shared_step((torch.zeros(len(y), 3, 32, 32), y), "val")
+    m._log_metrics("val")
+    return logged
+
+
+def test_binary_tasks_get_auroc_and_multilabel_logs_dropped_labels():
+    from sklearn.metrics import roc_auc_score
+
+    logits = torch.tensor([[0.0, 2.0], [1.0, 0.0], [0.0, 0.5], [2.0, 1.0], [0.0, -1.0]])
+    y = torch.tensor([1, 0, 0, 1, 0])
+    got = _logged_metrics(_module(num_classes=2), [(logits[:3], y[:3]), (logits[3:], y[3:])])
+    want = roc_auc_score(y, logits.softmax(-1)[:, 1])
+    assert got["val/auroc"] == pytest.approx(want) and got["val/acc"] == pytest.approx(0.6)
+    assert got["val/auroc_classes_dropped"] == 0
+    yml = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, float("nan")], [1.0, 1.0, 0.0]])
+    got = _logged_metrics(_module(multilabel=True), [(torch.randn(3, 3), yml)])
+    assert got["val/map_classes_dropped"] == got["val/auroc_classes_dropped"] == 2  # label 0 all positive, 2 none
+
+
+def test_pos_weight_and_unknown_targets_in_the_multilabel_loss():
+    import torch.nn.functional as F
+
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 1.0, -3.0]])
+    y = torch.tensor([[1.0, float("nan"), 0.0], [0.0, 1.0, float("nan")]])
+    m = _module(multilabel=True, pos_weight=[3.0, 1.0, 0.5])
+    keep = ~torch.isnan(y)
+    full = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(y), reduction="none",
+                                              pos_weight=torch.tensor([3.0, 1.0, 0.5]))
+    assert m.loss(logits, y).item() == pytest.approx(full[keep].mean().item())
+    with pytest.raises(ValueError, match="pos_weight is for multi-label"):
+        _module(pos_weight=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="3 values|has 2 values"):
+        _module(multilabel=True, pos_weight=[1.0, 2.0])
