@@ -31,7 +31,7 @@ from shared.fs import atomic_path
 SAMPLE_RATE = 16_000
 AST_MEAN, AST_STD = -4.2677393, 4.5689974
 # Frames per dataset (PETL-AST): 10 ms hop, so 500 frames = 5 s.
-TARGET_FRAMES = {"esc50": 500, "us8k": 400, "speech_commands": 100, "fsc": 400, "audioset": 1024}
+TARGET_FRAMES = {"esc50": 500, "us8k": 400, "speech_commands": 100, "fsc": 400, "fsdd": 100, "audioset": 1024}
 
 
 class AudioError(ValueError):

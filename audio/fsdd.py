@@ -1,45 +1,168 @@
-"""The Free Spoken Digit Dataset arranged in the Speech Commands v2 layout (real speech, offline).
+"""The Free Spoken Digit Dataset (FSDD): real speech, offline, 10 classes.
 
 FSDD (CC BY-SA 4.0, Jakobovski et al.) ships as `recordings/{digit}_{speaker}_{take}.wav`
-(8 kHz mono). `write_speech_commands_layout` links a subset into word folders (`zero` ... `nine`)
-with `validation_list.txt` / `testing_list.txt`, so `SpeechCommandsDataModule` reads it as is:
-takes 0-4 are FSDD's official test split; takes 5-9 validate; the rest train.
+(8 kHz mono, 6 speakers x 10 digits x 50 takes in release 1.0.10). Two ways to use it:
+
+- `FSDDDataModule` (recipe `domains/audio/data/fsdd.yaml`) reads the `recordings/` folder as is.
+  Its default test split is **speaker-disjoint**: whole speakers are held out for test
+  (`test_speakers`, default `theo`) and validation (`val_speakers`, default `nicolas`), so the
+  test accuracy says how the model does on a voice it never heard. `split: take` is FSDD's own
+  split instead (takes 0-4 of every speaker test, 5-9 validate, the rest train), where test
+  speakers are also training speakers.
+- `write_speech_commands_layout` links a subset into the Speech Commands v2 layout (word folders
+  `zero` ... `nine` + `validation_list.txt` / `testing_list.txt`), so `SpeechCommandsDataModule`
+  reads it as is; same two splits.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 from pathlib import Path
+
+from audio.datasets import AudioDataModule, DatasetLayoutError
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)\.wav$")
+SPLITS = ("speaker", "take")
+TEST_SPEAKERS = ("theo",)
+VAL_SPEAKERS = ("nicolas",)
+MANIFEST = "fsdd_layout.json"
+
+
+def recordings(fsdd: str | os.PathLike) -> list[tuple[Path, int, str, int]]:
+    """[(wav, digit, speaker, take)] of `fsdd/recordings` (or `fsdd` itself when it holds the wavs)."""
+    fsdd = Path(fsdd).expanduser()
+    src = fsdd / "recordings" if (fsdd / "recordings").is_dir() else fsdd
+    if not src.is_dir():
+        raise DatasetLayoutError(f"{fsdd}: FSDD folder not found (expected {fsdd / 'recordings'})")
+    out = []
+    for wav in sorted(src.glob("*.wav")):
+        m = NAME.match(wav.name)
+        if m:
+            out.append((wav, int(m[1]), m[2], int(m[3])))
+    if not out:
+        raise DatasetLayoutError(f"{src}: no FSDD recordings (<digit>_<speaker>_<take>.wav) found")
+    return out
+
+
+def assign(speaker: str, take: int, split: str, test_speakers, val_speakers) -> str:
+    """"train" / "val" / "test" for one recording under the chosen split."""
+    if split == "take":
+        return "test" if take < 5 else "val" if take < 10 else "train"
+    return "test" if speaker in test_speakers else "val" if speaker in val_speakers else "train"
+
+
+def _check(split: str, test_speakers, val_speakers, speakers_present: set[str], where: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"{where}: split must be one of {SPLITS}, got {split!r}")
+    if split == "speaker":
+        unknown = sorted((set(test_speakers) | set(val_speakers)) - speakers_present)
+        if unknown:
+            raise ValueError(f"{where}: speakers {unknown} are not in the data (speakers: {sorted(speakers_present)})")
+        both = sorted(set(test_speakers) & set(val_speakers))
+        if both:
+            raise ValueError(f"{where}: speakers {both} are both test and validation speakers")
+
+
+class FSDDDataModule(AudioDataModule):
+    """FSDD spoken digits from `root/recordings` (module docstring). Labels are `zero` ... `nine`.
+
+    Args (beyond AudioDataModule's): split: "speaker" (default: held-out speakers) or "take"
+    (FSDD's official takes 0-4 test); test_speakers / val_speakers: the held-out speakers of the
+    speaker split; speakers: keep only these speakers (all when None); max_take: keep takes < max_take.
+    """
+
+    name = "fsdd"
+
+    def __init__(self, root: str, split: str = "speaker", test_speakers: list[str] | None = None,
+                 val_speakers: list[str] | None = None, speakers: list[str] | None = None, max_take: int = 50,
+                 **kw):
+        self.split = split
+        self.test_speakers = list(test_speakers if test_speakers is not None else TEST_SPEAKERS)
+        self.val_speakers = list(val_speakers if val_speakers is not None else VAL_SPEAKERS)
+        self.speakers, self.max_take = (list(speakers) if speakers else None), max_take
+        if split == "speaker":
+            self.protocol = f"speaker-disjoint (test {','.join(self.test_speakers)}; val {','.join(self.val_speakers)})"
+        else:
+            self.protocol = "FSDD takes (0-4 test, 5-9 val)"
+        super().__init__(root, **kw)
+
+    def read_splits(self):
+        recs = [r for r in recordings(self.root)
+                if (not self.speakers or r[2] in self.speakers) and r[3] < self.max_take]
+        _check(self.split, self.test_speakers, self.val_speakers, {r[2] for r in recs}, f"{self.root} (FSDD)")
+        self.labels = list(WORDS)
+        splits = {"train": [], "val": [], "test": []}
+        for wav, digit, speaker, take in recs:
+            splits[assign(speaker, take, self.split, self.test_speakers, self.val_speakers)].append((wav, digit))
+        empty = [s for s, items in splits.items() if not items]
+        if empty:
+            raise DatasetLayoutError(f"{self.root}: the {self.split} split leaves {empty} empty "
+                                     f"(speakers {sorted({r[2] for r in recs})}, takes < {self.max_take})")
+        return splits
 
 
 def write_speech_commands_layout(fsdd: str | os.PathLike, root: str | os.PathLike,
-                                 speakers: list[str] | None = None, max_take: int = 50) -> Path:
-    """Link FSDD recordings into `root` (idempotent). Returns `root`."""
-    src, root = Path(fsdd) / "recordings", Path(root)
-    if not src.is_dir():
-        raise FileNotFoundError(f"{src}: FSDD recordings folder not found")
-    if (root / "testing_list.txt").is_file():
-        return root
+                                 speakers: list[str] | None = None, max_take: int = 50, split: str = "speaker",
+                                 test_speakers: list[str] | None = None,
+                                 val_speakers: list[str] | None = None) -> Path:
+    """Link FSDD recordings into `root` in the Speech Commands layout. Returns `root`.
+
+    Idempotent for the same settings (recorded in `root/fsdd_layout.json`); a layout written with
+    other settings (speakers, takes, split) is rewritten, never silently reused; a folder holding
+    anything not written by this function is refused.
+    """
+    root = Path(root)
+    recs = [r for r in recordings(fsdd) if (not speakers or r[2] in speakers) and r[3] < max_take]
+    test_speakers = list(test_speakers if test_speakers is not None else TEST_SPEAKERS)
+    val_speakers = list(val_speakers if val_speakers is not None else VAL_SPEAKERS)
+    if split == "speaker" and speakers:  # held-out speakers default to those kept
+        present = {r[2] for r in recs}
+        test_speakers = [s for s in test_speakers if s in present] or sorted(present)[-1:]
+        val_speakers = [s for s in val_speakers if s in present and s not in test_speakers] or \
+            [s for s in sorted(present) if s not in test_speakers][-1:]
+    _check(split, test_speakers, val_speakers, {r[2] for r in recs}, f"{fsdd}")
+    settings = {"fsdd": str(Path(fsdd).resolve()), "speakers": sorted(speakers) if speakers else None,
+                "max_take": max_take, "split": split,
+                "test_speakers": sorted(test_speakers) if split == "speaker" else None,
+                "val_speakers": sorted(val_speakers) if split == "speaker" else None}
+    manifest = root / MANIFEST
+    if (root / "testing_list.txt").is_file() and manifest.is_file():
+        try:
+            if json.loads(manifest.read_text()) == settings:
+                return root
+        except json.JSONDecodeError:
+            pass
+        _clear_layout(root)  # ours, written with other settings: rewrite it
+    elif root.is_dir() and any(root.iterdir()):
+        raise ValueError(f"{root}: not empty and not an FSDD layout written by write_speech_commands_layout "
+                         f"(no {MANIFEST}); give a new or empty folder")
     lists = {"val": [], "test": []}
-    for wav in sorted(src.glob("*.wav")):
-        m = NAME.match(wav.name)
-        if not m:
-            continue
-        digit, speaker, take = int(m[1]), m[2], int(m[3])
-        if (speakers and speaker not in speakers) or take >= max_take:
-            continue
+    for wav, digit, speaker, take in recs:
         word = WORDS[digit]
         (root / word).mkdir(parents=True, exist_ok=True)
         dst = root / word / wav.name
         if not dst.exists():
             os.symlink(wav.resolve(), dst)
-        if take < 5:
-            lists["test"].append(f"{word}/{wav.name}")
-        elif take < 10:
-            lists["val"].append(f"{word}/{wav.name}")
+        part = assign(speaker, take, split, test_speakers, val_speakers)
+        if part != "train":
+            lists[part].append(f"{word}/{wav.name}")
     (root / "validation_list.txt").write_text("\n".join(lists["val"]) + "\n")
+    (root / MANIFEST).write_text(json.dumps(settings, indent=2))
     (root / "testing_list.txt").write_text("\n".join(lists["test"]) + "\n")  # written last: marks completion
     return root
+
+
+def _clear_layout(root: Path) -> None:
+    """Remove what write_speech_commands_layout wrote (its lists, manifest and word folders of links)."""
+    (root / "testing_list.txt").unlink(missing_ok=True)  # first: a torn clear is never taken as complete
+    for word in WORDS:
+        d = root / word
+        if d.is_dir():
+            if any(not (p.is_symlink() or not p.exists()) for p in d.iterdir()):
+                raise ValueError(f"{d}: holds files that are not FSDD links; not rewriting this layout")
+            shutil.rmtree(d)
+    for name in ("validation_list.txt", MANIFEST):
+        (root / name).unlink(missing_ok=True)

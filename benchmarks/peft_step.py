@@ -50,7 +50,13 @@ def train_configs(depth: int) -> list[tuple[str, str, dict | None]]:
     that reaches below the ~0.73x every all-blocks method pays for its input gradients."""
     top = list(range(depth // 2, depth))
     qkv = "|".join(str(i) for i in top)
+    lora = {"name": "lora", "r": 8, "alpha": 16, "targets": ["qkv"]}
+    adapter = {"name": "adapter", "placement": "ffn", "mode": "parallel", "bottleneck": 64}
     return TRAIN_CONFIGS + [
+        # activation recomputation per block (shared.peft.recompute): memory for one extra forward
+        ("full_recompute", "full fine-tuning + recompute", None),
+        ("lora_recompute", "LoRA r8 a16 on qkv + recompute", lora),
+        ("adapter_recompute", "adapter ffn parallel b64 + recompute", adapter),
         ("lora_top_half", f"LoRA r8 a16 on qkv of blocks {top[0]}-{top[-1]} only",
          {"name": "lora", "r": 8, "alpha": 16, "targets": rf"blocks\.({qkv})\.attn\.qkv"}),
         ("adapter_top_half", f"adapter ffn parallel b64 in blocks {top[0]}-{top[-1]} only",
@@ -93,7 +99,7 @@ def _backbone(spec: dict):
                              **spec["backbone_kwargs"])
 
 
-def _classifier(spec: dict, method: dict | None, frozen: bool):
+def _classifier(spec: dict, method: dict | None, frozen: bool, recompute: bool = False):
     from shared import heads, peft
 
     backbone = _backbone(spec)
@@ -101,6 +107,8 @@ def _classifier(spec: dict, method: dict | None, frozen: bool):
         peft.attach(backbone, [method])
     elif frozen:
         backbone.requires_grad_(False)
+    if recompute:
+        peft.recompute(backbone)
     head = heads.LinearHead(backbone.num_features, NUM_CLASSES, pool="cls")
     return peft.Classifier(backbone, head)
 
@@ -122,7 +130,7 @@ def run_train(spec: dict, key: str, method: dict | None) -> dict:
     import torch.nn.functional as F
 
     probe = key == "linear_probe"
-    model = _classifier(spec, method, frozen=probe)
+    model = _classifier(spec, method, frozen=probe, recompute=key.endswith("_recompute"))
     model.train()
     x = torch.randn(spec["batch"], 3, spec["img"], spec["img"])  # (B, 3, H, W)
     y = torch.randint(0, NUM_CLASSES, (spec["batch"],))
@@ -397,16 +405,9 @@ def render_markdown(res: dict) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; results are meant to be read by others
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from shared.fs import atomic_write
+
+    atomic_write(path, text)
 
 
 # ----------------------------------------------------------------------------- main

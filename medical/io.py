@@ -108,6 +108,27 @@ def _read_nifti(path: Path, mask: bool) -> np.ndarray:
     return np.asarray(img.dataobj) if mask else img.get_fdata(dtype=np.float32)
 
 
+def read_spacing(path: str | Path) -> tuple[float, ...] | None:
+    """Voxel / pixel spacing in mm per array axis of a NIfTI (header zooms of the spatial axes) or
+    DICOM (PixelSpacing: rows, columns); None for formats without one (PNG, JPEG, npy)."""
+    path = Path(path)
+    kind = image_kind(path)
+    try:
+        if kind == "nifti":
+            import nibabel as nib
+
+            img = nib.load(str(path))
+            return tuple(float(z) for z in img.header.get_zooms()[:3])
+        if kind == "dicom":
+            import pydicom
+
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+            return tuple(float(v) for v in ds.PixelSpacing) if "PixelSpacing" in ds else None
+    except Exception as err:
+        raise ImageReadError(f"{path}: cannot read the voxel spacing ({type(err).__name__}: {err})") from err
+    return None
+
+
 def _read_npy(path: Path, mask: bool) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 

@@ -17,13 +17,19 @@ gives the adapted backbone. The decoder's tensors live beside them in `decoder.s
 config, checksum and tensor shapes are recorded in `adapter.json` under "decoder". The whole folder
 is staged in a temporary directory and swapped in at once, so a bundle is never half written.
 
-Metrics: MONAI `DiceMetric` and `HausdorffDistanceMetric(percentile=95)` without background.
-Both are undefined (MONAI gives nan) for a (sample, class) whose ground truth is empty, and HD95
-also when the prediction is empty; those entries are left out of the mean (nan-ignoring: per class
-over samples, then over classes). So 2-D Dice does not count false positives on slices without
-the structure, and HD95 does not count missed structures (Dice does: they score 0). Report
-volume-level numbers (`volume_metrics`) for the 3-D picture. HD95 is in pixels / voxels unless
-a spacing is given.
+Metrics (background excluded), logged as `val|test/...`:
+* `dice`: the split-level Dice that picks the checkpoint: TP / FP / FN pooled per class over the
+  whole split (torchmetrics `DiceScore(aggregation_level="global")`, as the anchor's torchmetrics
+  Dice), then averaged over classes; false positives on slices without the structure count.
+* `dice_slice_mean`: secondary, MONAI `DiceMetric` per slice, nan-mean over the slices where the
+  structure is present (blind to false positives on empty slices).
+* `hd95`: MONAI `HausdorffDistanceMetric(percentile=95)` per slice, in PIXELS of the model input
+  (img_size x img_size). A structure missed entirely (or predicted where there is none) scores
+  the image diagonal, the largest possible distance, so a miss never improves HD95; a slice
+  where both are empty is left out.
+Volume-level scores (`score_volume`) are computed at the label's native resolution, with HD95 in
+mm when the file has a voxel spacing (`medical.io.read_spacing`), else in voxels; `METRIC_UNITS`
+names the unit of each logged metric.
 """
 from __future__ import annotations
 
@@ -39,13 +45,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
-from monai.metrics import DiceMetric, HausdorffDistanceMetric
+from monai.metrics import Cumulative, DiceMetric, HausdorffDistanceMetric
+from monai.metrics.hausdorff_distance import compute_hausdorff_distance
 from monai.networks.utils import one_hot
 from safetensors.torch import save_file
 from torch import nn
+from torchmetrics.segmentation import DiceScore
 
 from shared import backbones, peft
-from shared.artifacts import BundleError, read_checked_tensors, sha256_file, trained_tensors
+from shared.artifacts import BundleError, read_checked_tensors, resolve, sha256_file, trained_tensors
 from shared.fs import replace_dir
 from shared.heads import Tokens
 from shared.module import PeftModule
@@ -231,8 +239,29 @@ def _quiet_metrics():
 
 
 def _new_metrics() -> dict[str, Any]:
-    return {"dice": DiceMetric(include_background=False, reduction="none"),
-            "hd95": HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")}
+    return {"dice_slice_mean": DiceMetric(include_background=False, reduction="none"),
+            "hd95": Cumulative()}  # per-sample HD95 with misses penalised (`hd95_with_misses`)
+
+
+def hd95_with_misses(pred: torch.Tensor, target: torch.Tensor, spacing=None) -> torch.Tensor:
+    """HD95 per (sample, foreground class) of one-hot (B, C, *spatial) tensors, where a class
+    present in only one of prediction and ground truth scores the diagonal of the image / volume
+    (in the units of `spacing`, default pixels) and a class absent from both is nan."""
+    with _quiet_metrics():
+        hd = compute_hausdorff_distance(pred, target, include_background=False, percentile=95,
+                                        spacing=spacing).float().cpu()  # (B, C-1)
+    shape = torch.tensor(pred.shape[2:], dtype=torch.float32)
+    if spacing is not None:
+        shape = shape * torch.as_tensor(spacing, dtype=torch.float32).reshape(-1)[: len(shape)]
+    diagonal = float(torch.linalg.vector_norm(shape))
+    p = pred[:, 1:].flatten(2).any(-1).cpu()
+    t = target[:, 1:].flatten(2).any(-1).cpu()
+    hd = torch.where(p != t, torch.full_like(hd, diagonal), hd)
+    return torch.where(~p & ~t, torch.full_like(hd, float("nan")), hd)
+
+
+# The unit of each logged metric (written to metrics.json by shared.cli).
+METRIC_UNITS = {"hd95": "px (model input)", "volume_hd95": "mm if the label file has a spacing, else voxels"}
 
 
 def _per_class(values: torch.Tensor) -> torch.Tensor:
@@ -250,8 +279,10 @@ def volume_metrics(pred, label, num_classes: int, spacing: Sequence[float] | flo
     """Dice and HD95 of a whole label volume (D, H, W) (or a 2-D map) against its ground truth.
 
     Classes 1..C-1 are scored (background excluded); "dice" / "hd95" are means over the classes
-    where they are defined (see the module docstring), "*_per_class" the per-class values (nan
-    where undefined). `spacing` gives HD95 in physical units (e.g. mm per voxel).
+    present in the prediction or the ground truth, "*_per_class" the per-class values (nan for a
+    class absent from both). A class missed entirely (or predicted where there is none) has Dice
+    0 and HD95 = the volume's diagonal. `spacing` (per axis of `pred`) gives HD95 in physical
+    units (e.g. mm per voxel); without it HD95 is in voxels.
     """
     p = torch.as_tensor(np.asarray(pred) if not isinstance(pred, torch.Tensor) else pred).long()
     y = torch.as_tensor(np.asarray(label) if not isinstance(label, torch.Tensor) else label).long()
@@ -263,27 +294,51 @@ def volume_metrics(pred, label, num_classes: int, spacing: Sequence[float] | flo
     y = one_hot(y[None, None].cpu(), num_classes)
     with _quiet_metrics():
         dice = DiceMetric(include_background=False, reduction="none")(p, y)[0]  # (C-1,)
-        hd = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(
-            p, y, spacing=spacing)[0]
-    hd[~torch.isfinite(hd)] = float("nan")
+    present = p[0, 1:].flatten(1).any(-1) | y[0, 1:].flatten(1).any(-1)
+    dice = torch.where(present & torch.isnan(dice), torch.zeros_like(dice), dice)  # predicted, not there: 0
+    hd = hd95_with_misses(p, y, spacing)[0]
     return {"dice": _nanmean(dice), "hd95": _nanmean(hd),
             "dice_per_class": dice.tolist(), "hd95_per_class": hd.tolist()}
 
 
 @torch.no_grad()
-def predict_volume(backbone: nn.Module, decoder: nn.Module, volume_slices, batch: int = 16) -> torch.Tensor:
-    """Segment a volume slice by slice: (D, 3, S, S) preprocessed slices -> (D, S, S) labels (CPU, int64)."""
+def predict_volume(backbone: nn.Module, decoder: nn.Module, volume_slices, batch: int = 16,
+                   size: Sequence[int] | None = None) -> torch.Tensor:
+    """Segment a volume slice by slice: (D, 3, S, S) preprocessed slices -> (D, S, S) labels (CPU,
+    int64), or (D, *size) when `size` is given: logits are resized bilinearly to `size` (e.g. the
+    label's native in-plane size) before the argmax."""
     model = Segmenter(backbone, decoder)
     modes = [(m, m.training) for m in (backbone, decoder)]
     model.eval()
     ref = next(backbone.parameters())
     x = torch.as_tensor(np.asarray(volume_slices) if not isinstance(volume_slices, torch.Tensor) else volume_slices)
     try:
-        out = [model(x[i:i + batch].to(ref.device, ref.dtype)).argmax(1).cpu() for i in range(0, len(x), batch)]
+        out = []
+        for i in range(0, len(x), batch):
+            logits = model(x[i:i + batch].to(ref.device, ref.dtype))  # (b, C, S, S)
+            if size is not None and tuple(size) != tuple(logits.shape[-2:]):
+                logits = _resize(logits, size)
+            out.append(logits.argmax(1).cpu())
     finally:
         for m, was in modes:
             m.train(was)
-    return torch.cat(out) if out else torch.zeros(0, *x.shape[-2:], dtype=torch.long)
+    return torch.cat(out) if out else torch.zeros(0, *(size or x.shape[-2:]), dtype=torch.long)
+
+
+def score_volume(backbone: nn.Module, decoder: nn.Module, data, image_path, label_path) -> dict[str, Any]:
+    """Dice / HD95 of one volume of a data module with `load_volume` (Decathlon), scored at the
+    label's NATIVE resolution: slices are predicted at the model's size, their logits resized to
+    the label's in-plane size, and HD95 uses the file's voxel spacing (mm) when it has one.
+    Returns `volume_metrics`' dict plus "hd95_unit" ("mm" or "voxel")."""
+    from medical.io import read_mask, read_spacing
+
+    x, _ = data.load_volume(image_path, None)  # (D, 3, S, S), D = the file's last axis
+    label = torch.from_numpy(np.asarray(read_mask(label_path))).long()  # (H, W, D) native
+    pred = predict_volume(backbone, decoder, x, size=label.shape[:2])  # (D, H, W)
+    spacing = read_spacing(label_path)
+    scores = volume_metrics(pred.permute(1, 2, 0), label, data.num_classes, spacing=spacing)
+    scores["hd95_unit"] = "mm" if spacing is not None else "voxel"
+    return scores
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,7 +399,7 @@ def load_segmenter(path: str | os.PathLike, backbone: nn.Module | None = None,
     `shared.peft.from_bundle` does; with one, the bundle is loaded into it (`shared.peft.load`).
     The decoder is validated (checksum, names, shapes) before the backbone is built or touched.
     """
-    path = Path(path)
+    path = resolve(path)  # a folder, hf://…, https://…#sha256=… or a catalogue name (shared.hub)
     meta = peft.read_meta(path)
     decoder = _load_decoder(path, meta)
     if backbone is None:
@@ -373,11 +428,13 @@ class SegmentationModule(PeftModule):
         preprocessing: stored in the bundle (e.g. mean/std, window, img_size).
 
     Batches are `(images (B, 3, H, W), masks (B, 1, H, W) or (B, H, W))` or MONAI-style dicts
-    with "image" and "label". Logs `{stage}/loss`, and `val|test/dice`, `val|test/hd95`
-    (per-class `dice_<label>` too when there are several foreground classes).
+    with "image" and "label". Logs `{stage}/loss`, and `val|test/dice` (split-level, chooses the
+    checkpoint), `dice_slice_mean`, `hd95` (px; see the module docstring; per-class `dice_<label>`
+    too when there are several foreground classes).
     """
 
     monitor = "val/dice"
+    metric_units = {f"{s}/{k}": u for s in ("val", "test") for k, u in METRIC_UNITS.items()}
 
     def __init__(self, backbone: str = "tiny-vit", backbone_kwargs: dict[str, Any] | None = None,
                  methods: list[dict[str, Any]] | None = None, decoder: dict[str, Any] | None = None,
@@ -402,6 +459,10 @@ class SegmentationModule(PeftModule):
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         self.strict_loading = False  # checkpoints hold only the trained tensors
         self.metrics = {s: _new_metrics() for s in ("val", "test")}
+        # TP / FP / FN pooled over the split per class; states gathered across processes.
+        self.split_dice = nn.ModuleDict({s: DiceScore(num_classes, include_background=False, average="none",
+                                                      aggregation_level="global", input_format="one-hot")
+                                         for s in ("val", "test")})
 
     def forward(self, x):
         return self.model(x)
@@ -424,8 +485,9 @@ class SegmentationModule(PeftModule):
             c = self.hparams.num_classes
             pred, target = one_hot(logits.argmax(1, keepdim=True), c), one_hot(y, c)
             with _quiet_metrics():
-                for metric in self.metrics[stage].values():
-                    metric(y_pred=pred, y=target)
+                self.metrics[stage]["dice_slice_mean"](y_pred=pred, y=target)
+            self.metrics[stage]["hd95"].extend(hd95_with_misses(pred, target))
+            self.split_dice[stage].update(pred.long(), target.long())
         return loss
 
     def _log_metrics(self, stage):
@@ -433,13 +495,17 @@ class SegmentationModule(PeftModule):
         for name, metric in self.metrics[stage].items():
             buf = metric.get_buffer()  # (N, C-1), gathered across processes by MONAI
             metric.reset()
-            if buf is None:
+            if buf is None or not len(buf):
                 continue
-            per_class = _per_class(buf)
-            values[f"{stage}/{name}"] = _nanmean(per_class)
-            if name == "dice" and len(per_class) > 1:
+            values[f"{stage}/{name}"] = _nanmean(_per_class(buf))
+        if self.split_dice[stage].update_count:
+            # (C-1,), nan for a class with no TP, FP or FN in the whole split
+            per_class = self.split_dice[stage].compute().reshape(-1).float().cpu()
+            values[f"{stage}/dice"] = _nanmean(per_class)
+            if len(per_class) > 1:
                 names = self.hparams.labels or [str(i) for i in range(self.hparams.num_classes)]
                 values.update({f"{stage}/dice_{n}": float(v) for n, v in zip(names[1:], per_class)})
+        self.split_dice[stage].reset()
         if values:
             # Identical on every rank (MONAI gathered the buffers); sync_dist averages equal numbers.
             self.log_dict(values, prog_bar=True, sync_dist=True)

@@ -275,6 +275,7 @@ def run(model_class=ClassificationModule, default_config: str | Path | None = No
                "dataset": getattr(data, "name", type(data).__name__), "fold": getattr(data, "test_fold", None),
                "few_shot": getattr(data, "few_shot", None), "protocol": getattr(data, "protocol", None),
                "monitor": model.monitor if ckpt else None,  # the metric that chose the tested checkpoint
+               "units": getattr(model, "metric_units", None),  # e.g. {"test/hd95": "px (model input)"}
                "method": method_label(attached_methods(model)),
                "trainable_params": s["trainable"], "total_params": s["total"], **metrics,
                "best_checkpoint": Path(trainer.checkpoint_callback.best_model_path).name if ckpt else None,

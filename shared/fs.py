@@ -47,13 +47,72 @@ def atomic_write(dest: str | os.PathLike, data: str | bytes) -> None:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
+def fsync_tree(path: str | os.PathLike) -> None:
+    """Flush every file under `path` (and the folders themselves) to disk."""
+    path = Path(path)
+    for p in sorted(path.rglob("*"), reverse=True) + [path]:
+        if p.is_symlink():
+            continue
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Atomically swap two existing paths (Linux renameat2 RENAME_EXCHANGE). False where the
+    system cannot (another OS, an old kernel or a filesystem without it); nothing is changed then."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: not supported here
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
 def replace_dir(new: str | os.PathLike, dest: str | os.PathLike) -> None:
-    """Move the finished folder `new` to `dest`; an old `dest` is removed only after the swap."""
+    """Move the finished folder `new` to `dest`, its contents flushed to disk first.
+
+    An existing `dest` is swapped with `new` in one atomic step where the system allows it, so
+    `dest` always exists (old or new, never missing or half-written); the old contents are removed
+    after the swap. Elsewhere the old folder is renamed aside first (a moment without `dest`).
+    """
     new, dest = Path(new), Path(dest)
-    old = None
+    fsync_tree(new)
+    os.chmod(new, 0o777 & ~_umask())
     if dest.exists():
+        if exchange(new, dest):  # `new` now holds the old contents
+            _fsync_dir(dest.parent)
+            shutil.rmtree(new, ignore_errors=True)
+            return
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
         os.replace(dest, old)
-    publish(new, dest)
-    if old is not None:
+        publish(new, dest)
+        _fsync_dir(dest.parent)
         shutil.rmtree(old, ignore_errors=True)
+        return
+    publish(new, dest)
+    _fsync_dir(dest.parent)

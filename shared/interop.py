@@ -116,8 +116,8 @@ def import_peft(folder: str | os.PathLike, backbone: nn.Module, backbone_id: str
     """Attach the adapter in peft's format at `folder` to `backbone` and load its tensors."""
     from safetensors import SafetensorError, safe_open
 
-    from shared.artifacts import _weightless_copy, trained_tensors
-    from shared.peft import attach
+    from shared.artifacts import trained_tensors
+    from shared.peft import attach, weightless_copy
 
     folder = Path(folder)
     cfg_path, w_path = folder / PEFT_CONFIG, folder / PEFT_WEIGHTS
@@ -136,7 +136,7 @@ def import_peft(folder: str | os.PathLike, backbone: nn.Module, backbone_id: str
         raise BundleError(f"{w_path}: unreadable safetensors file ({e})") from None
     if getattr(backbone, "peft_state", None) is not None:
         raise BundleError("the backbone already has PEFT methods attached; import into a fresh backbone")
-    ghost = attach(_weightless_copy(backbone), [method], compute_fingerprint=False)
+    ghost = attach(weightless_copy(backbone), [method], compute_fingerprint=False)
     key = ghost.peft_state.methods[0][0]
     names = {peft_name(n, key): n for n in trained_tensors(ghost)}
     shapes = {n: tuple(t.shape) for n, t in trained_tensors(ghost).items()}

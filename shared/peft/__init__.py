@@ -9,7 +9,7 @@ from shared.artifacts import BundleError, from_bundle, load, read_meta, save
 
 from .adapters import Adapter, Compacter, FiLM
 from .base import METHODS, Method, PeftState, from_dict, register, state_of
-from .core import Classifier, attach, fingerprint, merge, regularization, split, start, step, summary, weightless_copy
+from .core import Classifier, attach, fingerprint, merge, recompute, regularization, split, start, step, summary, weightless_copy
 from .fused import QKVLoRA
 from .lora import IA3, AdaLoRA, DoRA, LoHa, LoKr, LoRA, VeRA
 from .scaling import BitFit, Full, NormTuning
@@ -17,7 +17,7 @@ from .tokens import Prefix, Prompt
 
 __all__ = [
     "METHODS", "Method", "PeftState", "register", "from_dict", "state_of",
-    "attach", "summary", "merge", "start", "step", "weightless_copy", "regularization", "save", "load", "from_bundle", "read_meta", "fingerprint", "split",
+    "attach", "summary", "merge", "recompute", "start", "step", "weightless_copy", "regularization", "save", "load", "from_bundle", "read_meta", "fingerprint", "split",
     "Classifier", "BundleError",
     "LoRA", "DoRA", "AdaLoRA", "IA3", "LoHa", "LoKr", "VeRA", "QKVLoRA",
     "Adapter", "Compacter", "FiLM", "Prompt", "Prefix", "BitFit", "NormTuning", "Full",

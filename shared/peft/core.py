@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import types
 from typing import Any, Iterable
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from shared.backbones import Anatomy, anatomy
@@ -151,6 +153,38 @@ def merge(model: nn.Module) -> dict[str, str]:
     params = set(n for n, _ in backbone.named_parameters())
     state.owner = {n: k for n, k in state.owner.items() if n in params}
     return report
+
+
+def _recomputed_forward(self, *args, **kwargs):
+    """A block's forward under activation checkpointing: its activations are recomputed in the
+    backward instead of kept. Hooks inside the block (adapters, LoRA, prefixes) run again in the
+    recomputation, with the same dropout masks (checkpoint restores the RNG state)."""
+    forward = type(self).forward
+    if not torch.is_grad_enabled():
+        return forward(self, *args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+
+
+def recompute(model: nn.Module, enabled: bool = True) -> int:
+    """Turn activation recomputation (checkpointing) on or off for every block of the backbone.
+
+    Trades one extra forward of each block in the backward for not keeping its activations;
+    works with every method, since they all live inside the blocks or as hooks on them. Returns
+    the number of blocks changed.
+    """
+    backbone, _ = split(model)
+    n = 0
+    for block in anatomy(backbone).blocks():
+        on = block.__dict__.get("forward") is not None and getattr(block.forward, "__func__", None) is _recomputed_forward
+        if enabled and not on:
+            if "forward" in block.__dict__:
+                raise ValueError(f"{type(block).__name__} already has its own forward override; cannot recompute it")
+            block.forward = types.MethodType(_recomputed_forward, block)
+            n += 1
+        elif not enabled and on:
+            del block.forward
+            n += 1
+    return n
 
 
 def start(model: nn.Module, total_steps: int) -> None:

@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.real,
 
 @pytest.fixture(scope="module")
 def gsc(tmp_path_factory):
-    return write_speech_commands_layout(FSDD, tmp_path_factory.mktemp("fsdd") / "gsc", speakers=["george"], max_take=12)
+    return write_speech_commands_layout(FSDD, tmp_path_factory.mktemp("fsdd") / "gsc", speakers=["george"], max_take=12,
+                                        split="take")
 
 
 def test_fsdd_reads_as_speech_commands(gsc, tmp_path):
@@ -42,7 +43,8 @@ def test_fsdd_adapter_learns_real_digits(tmp_path):
     """`python -m pytest -m slow`: a small random AST fine-tuned on FSDD learns the spoken digits above chance."""
     from audio.train import main
 
-    root = write_speech_commands_layout(FSDD, tmp_path / "gsc", speakers=["george", "jackson", "lucas"], max_take=30)
+    root = write_speech_commands_layout(FSDD, tmp_path / "gsc", speakers=["george", "jackson", "lucas"], max_take=30,
+                                        split="take")
     row = main(["--config", "domains/audio/data/speech_commands.yaml", "--config", "domains/audio/methods/full.yaml",
                 "--data.root", str(root), "--model.backbone", "tiny-ast",
                 "--model.backbone_kwargs", "{max_length: 100, num_mel_bins: 128, hidden_size: 64, layers: 3, heads: 4}",

@@ -168,9 +168,18 @@ def test_volume_metrics_multiclass_and_empty_classes():
     assert np.isnan(m["dice_per_class"][2]) and np.isnan(m["hd95_per_class"][2])
     assert m["dice"] == pytest.approx((54 / 128 + 1.0) / 2)
     assert m["hd95_per_class"][1] == pytest.approx(0.0)
-    # A structure missed entirely: Dice 0 counts, HD95 is undefined (nan) and left out.
+    # A structure missed entirely: Dice 0, and HD95 the volume's diagonal (it was nan and left
+    # out, so missing a structure improved the mean HD95).
     missed = volume_metrics(np.zeros(shape, np.int64), label, num_classes=3)
-    assert missed["dice"] == 0.0 and np.isnan(missed["hd95"])
+    diagonal = float(np.sqrt(16 ** 2 + 12 ** 2 + 12 ** 2))
+    assert missed["dice"] == 0.0 and missed["hd95"] == pytest.approx(diagonal)
+    assert missed["hd95_per_class"] == pytest.approx([diagonal, diagonal])
+    mm = volume_metrics(np.zeros(shape, np.int64), label, num_classes=3, spacing=(5.0, 0.8, 0.8))
+    assert mm["hd95"] == pytest.approx(float(np.sqrt(80 ** 2 + 9.6 ** 2 + 9.6 ** 2)), rel=1e-5)
+    # A structure predicted where there is none: Dice 0 (not undefined) and the diagonal too.
+    ghost = volume_metrics(cube(shape, (10, 2, 2), 2, value=3), np.zeros(shape, np.int64), num_classes=4)
+    assert ghost["dice_per_class"][2] == 0.0 and ghost["hd95_per_class"][2] == pytest.approx(diagonal)
+    assert np.isnan(ghost["dice_per_class"][0]) and ghost["dice"] == 0.0
 
 
 def test_predict_volume_matches_forward_and_restores_mode():
@@ -286,3 +295,89 @@ def test_module_validates_arguments():
         SegmentationModule(num_classes=3, labels=["a", "b"])
     with pytest.raises(ValueError, match="blocks"):
         SegmentationModule(backbone_kwargs={"depth": 2}, decoder={"kind": "unet", "blocks": 4})
+
+
+# --- issue 13: split-level Dice, penalised misses, native resolution and units ---------------------
+def _decathlon_slices(tmp_path, med, img_size=16):
+    from medical.datasets import DecathlonDataModule
+
+    dm = DecathlonDataModule(med.write_decathlon(tmp_path / "Task09_Spleen"), img_size=img_size, batch_size=4)
+    dm.setup("test")
+    return dm, list(dm.test_dataloader())
+
+
+def _val_log(mod, batches):
+    logged = {}
+    mod.log = lambda *a, **k: None
+    mod.log_dict = lambda d, **k: logged.update({k_: float(v) for k_, v in d.items()})
+    for logits, y in batches:
+        mod.forward = lambda x, _l=logits: _l
+        mod._shared_step((torch.zeros(len(y), 3, *y.shape[-2:]), y), "val")
+    mod._log_metrics("val")
+    return logged
+
+
+def test_split_dice_counts_false_positives_on_empty_slices_and_misses_worsen_hd95(tmp_path, med):
+    dm, batches = _decathlon_slices(tmp_path, med)
+    masks = torch.cat([y for _, y in batches])  # (N, 16, 16): the spleen is on 2 of the 4 slices per volume
+    empty = ~masks.flatten(1).any(1)
+    assert empty.any() and (~empty).any()
+    pred = masks.clone()
+    pred[empty, 0:2, 0:2] = 1  # 4 false-positive pixels on every slice without the structure
+    missed = torch.nonzero(~empty)[0, 0]
+    pred[missed] = 0  # and one slice where the structure is missed entirely
+    tp = int((pred.bool() & masks.bool()).sum())
+    fp = int((pred.bool() & ~masks.bool()).sum())
+    fn = int((~pred.bool() & masks.bool()).sum())
+    logits = torch.nn.functional.one_hot(pred, 2).permute(0, 3, 1, 2).float()
+    mod = SegmentationModule(backbone_kwargs={"img_size": 16, "patch_size": 8}, num_classes=2)
+    got = _val_log(mod, [(logits[i:i + 4], masks[i:i + 4]) for i in range(0, len(masks), 4)])
+    assert got["val/dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn))  # pooled over the split
+    assert got["val/dice"] < 0.9
+    # per slice: 1.0 on every slice with the structure but the missed one; empty slices are nan
+    n_present = int((~empty).sum())
+    assert got["val/dice_slice_mean"] == pytest.approx((n_present - 1) / n_present)
+    # HD95: 0 where the prediction is exact, the 16 px diagonal for the miss and each false positive
+    diagonal = float(np.hypot(16, 16))
+    assert got["val/hd95"] == pytest.approx(diagonal * (int(empty.sum()) + 1) / len(masks))
+    assert SegmentationModule.metric_units["test/hd95"].startswith("px")
+
+
+def test_score_volume_at_native_resolution_with_the_files_spacing(tmp_path, med, monkeypatch):
+    import nibabel as nib
+
+    import medical.segmentation as seg
+    from medical.io import read_spacing
+
+    dm, _ = _decathlon_slices(tmp_path, med, img_size=8)  # the model sees 8 x 8; labels are 16 x 16
+    img, lbl = dm.volumes("test")[0]
+    label = np.asarray(nib.load(str(lbl)).dataobj)
+    nib.save(nib.Nifti1Image(label, np.diag([0.8, 0.8, 5.0, 1.0])), str(lbl))  # CT: 0.8 mm in-plane, 5 mm slices
+    assert read_spacing(lbl) == pytest.approx((0.8, 0.8, 5.0))
+    shifted = np.roll(label, 1, axis=0)  # one voxel off along the first axis
+    seen = {}
+
+    def oracle(backbone, decoder, x, batch=16, size=None):
+        seen["size"], seen["slices"] = tuple(size), x.shape
+        return torch.from_numpy(shifted).long().permute(2, 0, 1)  # (D, H, W)
+
+    monkeypatch.setattr(seg, "predict_volume", oracle)
+    scores = seg.score_volume(None, None, dm, img, lbl)
+    assert seen["size"] == (16, 16) and seen["slices"] == (4, 3, 8, 8)  # predicted at 8, scored at 16
+    voxels = volume_metrics(shifted, label, 2)
+    assert scores["hd95_unit"] == "mm" and voxels["hd95"] > 0
+    assert scores["hd95"] == pytest.approx(0.8 * voxels["hd95"])  # the shift is along a 0.8 mm axis
+    assert scores["dice"] == pytest.approx(voxels["dice"])
+
+
+def test_predict_volume_resizes_logits_to_the_native_size():
+    net = vit()
+    dec = LinearDecoder(DIM, 3, blocks=1).eval()
+    x = torch.randn(2, 3, 32, 32)
+    small = predict_volume(net, dec, x)
+    big = predict_volume(net, dec, x, size=(48, 40))
+    assert small.shape == (2, 32, 32) and big.shape == (2, 48, 40)
+    with torch.no_grad():
+        logits = Segmenter(net, dec)(x)
+    ref = torch.nn.functional.interpolate(logits, size=(48, 40), mode="bilinear", align_corners=False).argmax(1)
+    assert torch.equal(big, ref)

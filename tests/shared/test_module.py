@@ -289,7 +289,7 @@ def test_binary_tasks_get_auroc_and_multilabel_logs_dropped_labels():
     want = roc_auc_score(y, logits.softmax(-1)[:, 1])
     assert got["val/auroc"] == pytest.approx(want) and got["val/acc"] == pytest.approx(0.6)
     assert got["val/auroc_classes_dropped"] == 0
-    yml = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, float("nan")], [1.0, 1.0, 0.0]])
+    yml = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, float("nan")], [1.0, 1.0, 0.0]])
     got = _logged_metrics(_module(multilabel=True), [(torch.randn(3, 3), yml)])
     assert got["val/map_classes_dropped"] == got["val/auroc_classes_dropped"] == 2  # label 0 all positive, 2 none
 
