@@ -9,6 +9,7 @@ tokens, x learning rates) in one pass, choosing the best head on validation.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,7 +22,8 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from medical.probes import KS, LRS, cached_features, describe, knn_grid, train_linear_grid
 from shared import backbones
-from shared.cli import arg_value, friendly, is_demo, prepare_demo_data, write_json_atomic
+from shared.cli import (ConfigError, arg_value, check_recipes, config_error_message, friendly, is_demo,
+                        prepare_demo_data, quiet_lightning, write_json_atomic)
 from shared.data import FeatureCache
 
 RECIPES = Path(__file__).resolve().parent.parent / "domains" / "medical"
@@ -29,7 +31,11 @@ DEMO = RECIPES / "probe_demo.yaml"
 
 
 def parser() -> ArgumentParser:
-    p = ArgumentParser(description="kNN and linear-probe grid on frozen backbone features")
+    p = ArgumentParser(description="kNN and linear-probe grid on frozen backbone features", exit_on_error=False,
+                       usage="python -m medical.probe --config RECIPE.yaml [--KEY VALUE ...]\n"
+                             "       python -m medical.probe            (no arguments: the offline demo)\n\n"
+                             "  recipes: domains/medical/probe.yaml (DINOv2 on MedMNIST), probe_demo.yaml (the demo)\n"
+                             "  writes OUTPUT_DIR/{knn,linear}/metrics.json and OUTPUT_DIR/linear/adapter (the chosen head)")
     p.add_argument("--config", action=ActionConfigFile)
     p.add_argument("--seed_everything", type=int, default=0)
     p.add_argument("--output_dir", default="runs/medical/probe")
@@ -92,7 +98,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     defaults = [str(DEMO)] if is_demo(argv) else []
     p = parser()
     p.default_config_files = defaults
-    cfg = p.parse_args(argv)
+    quiet_lightning()
+    check_recipes(argv)
+    try:
+        cfg = p.parse_args(argv)
+    except argparse.ArgumentError as e:
+        raise ConfigError(config_error_message(str(e), argv, defaults)) from None
     L.seed_everything(cfg.seed_everything)
     init = p.instantiate_classes(cfg)
     data = init.data

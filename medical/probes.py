@@ -13,7 +13,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.functional.classification import multiclass_accuracy, multilabel_auroc
+from torchmetrics.functional.classification import multiclass_accuracy
 
 from shared.data import FeatureCache, extract_features
 from shared.heads import KNNClassifier
@@ -65,6 +65,7 @@ class ProbeResult:
     lr: float
     val: float
     test: float
+    test_auroc: float | None = None  # single-label: AUROC (binary) / macro one-vs-rest AUROC, see `auroc`
 
 
 class LinearGrid(nn.Module):
@@ -83,11 +84,24 @@ class LinearGrid(nn.Module):
 
 
 def _score(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> float:
-    if multilabel:
-        target = torch.nan_to_num(y.float(), nan=-1.0).long()  # unknown labels are ignored
-        return multilabel_auroc(logits.sigmoid(), target, num_labels=y.shape[1], average="macro",
-                                ignore_index=-1).item()
+    if multilabel:  # macro AUROC over the labels with positives and negatives; unknown (NaN) left out
+        from shared.module import macro_over_defined
+
+        target = torch.nan_to_num(y.float(), nan=-1.0).long()
+        return macro_over_defined(logits.sigmoid(), target, "auroc")[0]
     return multiclass_accuracy(logits, y, num_classes=logits.shape[1], average="micro").item()
+
+
+def auroc(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Single-label AUROC: of class 1 for binary tasks (MedMNIST's headline metric), else the macro
+    one-vs-rest AUROC over the classes present in `y` (an absent class is left out, not scored 0)."""
+    from shared.module import macro_over_defined
+
+    probs = logits.softmax(-1)
+    onehot = F.one_hot(y.long(), logits.shape[1])
+    if logits.shape[1] == 2:
+        probs, onehot = probs[:, 1:], onehot[:, 1:]
+    return macro_over_defined(probs, onehot, "auroc")[0]
 
 
 def train_linear_grid(feats: dict[str, dict[str, torch.Tensor]], num_classes: int, multilabel: bool = False,
@@ -129,7 +143,8 @@ def train_linear_grid(feats: dict[str, dict[str, torch.Tensor]], num_classes: in
     with torch.no_grad():
         val_out, test_out = grid(splits["val"]), grid(splits["test"])
         for (f, lr), vo, to in zip(grid.names, val_out, test_out):
-            results.append(ProbeResult(f, lr, _score(vo, labels["val"], multilabel), _score(to, labels["test"], multilabel)))
+            results.append(ProbeResult(f, lr, _score(vo, labels["val"], multilabel), _score(to, labels["test"], multilabel),
+                                       None if multilabel else auroc(to, labels["test"])))
     best = max(results, key=lambda r: (r.val, -r.lr))
     return best, results, grid
 

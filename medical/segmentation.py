@@ -425,6 +425,7 @@ class SegmentationModule(PeftModule):
         decoder: `{"kind": "linear" | "unet", ...}` without `dim` / `num_classes`.
         num_classes / labels: classes including background (label 0).
         lr, weight_decay, betas, eps: AdamW. warmup_fraction: share of steps in linear warm-up.
+        decay_exclude: no weight decay on biases, norms (the decoder's BatchNorm), prompts, prefixes.
         preprocessing: stored in the bundle (e.g. mean/std, window, img_size).
 
     Batches are `(images (B, 3, H, W), masks (B, 1, H, W) or (B, H, W))` or MONAI-style dicts
@@ -440,7 +441,8 @@ class SegmentationModule(PeftModule):
                  methods: list[dict[str, Any]] | None = None, decoder: dict[str, Any] | None = None,
                  num_classes: int = 2, labels: list[str] | None = None, lr: float = 1e-3,
                  weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 warmup_fraction: float = 0.0, preprocessing: dict[str, Any] | None = None):
+                 warmup_fraction: float = 0.0, preprocessing: dict[str, Any] | None = None,
+                 decay_exclude: bool = False):
         super().__init__()
         self.save_hyperparameters()
         if num_classes < 2:

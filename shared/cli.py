@@ -176,7 +176,8 @@ def config_error_message(message: str, argv: list[str], defaults: list[str]) -> 
 
 _DROPPED = ("💡 Tip:", "Restoring states from", "Loading `train_dataloader` to estimate",
             "The following callbacks returned in `LightningModule.configure_callbacks`", "TPU available",
-            "GPU available", "HPU available", "Seed set to", "LOCAL_RANK:")
+            "GPU available", "HPU available", "Seed set to", "LOCAL_RANK:",
+            "Loaded model weights from the checkpoint at", "`Trainer.fit` stopped: `max_epochs")
 
 
 class _DropLightningChatter(logging.Filter):
@@ -198,6 +199,7 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(lightning|torch|torchmetrics|jsonargparse|timm|transformers)\b")
     warnings.filterwarnings("ignore", message=r".*does not have many workers which may be a bottleneck.*")
+    warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval.*")
 
 
 class EpochLine(L.Callback):
@@ -213,7 +215,8 @@ class EpochLine(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module):  # runs after the epoch's validation
         if not trainer.is_global_zero:
             return
-        m = {k: v for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+        m = {k: v for k, v in trainer.callback_metrics.items()
+             if k.startswith(("train/", "val/")) and not k.endswith("_dropped")}
         vals = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(m.items()) if getattr(v, "numel", lambda: 1)() == 1)
         line = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {vals} ({time.time() - self.t0:.1f} s)"
         self.log_file.parent.mkdir(parents=True, exist_ok=True)

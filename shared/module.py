@@ -186,6 +186,8 @@ class ClassificationModule(PeftModule):
         pos_weight: multi-label BCE weight of the positives per label (a list), or "auto": the
             training split's negatives / positives per label, read from the data module's
             `pos_weight` when training starts.
+        recompute: recompute each block's activations in the backward instead of keeping them
+            (`shared.peft.recompute`); see benchmarks/ for what it saves and costs.
         init_bundle: start from a saved adapter bundle (its methods and head replace `methods` /
             `head`): evaluate a downloaded adapter on your data, or keep training it. Its labels
             must equal the data's labels.
@@ -199,7 +201,7 @@ class ClassificationModule(PeftModule):
                  lr_groups: dict[str, float] | None = None, warmup_fraction: float = 0.0,
                  orthogonality_weight: float = 1.0, preprocessing: dict[str, Any] | None = None,
                  init_bundle: str | None = None, monitor: str | None = None, decay_exclude: bool = False,
-                 pos_weight: list[float] | str | None = None):
+                 pos_weight: list[float] | str | None = None, recompute: bool = False):
         super().__init__()
         self.save_hyperparameters()
         if loss not in ("auto", "ce", "bce", "asl"):
@@ -221,6 +223,8 @@ class ClassificationModule(PeftModule):
             head_cfg = {"kind": "linear", **(head or {})}
             head_cfg.update(dim=backbones.anatomy(net).embed_dim, num_classes=num_classes)
             self.model = peft.Classifier(net, build_head(head_cfg), labels=labels)
+        if recompute:  # activation checkpointing per block: less memory, one more forward per step
+            peft.recompute(self.model)
         self.multilabel = multilabel
         self.loss_kind = ("bce" if multilabel else "ce") if loss == "auto" else loss
         self.strict_loading = False  # checkpoints hold only the trained tensors

@@ -198,13 +198,18 @@ class FiLMModule(SublayerModule):
 # --- Compacter ---------------------------------------------------------------------------------
 class PHMShared(nn.Module):
     """Compacter's "slow" weights: n matrices A_i (n x n) shared by every PHM layer of the model,
-    down and up projections alike, initialised N(0, 1e-4) (AdapterHub's Compacter defaults:
-    shared_phm_rule, phm_c_init "normal", phm_init_range 1e-4)."""
+    down and up projections alike (AdapterHub's `shared_phm_rule`).
 
-    def __init__(self, n: int, init_std: float = 1e-4):
+    Init: Xavier-normal, not AdapterHub's N(0, 1e-4). Our up projection's fast weights start at
+    zero so the model is exactly unchanged at init; with A_i ~ 1e-4 on top of that, the first
+    gradients of every fast weight are ~1e-17 (measured on the tiny ViT), far below AdamW's eps,
+    and the adapter would not learn (AdapterHub avoids this by starting near, not at, identity).
+    """
+
+    def __init__(self, n: int):
         super().__init__()
         self.rule = nn.Parameter(torch.empty(n, n, n))
-        nn.init.normal_(self.rule, std=init_std)
+        nn.init.xavier_normal_(self.rule)
 
 
 class PHMLinear(nn.Module):

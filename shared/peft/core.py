@@ -106,6 +106,7 @@ def attach(backbone: nn.Module, methods: Iterable[Method | dict[str, Any]], back
     state.owner = {n: owner_ids[id(p)] for n, p in backbone.named_parameters() if id(p) in owner_ids}
     state.buffers = sorted({n for n, b in backbone.named_buffers() if id(b) not in buffer_ids} | set(state.buffers))
     backbone.peft_state = state
+    backbone.train(backbone.training)  # new modules follow the model's mode (an eval model stays eval)
     return backbone
 
 

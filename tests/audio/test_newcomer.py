@@ -302,3 +302,37 @@ def test_quiet_lightning_drops_chatter_and_keeps_warnings():
                 "/x/.run.staging-abc/checkpoints/best.ckpt", "GPU available: False, used: False"):
         assert not log.filters[-1].filter(logging.makeLogRecord({"msg": msg}))
     assert log.filters[-1].filter(keep)
+
+
+def test_train_output_is_short_and_says_where_results_went(tmp_path):
+    """Issue 8.7, as a user sees it (a subprocess whose stdout is a log file, not a terminal): no
+    Lightning tips / tensorboardX notice / deprecation warnings / staging-folder lines; one line per
+    epoch; the paths of metrics.json and the logs; the whole output fits on one screen."""
+    import os
+    import subprocess
+    import sys
+
+    from audio.synthetic import write_esc50_like
+
+    data = write_esc50_like(tmp_path / "esc50", num_classes=2, clips_per_fold=1, seconds=0.5)
+    out_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "PEFT_SUITE_STAGE_DIR"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "audio.train", "--output_dir", str(out_dir), "--data.init_args.root", str(data),
+         "--data.init_args.cache_dir", str(tmp_path / "cache"), "--data.init_args.target_frames", "100",
+         "--model.backbone_kwargs", "{max_length: 100, num_mel_bins: 128, hidden_size: 16, layers: 1, heads: 2}",
+         "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu"],
+        cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    for noise in ("Tip:", "tensorboardX", "LeafSpec", "Restoring states", ".staging-", "DeprecationWarning",
+                  "GPU available", "━━"):
+        assert noise not in text, noise
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) <= 24, text
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert [e.split(":")[0] for e in epochs] == ["epoch 1/2", "epoch 2/2"] and all("val/acc" in e for e in epochs)
+    assert (out_dir / "train.log").read_text().splitlines() == epochs
+    assert f"metrics written to {out_dir / 'metrics.json'}; logs: {out_dir / 'train.log'}, " \
+           f"{out_dir / 'lightning_logs' / 'version_0'}" in text
+    assert (out_dir / "lightning_logs" / "version_0" / "metrics.csv").is_file()

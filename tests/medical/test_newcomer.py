@@ -268,3 +268,15 @@ def test_dinov2_offline_without_cache_fails_fast_in_one_line(tmp_path, monkeypat
     assert "download it once while online" in msg and "--model.backbone_kwargs.weights" in msg
     with pytest.raises(audio.backbone.CheckpointUnavailable, match="nowhere.safetensors: not found"):
         backbones.create("dinov2", size="s", img_size=28, weights=str(tmp_path / "nowhere.safetensors"))
+
+
+def test_probe_config_error_names_the_recipe_line(tmp_path, capsys):
+    from medical import probe
+    from shared.cli import friendly
+
+    recipe = tmp_path / "probe.yaml"
+    recipe.write_text((RECIPES / "probe_demo.yaml").read_text() + "epochz: 3\n")
+    line = len(recipe.read_text().splitlines())
+    assert friendly(probe.main, ["--config", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {recipe} line {line}: ") and "epochz" in err

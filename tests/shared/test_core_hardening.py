@@ -405,3 +405,22 @@ def test_recompute_gives_identical_loss_and_gradients(tiny, anat):
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
     assert peft.recompute(b, enabled=False) == 2 and "forward" not in b.get_submodule(
         "layers.0" if anat != "vit" else "blocks.0").__dict__
+
+
+def test_classification_module_recompute_flag():
+    from shared.module import ClassificationModule
+
+    m = ClassificationModule(backbone="tiny-vit", num_classes=2, methods=[{"name": "lora", "targets": ["qkv"]}],
+                             recompute=True)
+    assert all("forward" in b.__dict__ for b in m.model.backbone.blocks)
+    x = torch.randn(2, 3, 32, 32)
+    m.train()
+    m(x).sum().backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
+
+def test_attached_modules_follow_the_model_mode(tiny):
+    """A bundle loaded into an eval-mode backbone must not leave its new BatchNorm in train mode."""
+    model = tiny.backbone("vit").eval()
+    peft.attach(model, [peft.Adapter(kind="conformer", bottleneck=4, kernel_size=3)])
+    assert not any(m.training for m in model.modules())

@@ -278,3 +278,20 @@ def test_dataset_digest(tmp_path):
     assert dataset_digest([a, b]) != d1
     # non-file identifiers (e.g. HF dataset ids) are hashed as names
     assert dataset_digest(["ds:esc50/train"]) != dataset_digest(["ds:esc50/test"])
+
+
+def test_samplers_and_pos_weight():
+    import math
+
+    from shared.data import balanced_sampler, eval_sampler, pos_weight
+
+    assert eval_sampler(list(range(5))) is None  # one process: sequential, every sample once
+    labels = np.array([0] * 90 + [1] * 10)
+    draws = np.concatenate([labels[list(balanced_sampler(labels, seed=s))] for s in range(20)])
+    assert abs((draws == 1).mean() - 0.5) < 0.03
+    assert list(balanced_sampler(labels, seed=3)) == list(balanced_sampler(labels, seed=3))
+    with pytest.raises(ValueError, match="1-D single-label"):
+        balanced_sampler(np.zeros((4, 2)))
+    t = np.array([[1, 0, math.nan], [0, 0, 0], [0, 1, 0], [0, 0, 1.0]])
+    assert pos_weight(t) == [3.0, 3.0, 2.0]  # negatives / positives, NaN (unknown) left out
+    assert pos_weight(np.zeros((3, 1))) == [1.0]  # no positive: neutral
