@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import re
 from pathlib import Path
 from typing import ClassVar
 
@@ -165,7 +164,6 @@ class FoldDataModule(AudioDataModule):
 
     n_folds: ClassVar[int] = 5
     title: ClassVar[str] = ""
-    group_column: ClassVar[str] = ""  # clips of one source recording share it
 
     def __init__(self, root: str, test_fold: int = 1, val_fold: int | None = None, protocol: str = "petl-ast",
                  val_fraction: float = 0.1, **kw):
@@ -222,7 +220,7 @@ class ESC50DataModule(FoldDataModule):
 
     name = "esc50"
     augment_by_default = True
-    n_folds, title, group_column = 5, "ESC-50", "src_file"
+    n_folds, title = 5, "ESC-50"
 
     def read_rows(self):
         meta = self.root / "meta" / "esc50.csv"
@@ -243,7 +241,7 @@ class UrbanSound8KDataModule(FoldDataModule):
 
     name = "us8k"
     augment_by_default = True
-    n_folds, title, group_column = 10, "UrbanSound8K", "fsID"
+    n_folds, title = 10, "UrbanSound8K"
 
     def read_rows(self):
         meta = self.root / "metadata" / "UrbanSound8K.csv"

@@ -23,7 +23,7 @@ Metrics (background excluded), logged as `val|test/...`:
   Dice), then averaged over classes; false positives on slices without the structure count.
 * `dice_slice_mean`: secondary, MONAI `DiceMetric` per slice, nan-mean over the slices where the
   structure is present (blind to false positives on empty slices).
-* `hd95`: MONAI `HausdorffDistanceMetric(percentile=95)` per slice, in PIXELS of the model input
+* `hd95`: MONAI `compute_hausdorff_distance(percentile=95)` per slice, in PIXELS of the model input
   (img_size x img_size). A structure missed entirely (or predicted where there is none) scores
   the image diagonal, the largest possible distance, so a miss never improves HD95; a slice
   where both are empty is left out.
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
-from monai.metrics import Cumulative, DiceMetric, HausdorffDistanceMetric
+from monai.metrics import Cumulative, DiceMetric
 from monai.metrics.hausdorff_distance import compute_hausdorff_distance
 from monai.networks.utils import one_hot
 from safetensors.torch import save_file

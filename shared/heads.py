@@ -151,7 +151,8 @@ class AttentiveHead(nn.Module):
     def forward(self, tokens: Tokens) -> torch.Tensor:
         x = tokens.x  # (B, N, D)
         q = self.queries.expand(x.shape[0], -1, -1)  # (B, Q, D)
-        z, _ = self.attn(q, x, x, need_weights=False)  # (B, Q, D)
+        pad = None if tokens.mask is None else ~tokens.mask.bool()  # (B, N): True where padding
+        z, _ = self.attn(q, x, x, key_padding_mask=pad, need_weights=False)  # (B, Q, D)
         return self.fc(self.norm(z.mean(1)))  # (B, C)
 
     def config(self) -> dict:

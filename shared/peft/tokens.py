@@ -73,6 +73,21 @@ class PromptTokens(nn.Module):
 PROMPT_INITS = ("trunc_normal", "vpt_uniform")
 
 
+def patch_size(model: nn.Module, who: str) -> tuple[int, int]:
+    """Kernel of the patch-embedding convolution (the first Conv2d named *patch_embed*)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and "patch_embed" in name:
+            return tuple(m.kernel_size)
+    raise ValueError(f"{who}: init='vpt_uniform' needs the patch size, but the backbone has no Conv2d "
+                     "patch embedding (a module named '*patch_embed*'); use init='trunc_normal'")
+
+
+def vpt_bound(model: nn.Module, dim: int, who: str) -> float:
+    """VPT's xavier-style bound sqrt(6 / (3 * p_h * p_w + D)) (3: VPT's RGB channels)."""
+    ph, pw = patch_size(model, who)
+    return (6.0 / (3 * ph * pw + dim)) ** 0.5
+
+
 @register
 @dataclass(frozen=True)
 class Prompt(Method):
@@ -109,16 +124,10 @@ class Prompt(Method):
 
     @staticmethod
     def patch_size(model: nn.Module) -> tuple[int, int]:
-        """Kernel of the patch-embedding convolution (the first Conv2d named *patch_embed*)."""
-        for name, m in model.named_modules():
-            if isinstance(m, nn.Conv2d) and "patch_embed" in name:
-                return tuple(m.kernel_size)
-        raise ValueError("prompt: init='vpt_uniform' needs the patch size, but the backbone has no Conv2d "
-                         "patch embedding (a module named '*patch_embed*'); use init='trunc_normal'")
+        return patch_size(model, "prompt")
 
     def vpt_bound(self, model: nn.Module, dim: int) -> float:
-        ph, pw = self.patch_size(model)
-        return (6.0 / (3 * ph * pw + dim)) ** 0.5
+        return vpt_bound(model, dim, "prompt")
 
     def attach(self, model, anat, key):
         blocks = anat.token_blocks()  # raises UnsupportedMethod with the reason
@@ -139,12 +148,15 @@ class Prompt(Method):
 class PrefixKV(nn.Module):
     """Per-block learned key and value prefixes, (H, P, hd) each."""
 
-    def __init__(self, heads: int, n_tokens: int, head_dim: int):
+    def __init__(self, heads: int, n_tokens: int, head_dim: int, bound: float | None = None):
         super().__init__()
         self.key = nn.Parameter(torch.empty(heads, n_tokens, head_dim))
         self.value = nn.Parameter(torch.empty(heads, n_tokens, head_dim))
         for p in (self.key, self.value):
-            nn.init.trunc_normal_(p, std=0.02)
+            if bound is None:
+                nn.init.trunc_normal_(p, std=0.02)
+            else:
+                nn.init.uniform_(p, -bound, bound)
 
 
 def _prefix_forward(attn: nn.Module, x: torch.Tensor, *args, **kwargs):
@@ -162,16 +174,21 @@ def _prefix_forward(attn: nn.Module, x: torch.Tensor, *args, **kwargs):
 class Prefix(Method):
     """Prefix tuning (Li & Liang 2021) for ViT-style attention: n learned keys and n values per block.
 
-    PETL-AST's "24 prefix tokens" are n_tokens=12 (12 keys + 12 values).
+    PETL-AST's "24 prefix tokens" are n_tokens=12 (12 keys + 12 values), initialised like its
+    prompts (`init="vpt_uniform"`, see `Prompt`); the default is N(0, 0.02^2).
     """
 
     name: ClassVar[str] = "prefix"
     n_tokens: int = 12
+    init: str = "trunc_normal"
 
     def __post_init__(self):
         check_positive("n_tokens", self.n_tokens)
+        if self.init not in PROMPT_INITS:
+            raise ValueError(f"prefix: init must be one of {PROMPT_INITS}, got {self.init!r}")
 
     def attach(self, model, anat, key):
+        bound = vpt_bound(model, anat.embed_dim, "prefix") if self.init == "vpt_uniform" else None
         for block in anat.blocks():
             attn = anat.attention(block)  # raises UnsupportedMethod with the reason
             heads = anat.attention_heads(attn)
@@ -179,7 +196,7 @@ class Prefix(Method):
             if hasattr(attn, "peft_prefix_name"):
                 raise ValueError("prefix: this attention already has a prefix method attached")
             ref = next(attn.parameters())
-            kv = PrefixKV(heads, self.n_tokens, head_dim).to(device=ref.device, dtype=ref.dtype)
+            kv = PrefixKV(heads, self.n_tokens, head_dim, bound).to(device=ref.device, dtype=ref.dtype)
             attn.add_module(f"peft_{key}", kv)
             attn.peft_prefix_name, attn.peft_prefix_anatomy = f"peft_{key}", type(anat)
             attn.forward = types.MethodType(_prefix_forward, attn)

@@ -424,3 +424,16 @@ def test_attached_modules_follow_the_model_mode(tiny):
     model = tiny.backbone("vit").eval()
     peft.attach(model, [peft.Adapter(kind="conformer", bottleneck=4, kernel_size=3)])
     assert not any(m.training for m in model.modules())
+
+
+def test_prefix_vpt_uniform_init_follows_petl_ast():
+    """PETL-AST's prefix keys / values: U(-a, a), a = sqrt(6 / (3 * 16 * 16 + D)); ours default N(0, 0.02)."""
+    model = backbones.create("tiny-ast", patch_size=16, frequency_stride=16, time_stride=16, max_length=64,
+                             num_mel_bins=32)
+    peft.attach(model, [peft.Prefix(n_tokens=50, init="vpt_uniform")])
+    kv = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if p.requires_grad])
+    bound = (6.0 / (3 * 16 * 16 + 32)) ** 0.5
+    assert kv.abs().max() <= bound and kv.abs().max() > 0.95 * bound
+    assert kv.std().item() == pytest.approx(bound / 3**0.5, rel=0.05)  # uniform's std
+    with pytest.raises(ValueError, match="init"):
+        peft.Prefix(init="xavier")

@@ -57,3 +57,20 @@ def test_last_and_mean_on_right_padded_bert_equal_unpadded():
         torch.testing.assert_close(batch[0], alone[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(batch[1], other_alone[0], atol=1e-5, rtol=1e-5)
         assert (unmasked[0] - alone[0]).abs().max() > 1e-2, pool
+
+
+def test_attentive_head_ignores_padding():
+    """The attentive probe's queries must not attend to pad tokens: padded == unpadded logits."""
+    from shared.heads import AttentiveHead, Tokens
+
+    torch.manual_seed(0)
+    head = AttentiveHead(16, 3, num_heads=4).eval()
+    x = torch.randn(1, 5, 16)
+    padded = torch.cat([x, torch.randn(1, 3, 16) * 10], dim=1)  # 3 loud pad tokens
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0]])
+    with torch.no_grad():
+        want = head(Tokens(x, 0, None))
+        got = head(Tokens(padded, 0, None, mask))
+        unmasked = head(Tokens(padded, 0, None))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert (unmasked - want).abs().max() > 1e-3
