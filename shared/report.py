@@ -84,7 +84,8 @@ def summarise(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
                     "mean": statistics.fmean(vals), "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0,
                     "values": vals, "trainable_params": trainable[0] if len(trainable) == 1 else trainable or None,
                     "trainable_percent": (100.0 * max(trainable) / total) if trainable and total else None,
-                    "recipe": dict(recipe) if recipe is not None else None})
+                    "recipe": dict(recipe) if recipe is not None else None,
+                    "unit": ((rs[0].get("units") or {}) if isinstance(rs[0].get("units"), dict) else {}).get(metric)})
     _name_variants(out)
     return out
 
@@ -130,7 +131,8 @@ def _params(s: dict[str, Any]) -> str:
 def markdown(summary: list[dict[str, Any]], metric: str) -> str:
     pct = is_fraction(metric, summary)
     scale = 100.0 if pct else 1.0
-    unit = " %" if pct else ""
+    units = sorted({s["unit"] for s in summary if s.get("unit")})
+    unit = " %" if pct else f" ({', '.join(units)})" if units else ""
     protocol = any(s.get("protocol") for s in summary)
     variant = any(s.get("variant") for s in summary)
     head = ["dataset", "method", "backbone", "shots"] + (["protocol"] if protocol else []) + \

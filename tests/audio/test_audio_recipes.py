@@ -27,7 +27,7 @@ _SHARED: dict[str, object] = {}  # module-wide: fixture datasets and the feature
 
 def test_recipe_folders_are_complete():
     assert len(METHODS) >= 14, [p.name for p in METHODS]
-    assert set(DATA) == {"esc50", "us8k", "speech_commands", "fsc"}
+    assert set(DATA) == {"esc50", "us8k", "speech_commands", "fsc", "fsdd"}  # fsdd: tests/audio/test_newcomer.py
 
 
 @pytest.fixture(autouse=True)

@@ -336,3 +336,26 @@ def test_train_output_is_short_and_says_where_results_went(tmp_path):
     assert f"metrics written to {out_dir / 'metrics.json'}; logs: {out_dir / 'train.log'}, " \
            f"{out_dir / 'lightning_logs' / 'version_0'}" in text
     assert (out_dir / "lightning_logs" / "version_0" / "metrics.csv").is_file()
+
+
+def test_fsdd_recipe_runs_with_lora(tmp_path):
+    """`--config domains/audio/data/fsdd.yaml --config .../lora.yaml` on an FSDD-layout fixture: the
+    speaker-disjoint split, 10 digit labels and the protocol reach metrics.json and the bundle."""
+    import json
+    import os
+
+    from audio.train import main
+
+    recipes = Path(__file__).resolve().parents[2] / "domains" / "audio"
+    fsdd = _fake_fsdd(tmp_path / "fsdd", takes=1)
+    os.environ.pop("PEFT_SUITE_STAGE_DIR", None)
+    row = main(["--config", str(recipes / "data" / "fsdd.yaml"), "--config", str(recipes / "methods" / "lora.yaml"),
+                "--data.root", str(fsdd), "--model.backbone", "tiny-ast",
+                "--model.backbone_kwargs", "{max_length: 100, num_mel_bins: 128, hidden_size: 16, layers: 1, heads: 2}",
+                "--data.num_workers", "0", "--data.cache_dir", str(tmp_path / "c"), "--trainer.max_epochs", "1",
+                "--trainer.logger", "false", "--trainer.accelerator", "cpu", "--output_dir", str(tmp_path / "run")])
+    assert row["dataset"] == "fsdd" and row["protocol"] == "speaker-disjoint (test theo; val nicolas)"
+    assert row["config"]["data"]["init_args"]["split"] == "speaker"
+    meta = json.loads((tmp_path / "run" / "adapter" / "adapter.json").read_text())
+    assert meta["labels"] == ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    assert meta["preprocessing"]["target_frames"] == 100

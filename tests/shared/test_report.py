@@ -277,3 +277,9 @@ def test_only_fraction_metrics_are_scaled_to_percent(tmp_path):
     dice = report.markdown(report.summarise(rows, "test/dice"), "test/dice")
     assert "| test/dice % (mean ± std) |" in dice and "| 80.00 ± 10.00 |" in dice
     assert not report.is_fraction("test/loss", [{"mean": 0.5, "values": [0.5]}])
+
+
+def test_units_saved_with_a_run_label_the_column(tmp_path):
+    put(tmp_path, "a", {**row("lungs", "linear", 1), "test/hd95": 3.0, "units": {"test/hd95": "px (model input)"}})
+    table = report.markdown(report.summarise(report.collect(tmp_path), "test/hd95"), "test/hd95")
+    assert "| test/hd95 (px (model input)) (mean ± std) |" in table and "| 3.00 ± 0.00 |" in table

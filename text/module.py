@@ -1,0 +1,91 @@
+"""The Lightning module of the encoder path: backbone + PEFT methods + per-token BIO head.
+
+Validation and test score whole documents (windowed), not windows: per-entity jargon decisions
+(F1 of the jargon class, per reader and macro) for the PersonalizedJargon / JSONL layouts; the set
+of unique extracted terms against the gold list (TermEval) for ACTER.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from shared import backbones, peft
+from shared.module import PeftModule, peft_tensor_names
+from text import backbone as _text_backbones  # noqa: F401  registers hf-encoder
+from text.data import IGNORE
+from text.tagger import TokenHead, decision_metrics, entity_decisions, extract_terms, term_metrics
+
+
+class TaggerModule(PeftModule):
+    """Args:
+        backbone: a registered BERT-class backbone (`tiny-bert`, `hf-encoder`).
+        backbone_kwargs: e.g. `{checkpoint: all-MiniLM-L6-v2}`.
+        methods: PEFT method configs (`[{name: lora, r: 8, targets: [query, value]}]`).
+        head_dropout: dropout before the token head.
+        o_weight: loss weight of the O tag (below 1 counters how rare term words are).
+        num_classes / labels / preprocessing: linked from the data module.
+        lr, weight_decay, betas, eps, warmup_fraction, lr_groups, decay_exclude: AdamW + cosine.
+        init_bundle: start from a saved tagger bundle (e.g. the shared adapter a reader's adapter grows from).
+    """
+
+    monitor = "val/f1"
+
+    def __init__(self, backbone: str = "tiny-bert", backbone_kwargs: dict[str, Any] | None = None,
+                 methods: list[dict[str, Any]] | None = None, head_dropout: float = 0.0, o_weight: float = 1.0,
+                 num_classes: int = 3, labels: list[str] | None = None, preprocessing: dict[str, Any] | None = None,
+                 lr: float = 1e-3, weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, warmup_fraction: float = 0.0, lr_groups: dict[str, float] | None = None,
+                 decay_exclude: bool = False, init_bundle: str | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        net = backbones.create(backbone, **(backbone_kwargs or {}))
+        if init_bundle:
+            self.model = peft.load(net, init_bundle)
+            if not isinstance(self.model.head, TokenHead):
+                raise ValueError(f"{init_bundle}: not a token-tagging bundle (its head is {type(self.model.head).__name__})")
+            for p in self.model.head.parameters():
+                p.requires_grad_(True)
+        else:
+            peft.attach(net, methods or [], backbone_id=backbone)
+            self.model = peft.Classifier(net, TokenHead(backbones.anatomy(net).embed_dim, num_classes, head_dropout),
+                                         labels=labels)
+        self.strict_loading = False  # checkpoints hold only the trained tensors
+        self.register_buffer("class_weight", torch.tensor([o_weight] + [1.0] * (num_classes - 1)), persistent=False)
+
+    def forward(self, inputs):
+        return self.model(inputs)
+
+    def _shared_step(self, batch, stage: str):
+        inputs, labels = batch
+        logits = self(inputs)  # (B, N, 3)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), weight=self.class_weight.to(logits.dtype),
+                               ignore_index=IGNORE)
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=len(labels))
+        return loss
+
+    def evaluate(self, stage: str) -> dict[str, float]:
+        data = self.trainer.datamodule
+        stage = stage if data.docs(stage) else "test"
+        if data.task == "terms":
+            terms, _ = extract_terms(self.model, data.encoder, data.docs(stage))
+            return term_metrics(terms, data.gold_terms(stage))
+        return decision_metrics(entity_decisions(self.model, data.encoder, data.docs(stage)))
+
+    def _log_metrics(self, stage: str) -> None:
+        if self.trainer.sanity_checking:
+            return
+        self.log_dict({f"{stage}/{k}": float(v) for k, v in self.evaluate(stage).items()})
+
+    def trained_tensor_names(self) -> list[str]:
+        return peft_tensor_names(self.model)
+
+    def param_summary(self) -> dict[str, Any]:
+        return peft.summary(self.model)
+
+    def save_bundle(self, path, metrics: dict[str, Any] | None = None):
+        return peft.save(self.model, path, labels=self.hparams.labels, metrics=metrics,
+                         preprocessing=self.hparams.preprocessing, backbone_id=self.hparams.backbone,
+                         backbone_kwargs=self.hparams.backbone_kwargs,
+                         extra={"task": "jargon-tagging", "domain": "text"})

@@ -1,0 +1,277 @@
+"""Encoder path: a BERT-class encoder + a per-token BIO head, trained with the core's PEFT methods.
+
+Texts are split into words (`text.words`); a tokenizer maps each word to subword ids; the reader's
+profile (if any) is the first segment, the text the second. A text longer than the model's context
+is cut into overlapping windows of whole words and every word takes its prediction from the window
+where it sits farthest from an edge: nothing is truncated.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared import heads
+from text.data import B, I, IGNORE, O, Doc, doc_terms, spans_of
+from text.words import term_key
+
+# ------------------------------------------------------------------------------------ tokenizers
+
+
+class HashTokenizer:
+    """One id per lower-cased word by a stable hash: needs no vocabulary file (offline demo, tests)."""
+
+    pad_id, cls_id, sep_id = 0, 1, 2
+
+    def __init__(self, vocab_size: int = 1024):
+        if vocab_size < 16:
+            raise ValueError(f"tokenizer.vocab_size must be at least 16, got {vocab_size}")
+        self.vocab_size = vocab_size
+
+    def word_ids(self, word: str) -> list[int]:
+        h = int.from_bytes(hashlib.blake2b(word.lower().encode(), digest_size=8).digest(), "little")
+        return [4 + h % (self.vocab_size - 4)]
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": "hash", "vocab_size": self.vocab_size}
+
+
+class HFTokenizer:
+    """A transformers tokenizer (WordPiece for BERT / MiniLM), applied word by word."""
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+
+        from text.backbone import resolve_checkpoint
+
+        self.path = path
+        self.tok = AutoTokenizer.from_pretrained(str(resolve_checkpoint(path)))
+        self.pad_id, self.cls_id, self.sep_id = self.tok.pad_token_id, self.tok.cls_token_id, self.tok.sep_token_id
+        self.vocab_size = len(self.tok)
+        self.word_ids = functools.lru_cache(maxsize=200_000)(self._word_ids)
+
+    def _word_ids(self, word: str) -> list[int]:
+        return self.tok.encode(word, add_special_tokens=False) or [self.tok.unk_token_id]
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": "hf", "path": self.path}
+
+
+def build_tokenizer(cfg: dict[str, Any]):
+    cfg = dict(cfg or {"kind": "hash"})
+    kind = cfg.pop("kind", "hash")
+    if kind == "hash":
+        return HashTokenizer(**cfg)
+    if kind == "hf":
+        return HFTokenizer(**cfg)
+    raise ValueError(f"tokenizer.kind must be 'hash' or 'hf', got {kind!r}")
+
+
+# ------------------------------------------------------------------------------------- windows
+
+
+@dataclass
+class Window:
+    input_ids: list[int]
+    token_type_ids: list[int]
+    positions: list[int]  # token position of each word's first subword, for words[start:end]
+    start: int
+    end: int
+    labels: list[int]
+
+
+class WindowEncoder:
+    """Encode (profile, words) into windows of at most `max_length` tokens, `overlap` words shared
+    between neighbours."""
+
+    def __init__(self, tokenizer, max_length: int = 128, overlap: int = 16, reader_prefix: bool = True):
+        self.tok, self.max_length, self.overlap, self.reader_prefix = tokenizer, max_length, overlap, reader_prefix
+
+    def prefix_ids(self, profile: str) -> list[int]:
+        from text.words import split_words
+
+        if not (self.reader_prefix and profile):
+            return []
+        ids = [i for w in split_words(profile) for i in self.tok.word_ids(w.text)]
+        if len(ids) + 3 > self.max_length // 2:
+            raise ValueError(f"the reader profile {profile[:60]!r}... takes {len(ids)} tokens, more than half of "
+                             f"max_length={self.max_length}; shorten it or raise data.max_length")
+        return ids
+
+    def encode(self, words: list[str], profile: str = "", tags: list[int] | None = None) -> list[Window]:
+        if not words:
+            raise ValueError("empty text: nothing to tag")
+        pre = self.prefix_ids(profile)
+        head = [self.tok.cls_id] + pre + ([self.tok.sep_id] if pre else [])
+        budget = self.max_length - len(head) - 1
+        pieces = [self.tok.word_ids(w)[:budget] for w in words]
+        windows, start = [], 0
+        while True:
+            end, used = start, 0
+            while end < len(words) and used + len(pieces[end]) <= budget:
+                used += len(pieces[end])
+                end += 1
+            ids, pos, types = list(head), [], [0] * len(head)
+            for p in pieces[start:end]:
+                pos.append(len(ids))
+                ids += p
+            ids.append(self.tok.sep_id)
+            types += [1 if pre else 0] * (len(ids) - len(types))
+            labels = [IGNORE] * len(ids)
+            if tags is not None:
+                for k, t in zip(pos, tags[start:end]):
+                    labels[k] = t
+            windows.append(Window(ids, types, pos, start, end, labels))
+            if end >= len(words):
+                return windows
+            start = max(start + 1, end - self.overlap)
+
+
+def collate(windows: list[Window], pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    n = max(len(w.input_ids) for w in windows)
+    ids = torch.full((len(windows), n), pad_id, dtype=torch.long)
+    types = torch.zeros((len(windows), n), dtype=torch.long)
+    mask = torch.zeros((len(windows), n), dtype=torch.long)
+    labels = torch.full((len(windows), n), IGNORE, dtype=torch.long)
+    for i, w in enumerate(windows):
+        k = len(w.input_ids)
+        ids[i, :k], types[i, :k], mask[i, :k] = torch.tensor(w.input_ids), torch.tensor(w.token_type_ids), 1
+        labels[i, :k] = torch.tensor(w.labels)
+    return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}, labels
+
+
+# ------------------------------------------------------------------------------------------ head
+
+
+class TokenHead(nn.Module):
+    """Per-token logits (B, N, C) from the backbone's tokens (every position, prefix included)."""
+
+    def __init__(self, dim: int, num_classes: int = 3, dropout: float = 0.0):
+        super().__init__()
+        self.dim, self.num_classes, self.dropout = dim, num_classes, dropout
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(dim, num_classes)
+        heads._init_classifier(self.fc)
+
+    def forward(self, tokens) -> torch.Tensor:
+        return self.fc(self.drop(tokens.x))  # (B, N, C)
+
+    def config(self) -> dict:
+        return {"kind": "token", "dim": self.dim, "num_classes": self.num_classes, "dropout": self.dropout}
+
+
+heads.HEADS.setdefault("token", TokenHead)  # bundles with a token head load through shared.heads.build_head
+
+
+# ---------------------------------------------------------------------------- prediction, metrics
+
+
+@torch.no_grad()
+def word_probs(model: nn.Module, encoder: WindowEncoder, docs: list[tuple[list[str], str]],
+               batch_size: int = 32) -> list[np.ndarray]:
+    """(n_words, 3) tag probabilities for each (words, profile); long texts are windowed."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    jobs = []  # (doc index, window)
+    for d, (words, profile) in enumerate(docs):
+        jobs += [(d, w) for w in encoder.encode(words, profile)]
+    out = [np.zeros((len(w), 3), dtype=np.float32) for w, _ in docs]
+    best = [np.full(len(w), -1) for w, _ in docs]  # each word's distance to its window's edge
+    for i in range(0, len(jobs), batch_size):
+        chunk = jobs[i:i + batch_size]
+        inputs, _ = collate([w for _, w in chunk], encoder.tok.pad_id)
+        probs = model({k: v.to(device) for k, v in inputs.items()}).float().softmax(-1).cpu().numpy()
+        for row, (d, w) in enumerate(chunk):
+            for j, pos in enumerate(w.positions):
+                word = w.start + j
+                centre = min(j, len(w.positions) - 1 - j) if w.end < len(docs[d][0]) or w.start > 0 else 10**9
+                if centre > best[d][word]:
+                    best[d][word], out[d][word] = centre, probs[row, pos]
+    model.train(was_training)
+    return out
+
+
+def decode(probs: np.ndarray) -> list[int]:
+    return probs.argmax(-1).tolist()
+
+
+def span_score(probs: np.ndarray, span: tuple[int, int]) -> float:
+    """How much the model holds a span to be one term: mean P(B or I) over its words."""
+    s, t = span
+    return float((probs[s:t, B] + probs[s:t, I]).mean())
+
+
+def entity_score(probs: np.ndarray, spans: list[tuple[int, int]]) -> float:
+    return max(span_score(probs, sp) for sp in spans)
+
+
+def prf(tp: int, fp: int, fn: int) -> dict[str, float]:
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
+
+
+def entity_decisions(model, encoder, docs: list[Doc], threshold: float = 0.5) -> list[dict[str, Any]]:
+    """One row per labelled (reader, abstract, entity): gold, score, predicted."""
+    probs = word_probs(model, encoder, [(d.words, d.profile) for d in docs])
+    rows = []
+    for d, p in zip(docs, probs):
+        for e in d.entities:
+            if e.jargon is None:
+                continue
+            s = entity_score(p, e.spans)
+            rows.append({"reader": d.reader, "doc": d.doc_id, "entity": e.text, "gold": bool(e.jargon),
+                         "score": s, "pred": s >= threshold})
+    return rows
+
+
+def decision_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Jargon-class precision / recall / F1 over all decisions (micro), per reader, and macro F1."""
+    def count(rs):
+        tp = sum(r["pred"] and r["gold"] for r in rs)
+        fp = sum(r["pred"] and not r["gold"] for r in rs)
+        fn = sum(not r["pred"] and r["gold"] for r in rs)
+        return prf(tp, fp, fn)
+
+    out = dict(count(rows))
+    readers = sorted({r["reader"] for r in rows if r["reader"] is not None})
+    per = {who: count([r for r in rows if r["reader"] == who])["f1"] for who in readers}
+    out.update({f"f1_reader/{who}": v for who, v in per.items()})
+    if per:
+        out["macro_f1"] = float(np.mean(list(per.values())))
+    out["accuracy"] = float(np.mean([r["pred"] == r["gold"] for r in rows])) if rows else 0.0
+    return out
+
+
+def extract_terms(model, encoder, docs: list[Doc]) -> tuple[set[str], list[list[int]]]:
+    """TermEval: the set of unique terms the model tags in `docs` (term keys), and the word tags."""
+    probs = word_probs(model, encoder, [(d.words, d.profile) for d in docs])
+    tags = [decode(p) for p in probs]
+    terms = set()
+    for d, t in zip(docs, tags):
+        terms |= doc_terms(d, t)
+    return terms, tags
+
+
+def term_metrics(predicted: set[str], gold: set[str]) -> dict[str, float]:
+    tp = len(predicted & gold)
+    return {**prf(tp, len(predicted - gold), len(gold - predicted)),
+            "n_predicted": float(len(predicted)), "n_gold": float(len(gold))}
+
+
+def tag_spans(words: list[str], probs: np.ndarray) -> list[dict[str, Any]]:
+    """Decoded spans of one text with their scores, in text order."""
+    return [{"term": " ".join(words[s:t]), "start": s, "end": t, "score": span_score(probs, (s, t))}
+            for s, t in spans_of(decode(probs))]
+
+
+__all__ = ["HashTokenizer", "HFTokenizer", "build_tokenizer", "WindowEncoder", "Window", "collate", "TokenHead",
+           "word_probs", "entity_decisions", "decision_metrics", "extract_terms", "term_metrics", "tag_spans",
+           "entity_score", "span_score", "term_key", "O", "B", "I"]
