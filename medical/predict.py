@@ -177,12 +177,22 @@ def _save_atomic(path: Path, write) -> None:
         write(tmp)
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m medical.predict", description=__doc__.split("\n\n")[1],
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", required=True, type=Path, metavar="BUNDLE",
                     help="bundle folder written by medical.train / probe / segment (adapter.json + adapter.safetensors)")
-    ap.add_argument("--top-k", type=int, default=5, metavar="K",
+    ap.add_argument("--top-k", type=positive_int, default=5, metavar="K",
                     help="classification: print the K most probable classes per file (default 5)")
     ap.add_argument("--out", type=Path, default=Path("predictions"), metavar="FOLDER",
                     help="segmentation: folder for the predicted masks, <name>_mask.png / .nii.gz (default ./predictions)")

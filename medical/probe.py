@@ -146,7 +146,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                                metrics={metric: best.test, "val": best.val})
     for name, row in rows.items():
         row.update(run=f"{out.name}_{name}", backbone=cfg.backbone, dataset=getattr(data, "name", type(data).__name__),
-                   fold=None, few_shot=getattr(data, "few_shot", None), total_params=total, config=recipe)
+                   fold=None, few_shot=getattr(data, "few_shot", None), protocol=getattr(data, "protocol", None),
+                   total_params=total, config=recipe)
         write_json_atomic(out / name / "metrics.json", row)
     print(f"metrics written to {out / 'knn' / 'metrics.json'} and {out / 'linear' / 'metrics.json'}" if "knn" in rows
           else f"metrics written to {out / 'linear' / 'metrics.json'}")

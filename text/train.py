@@ -47,7 +47,13 @@ def print_readers(model, data) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from shared.cli import is_demo
     from text.synthetic import write_demo_data
+
+    if is_demo(sys.argv[1:] if argv is None else argv):
+        import torch
+
+        torch.set_num_threads(1)  # a tiny model gains nothing from intra-op threads; they only contend
 
     return domain_main(argv, DEMO, write_demo_data,
                        "a synthetic corpus in the PersonalizedJargon layout with simulated readers",

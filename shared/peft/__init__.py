@@ -11,6 +11,7 @@ from .adapters import Adapter, Compacter, FiLM
 from .base import METHODS, Method, PeftState, from_dict, register, state_of
 from .core import Classifier, attach, fingerprint, merge, recompute, regularization, split, start, step, summary, weightless_copy
 from .fused import QKVLoRA
+from .hyper import HyperAdapter, Polyhistor, PolyhistorLite, add_task, use_task
 from .lora import IA3, AdaLoRA, DoRA, LoHa, LoKr, LoRA, VeRA
 from .scaling import BitFit, Full, NormTuning
 from .tokens import Prefix, Prompt
@@ -20,5 +21,5 @@ __all__ = [
     "attach", "summary", "merge", "recompute", "start", "step", "weightless_copy", "regularization", "save", "load", "from_bundle", "read_meta", "fingerprint", "split",
     "Classifier", "BundleError",
     "LoRA", "DoRA", "AdaLoRA", "IA3", "LoHa", "LoKr", "VeRA", "QKVLoRA",
-    "Adapter", "Compacter", "FiLM", "Prompt", "Prefix", "BitFit", "NormTuning", "Full",
+    "Adapter", "Compacter", "FiLM", "HyperAdapter", "Polyhistor", "PolyhistorLite", "use_task", "add_task", "Prompt", "Prefix", "BitFit", "NormTuning", "Full",
 ]

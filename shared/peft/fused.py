@@ -23,9 +23,9 @@ class FusedQKVLoRALayer(nn.Module):
 
     additive = True  # the delta depends on the layer input only
 
-    def __init__(self, d_in: int, d_part: int, r: int, parts: tuple[str, ...], scale: float):
+    def __init__(self, d_in: int, d_part: int, r: int, parts: tuple[str, ...], scale: float, key: str = ""):
         super().__init__()
-        self.d_part, self.parts, self.scale = d_part, tuple(parts), scale
+        self.d_part, self.parts, self.scale, self.key = d_part, tuple(parts), scale, key
         self.lora_a = nn.Parameter(torch.empty(len(parts), r, d_in))  # (P, r, in)
         self.lora_b = nn.Parameter(torch.zeros(len(parts), d_part, r))  # (P, out/3, r), zero: identity at init
         for a in self.lora_a:  # peft's LoRA init of A
@@ -87,7 +87,7 @@ class QKVLoRA(Method):
 
     def attach(self, model, anat, key):
         plan = [(n, m, FusedQKVLoRALayer(m.weight.shape[1], m.weight.shape[0] // 3, self.r, self.parts,
-                                         self.alpha / self.r)) for n, m in self._layers(model)]
+                                         self.alpha / self.r, key)) for n, m in self._layers(model)]
         for n, m, layer in plan:
             parent_name, _, child = n.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
@@ -100,8 +100,8 @@ class QKVLoRA(Method):
 
         from .adapters import hooks_of
 
-        layers = [m for m in model.modules() if isinstance(m, FusedQKVLoRALayer) and
-                  any(True for _ in hooks_of(m, model)) and m in _owned(model, key)]
+        layers = [m for m in model.modules() if isinstance(m, FusedQKVLoRALayer) and m.key == key
+                  and any(True for _ in hooks_of(m, model))]
         for layer in layers:
             site = next(m for m, hooks, _ in hooks_of(layer, model) if hooks is m._forward_hooks)
             target = site.get_base_layer() if isinstance(site, BaseTunerLayer) else site
@@ -111,6 +111,3 @@ class QKVLoRA(Method):
                 del hooks[hid]
         return None
 
-
-def _owned(model: nn.Module, key: str) -> list[nn.Module]:
-    return [m for n, m in model.named_modules() if n.rpartition(".")[2].startswith(f"peft_{key}_")]

@@ -52,3 +52,16 @@ def test_fsdd_adapter_learns_real_digits(tmp_path):
                 "--model.lr", "1e-3", "--trainer.max_epochs", "15", "--trainer.logger", "false",
                 "--trainer.enable_progress_bar", "false", "--output_dir", str(tmp_path / "run")])
     assert row["test/acc"] > 0.3  # chance is 0.1
+
+
+def test_fsdd_recipe_split_is_speaker_disjoint_on_the_real_data(tmp_path):
+    """domains/audio/data/fsdd.yaml's datamodule on the real release: theo tests, nicolas validates."""
+    from audio.fsdd import FSDDDataModule
+
+    dm = FSDDDataModule(str(FSDD), cache_dir=str(tmp_path / "cache"))
+    speakers = {s: {p.name.split("_")[1] for p, _ in items} for s, items in dm.splits.items()}
+    assert speakers["test"] == {"theo"} and speakers["val"] == {"nicolas"}
+    assert not speakers["train"] & (speakers["test"] | speakers["val"]) and len(speakers["train"]) == 4
+    assert {s: len(v) for s, v in dm.splits.items()} == {"train": 2000, "val": 500, "test": 500}
+    take = FSDDDataModule(str(FSDD), split="take", cache_dir=str(tmp_path / "cache"))
+    assert {s: len(v) for s, v in take.splits.items()} == {"train": 2400, "val": 300, "test": 300}

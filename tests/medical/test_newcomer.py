@@ -280,3 +280,10 @@ def test_probe_config_error_names_the_recipe_line(tmp_path, capsys):
     assert friendly(probe.main, ["--config", str(recipe)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"error: {recipe} line {line}: ") and "epochz" in err
+
+
+@pytest.mark.parametrize("k", ["0", "-1", "two"])
+def test_predict_top_k_must_be_positive(cls_bundle, tmp_path, capsys, k):
+    with pytest.raises(SystemExit) as e:
+        predict.main(["--adapter", str(cls_bundle), "--top-k", k, str(_png(tmp_path / "x.png", 32, 32))])
+    assert e.value.code == 2 and f"must be a positive integer, got {k}" in capsys.readouterr().err

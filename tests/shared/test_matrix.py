@@ -113,6 +113,14 @@ VARIANTS = {
     "compacter_both_sequential_rounded": Variant(  # reduction 5 -> 6 (or 3) -> rounded to phm_dim multiples
         lambda s: peft.Compacter(placement="both", mode="sequential", reduction=5, phm_dim=4), False),
     "film": Variant(lambda s: peft.FiLM(placement="both"), True),
+    "hyper_adapter_ffn_parallel": Variant(
+        lambda s: peft.HyperAdapter(placement="ffn", mode="parallel", bottleneck=4, embed_dim=8, proj_dim=6), False),
+    "polyhistor_both_sequential_reduction": Variant(
+        lambda s: peft.Polyhistor(placement="both", mode="sequential", reduction=8, rank=2, embed_dim=8, proj_dim=6),
+        False),
+    "polyhistor_lite_ffn_parallel": Variant(
+        lambda s: peft.PolyhistorLite(placement="ffn", mode="parallel", bottleneck=4, rank=2, templates=3,
+                                      embed_dim=8, proj_dim=6), False),
     "prompt_deep": Variant(lambda s: peft.Prompt(n_tokens=3, deep=True), False, identity=False),
     "prompt_shallow": Variant(lambda s: peft.Prompt(n_tokens=3, deep=False), False, identity=False),
     "prefix": Variant(lambda s: peft.Prefix(n_tokens=3), False, identity=False),
@@ -209,6 +217,30 @@ def expected_count(method: peft.Method, spec: Spec, model: nn.Module) -> int:
         return sum(p.numel() for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False))
     if isinstance(method, peft.FiLM):
         return sum(2 * ex.out_features for _, ex, _ in _sites(spec, model, method.placement))
+    if isinstance(method, (peft.HyperAdapter, peft.Polyhistor)):  # one hypernetwork: embeddings + generators
+        e, p = method.embed_dim, method.proj_dim
+
+        def gen(n):  # a Linear from the projector output s (p) to n values
+            return p * n + n
+
+        def width(d):
+            return method.bottleneck if method.bottleneck is not None else max(1, round(d / (method.reduction or 12)))
+
+        shapes = [(entry.in_features if method.mode == "parallel" else ex.out_features, ex.out_features)
+                  for entry, ex, _ in _sites(spec, model, method.placement)]
+        total = method.tasks * e + (2 * e * p + p) + len(shapes) * e  # tasks, projector, layer embeddings
+        if isinstance(method, peft.PolyhistorLite):  # one generator set at the smallest width C, m templates
+            c, m, r = min(min(sh) for sh in shapes), method.templates, method.rank
+            b = width(c)
+            total += gen(m * c * r) + gen(r * b) + gen(b) + gen(b * r) + gen(r * m * c) + gen(m * c)
+            return total + sum(m * (d_in // c) + m * (d_out // c) for d_in, d_out in shapes)  # kernels
+        for d_in, d_out, b in {(d_in, d_out, width(d_out)) for d_in, d_out in shapes}:  # per width group
+            if isinstance(method, peft.Polyhistor):
+                r = method.rank
+                total += gen(d_in * r) + gen(r * b) + gen(b) + gen(b * r) + gen(r * d_out) + gen(d_out)
+            else:
+                total += gen(d_in * b) + gen(b) + gen(b * d_out) + gen(d_out)
+        return total
 
     # adapters and Compacter
     total = method.phm_dim ** 3 if isinstance(method, peft.Compacter) else 0  # one shared set of A_i

@@ -1,0 +1,125 @@
+"""Bird-MAE's frontend: 32 kHz audio -> (512 frames x 128 mel) normalised kaldi fbank, and the 5 s
+windows BirdSet evaluates on.
+
+- `fbank_birdmae(wave)`: DC offset removed, kaldi fbank (htk_compat, 25 ms hanning window, 10 ms
+  hop, 128 mel, no energy, dither 0), padded with the clip's minimum (silence) or trimmed to 512
+  frames, normalised (x - (-7.2)) / (2 * 4.43) — the AudioMAE convention of dividing by twice the
+  std, which the Bird-MAE hub feature extractor keeps.
+- `read_clip(path, start, end)`: mono float32 at 32 kHz from any rate; one `AudioError` naming the
+  file when it is unreadable, silent, not finite, or shorter than a window it was asked for.
+- `event_window(events, duration)`: the 5 s window centred on a focal recording's first detected
+  event (BirdSet `detected_events`), clipped to the recording.
+- `sliding_windows(duration)`: the 5 s windows of a soundscape (hop 5 s by default).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torchaudio.compliance import kaldi
+
+from audio.features import AudioError, read_audio
+
+SAMPLE_RATE = 32_000
+WINDOW_S = 5.0
+BIRDMAE_MEAN, BIRDMAE_STD = -7.2, 4.43
+FRAMES, MELS = 512, 128
+
+
+@dataclass(frozen=True)
+class BirdFbankConfig:
+    frames: int = FRAMES
+    num_mel_bins: int = MELS
+    sample_rate: int = SAMPLE_RATE
+    window_s: float = WINDOW_S
+    mean: float = BIRDMAE_MEAN
+    std: float = BIRDMAE_STD
+
+    def to_dict(self) -> dict:
+        return {"frontend": "fbank_birdmae", **asdict(self)}
+
+
+def fbank_birdmae(wave: torch.Tensor, cfg: BirdFbankConfig = BirdFbankConfig(), source: str = "waveform") -> torch.Tensor:
+    """(T,) waveform at cfg.sample_rate -> (frames, num_mel_bins) normalised log-mel fbank."""
+    wave = torch.as_tensor(wave, dtype=torch.float32).flatten()
+    if wave.numel() < int(0.025 * cfg.sample_rate):
+        raise AudioError(f"{source}: too short for one 25 ms frame ({wave.numel()} samples)")
+    wave = wave - wave.mean()
+    fb = kaldi.fbank(wave.unsqueeze(0), htk_compat=True, sample_frequency=cfg.sample_rate, use_energy=False,
+                     window_type="hanning", num_mel_bins=cfg.num_mel_bins, dither=0.0, frame_shift=10)
+    n = fb.shape[0]
+    if n < cfg.frames:  # pad with the clip's quietest value: silence, not 0 (log-mel 0 is loud)
+        fb = torch.nn.functional.pad(fb, (0, 0, 0, cfg.frames - n), value=float(fb.min()))
+    out = (fb[: cfg.frames] - cfg.mean) / (2 * cfg.std)
+    if not torch.isfinite(out).all():
+        raise AudioError(f"{source}: features are not finite")
+    return out
+
+
+def read_clip(path: str | os.PathLike, start: float | None = None, end: float | None = None,
+              sample_rate: int = SAMPLE_RATE, allow_truncated: bool = False) -> torch.Tensor:
+    """Mono waveform of `path` (or its [start, end) seconds) at `sample_rate`."""
+    wave = read_audio(path, sample_rate, allow_truncated)
+    if start is not None or end is not None:
+        s = int(round((start or 0.0) * sample_rate))
+        e = wave.numel() if end is None else int(round(end * sample_rate))
+        if s >= wave.numel() or e <= s:
+            raise AudioError(f"{path}: window {start}-{end} s lies outside the recording "
+                             f"({wave.numel() / sample_rate:.2f} s)")
+        wave = wave[s:e]
+    if float(wave.abs().max()) == 0.0:
+        raise AudioError(f"{path}: silent audio (every sample is 0)" +
+                         (f" in {start}-{end} s" if start is not None else ""))
+    return wave
+
+
+def event_window(events, duration: float, window_s: float = WINDOW_S) -> tuple[float, float]:
+    """(start, end) of the window centred on the first event [(s, e), ...]; (0, window) without events.
+
+    The window is shifted to stay inside [0, duration]; recordings shorter than a window give (0, duration)."""
+    if duration <= window_s:
+        return 0.0, float(duration)
+    if events is None or len(events) == 0:
+        return 0.0, window_s
+    s, e = (float(v) for v in events[0])
+    centre = 0.5 * (s + e)
+    start = min(max(0.0, centre - window_s / 2), duration - window_s)
+    return start, start + window_s
+
+
+def sliding_windows(duration: float, window_s: float = WINDOW_S, hop_s: float | None = None,
+                    source: str = "recording") -> list[tuple[float, float]]:
+    """Consecutive windows covering [0, duration]; the last partial window is kept when it is at
+    least half a window long. A recording shorter than one window raises."""
+    hop_s = window_s if hop_s is None else hop_s
+    if duration < window_s:
+        raise AudioError(f"{source}: soundscape of {duration:.2f} s is shorter than one {window_s:g} s window")
+    out, t = [], 0.0
+    while t + window_s <= duration + 1e-9:
+        out.append((round(t, 6), round(t + window_s, 6)))
+        t += hop_s
+    if duration - t >= window_s / 2 and (not out or out[-1][1] < duration):
+        out.append((round(t, 6), round(duration, 6)))
+    return out
+
+
+def clip_features(path: str | Path, start: float | None, end: float | None,
+                  cfg: BirdFbankConfig = BirdFbankConfig()) -> torch.Tensor:
+    """(1, frames, mels): the model input for one window of one file."""
+    return fbank_birdmae(read_clip(path, start, end, cfg.sample_rate), cfg, source=str(path)).unsqueeze(0)
+
+
+def duration_of(path: str | os.PathLike) -> float:
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(path))
+    except Exception as e:
+        raise AudioError(f"{path}: unreadable audio ({e})") from None
+    return info.frames / info.samplerate
+
+
+__all__ = ["SAMPLE_RATE", "WINDOW_S", "BirdFbankConfig", "fbank_birdmae", "read_clip", "event_window",
+           "sliding_windows", "clip_features", "duration_of"]

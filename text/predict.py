@@ -1,0 +1,106 @@
+"""`python -m text.predict --adapter BUNDLE [--reader R] "abstract text"`: the terms an adapter marks
+as jargon for a reader (or as terms, for an ACTER-trained tagger), with their scores.
+
+    python -m text.predict --adapter runs/text_demo/tagger_lora/adapter --reader r1 "We study the ribosome ..."
+    python -m text.predict --adapter ... --reader r1 --terms ribosome "data set" "We study the ribosome ..."
+
+Without --terms the tagger finds the spans itself; with --terms it decides each given term (each must
+occur in the text). A text longer than the model's context is windowed, never truncated.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from shared import peft
+from shared.cli import friendly
+from text import module as _registers  # noqa: F401  (hf-encoder backbone, token head)
+from text.tagger import WindowEncoder, build_tokenizer, entity_score, tag_spans, word_probs
+from text.words import find_all, split_words
+
+
+class JargonTagger:
+    """A loaded tagger bundle: `tag(text, reader=..., terms=...)` -> [{term, score, jargon}]."""
+
+    def __init__(self, bundle: str | Path):
+        meta = peft.read_meta(bundle)
+        if meta.get("domain") != "text" or meta.get("task") != "jargon-tagging":
+            raise ValueError(f"{bundle}: not a text tagger bundle (task {meta.get('task')!r}, domain "
+                             f"{meta.get('domain')!r}); train one with python -m text.train")
+        self.meta, self.prep = meta, meta.get("preprocessing") or {}
+        self.model = peft.from_bundle(bundle).eval()
+        self.encoder = WindowEncoder(build_tokenizer(self.prep.get("tokenizer")), self.prep.get("max_length", 128),
+                                     self.prep.get("overlap", 16), self.prep.get("reader_prefix", False))
+        self.readers: dict[str, str] = self.prep.get("readers") or {}
+
+    @property
+    def personalised(self) -> bool:
+        return bool(self.encoder.reader_prefix and self.readers)
+
+    def profile(self, reader: str | None, profile: str | None = None) -> str:
+        if profile:
+            return profile
+        if not self.personalised:
+            if reader is not None:
+                raise ValueError("this adapter is not personalised (trained without reader profiles); drop --reader")
+            return ""
+        if reader is None:
+            raise ValueError(f"this adapter is personalised: pass --reader (one of {', '.join(self.readers)}) "
+                             f"or --profile 'reader X; background Y'")
+        if reader not in self.readers:
+            raise ValueError(f"unknown reader {reader!r}; this adapter knows {', '.join(self.readers)} "
+                             f"(or describe a new reader with --profile)")
+        return self.readers[reader]
+
+    def tag(self, text: str, reader: str | None = None, terms: list[str] | None = None,
+            profile: str | None = None, threshold: float = 0.5) -> list[dict[str, Any]]:
+        if not text or not text.strip():
+            raise ValueError("empty abstract: nothing to tag")
+        words = [w.text for w in split_words(text)]
+        prof = self.profile(reader, profile)
+        probs = word_probs(self.model, self.encoder, [(words, prof)])[0]
+        if terms is None:
+            return [{**s, "jargon": s["score"] >= threshold} for s in tag_spans(words, probs)]
+        out = []
+        for t in terms:
+            phrase = [w.text for w in split_words(t)]
+            starts = find_all(words, phrase)
+            if not phrase or not starts:
+                raise ValueError(f"term {t!r} does not occur in the abstract")
+            s = entity_score(probs, [(i, i + len(phrase)) for i in starts])
+            out.append({"term": t, "start": starts[0], "end": starts[0] + len(phrase), "score": s, "jargon": s >= threshold})
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m text.predict", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapter", required=True, help="a tagger bundle folder written by python -m text.train")
+    ap.add_argument("--reader", help="the reader id (personalised adapters; see the bundle's preprocessing.readers)")
+    ap.add_argument("--profile", help="reader information for a reader the adapter has not seen, e.g. "
+                                      "'reader new; background biology'")
+    ap.add_argument("--terms", nargs="+", help="candidate terms to decide (each must occur in the text)")
+    ap.add_argument("--threshold", type=float, default=0.5, help="score at or above which a term is jargon (0.5)")
+    ap.add_argument("--all", action="store_true", help="print every candidate, not only those marked as jargon")
+    ap.add_argument("text", help="the abstract (quote it), or @FILE to read it from a file")
+    args = ap.parse_args(argv)
+    text = args.text
+    if text.startswith("@"):
+        p = Path(text[1:])
+        if not p.is_file():
+            raise ValueError(f"{p}: file not found")
+        text = p.read_text(encoding="utf-8")
+    tagger = JargonTagger(args.adapter)
+    rows = tagger.tag(text, args.reader, args.terms, args.profile, args.threshold)
+    shown = [r for r in rows if args.all or r["jargon"]]
+    who = f" for reader {args.reader}" if args.reader else ""
+    print(f"{len([r for r in rows if r['jargon']])} of {len(rows)} terms marked as jargon{who} (score >= {args.threshold}):")
+    for r in shown:
+        print(f"{r['score']:.3f}\t{'jargon' if r['jargon'] else '-'}\t{r['term']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(friendly(main))
