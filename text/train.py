@@ -20,7 +20,7 @@ DEMO = RECIPES / "demo.yaml"
 
 
 def describe(model, data) -> None:
-    emb = model.model.backbone.get_input_embeddings().num_embeddings
+    emb = model.model.backbone.config.vocab_size
     if data.encoder.tok.vocab_size > emb:
         raise ValueError(f"data.tokenizer has {data.encoder.tok.vocab_size} ids but the backbone embeds {emb}: set "
                          f"model.backbone_kwargs.vocab_size (tiny-bert) or use the backbone's own tokenizer")
