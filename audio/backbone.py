@@ -108,6 +108,9 @@ def _from_pretrained(cls, checkpoint: str):
         except (OSError, ValueError) as e:
             raise CheckpointUnavailable(f"AST checkpoint folder {checkpoint}: not a folder written by save_pretrained "
                                         f"({str(e).splitlines()[0]})") from None
+    if str(checkpoint).startswith(("/", "./", "../", "~")):  # a path, not a hub id
+        raise CheckpointUnavailable(f"AST checkpoint folder {checkpoint}: not found "
+                                    f"(--model.backbone_kwargs.checkpoint takes a save_pretrained folder or a hub id)")
     try:
         return cls.from_pretrained(checkpoint, local_files_only=True)
     except OSError:

@@ -175,6 +175,8 @@ def parser() -> ArgumentParser:
                    help="also time one epoch that recomputes the backbone instead of reading the cache")
     p.add_argument("--cache_dir", default="~/.cache/peft-suite/features")
     p.add_argument("--accelerator", default="auto", help="where features are extracted: auto, cpu, gpu / cuda")
+    p.add_argument("--num_threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default); 1 suits tiny models on a busy CPU")
     p.add_subclass_arguments(L.LightningDataModule, "data")
     return p
 
@@ -213,6 +215,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         if k not in KINDS:
             raise ValueError(f"--probes: unknown probe kind {k!r}; known: {', '.join(KINDS)}")
     t_start = time.perf_counter()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     L.seed_everything(cfg.seed_everything, verbose=False)
     data = (p.instantiate(cfg) if hasattr(p, "instantiate") else p.instantiate_classes(cfg)).data
     data.setup("fit")

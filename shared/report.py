@@ -109,10 +109,9 @@ def _name_variants(summary: list[dict[str, Any]]) -> None:
         for i, s in enumerate(group):
             r = recipes[i]
             diff = ", ".join(f"{k.split('.')[-1]}={json.loads(r[k]) if k in r else '-'}" for k in keys)
-            if s["protocol"] and len({g["protocol"] for g in group}) > 1:
-                diff = ", ".join(filter(None, [f"protocol={s['protocol']}", diff]))
             s["variant"] = diff or f"variant {i + 1}"
-            s["label"] = f"{label} [{s['variant']}]"
+            proto = f"{s['protocol']}; " if s["protocol"] and len({g["protocol"] for g in group}) > 1 else ""
+            s["label"] = f"{label} [{proto}{s['variant']}]"
 
 
 def is_fraction(metric: str, summary: list[dict[str, Any]]) -> bool:

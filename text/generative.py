@@ -61,12 +61,16 @@ class HFCausalTokenizer:
         return self.tok.encode(text, add_special_tokens=False)
 
 
-def answer_ids(tok) -> tuple[int, int]:
-    """The first token of " yes" and of " no" (they must differ)."""
-    yes, no = tok.encode(ANSWERS[0])[0], tok.encode(ANSWERS[1])[0]
-    if yes == no:
-        raise ValueError("the tokenizer starts ' yes' and ' no' with the same token; constrained scoring needs two")
-    return yes, no
+def answer_ids(tok) -> tuple[list[int], int, int]:
+    """(shared prefix, yes token, no token): the tokens " yes" and " no" share (e.g. a space byte) are
+    appended to the prompt; the first tokens where they differ are the two compared answers."""
+    yes, no = tok.encode(ANSWERS[0]), tok.encode(ANSWERS[1])
+    k = 0
+    while k < min(len(yes), len(no)) and yes[k] == no[k]:
+        k += 1
+    if k == min(len(yes), len(no)):
+        raise ValueError("the tokenizer encodes ' yes' and ' no' so that one is a prefix of the other")
+    return yes[:k], yes[k], no[k]
 
 
 # ---------------------------------------------------------------------------------------- prompts
@@ -169,10 +173,11 @@ class YesNoScorer:
         self.model, self.tok = model, tok
         cfg = getattr(model, "config", None)
         self.max_length = max_length or getattr(cfg, "max_position_embeddings", 2048)
-        self.yes, self.no = answer_ids(tok)
+        self.prefix, self.yes, self.no = answer_ids(tok)
 
     def ids(self, q: Query, with_reader: bool = True) -> list[int]:
-        ids = ([self.tok.bos_token_id] if self.tok.bos_token_id is not None else []) + self.tok.encode(prompt(q, with_reader))
+        ids = ([self.tok.bos_token_id] if self.tok.bos_token_id is not None else []) + \
+            self.tok.encode(prompt(q, with_reader)) + self.prefix
         if len(ids) <= self.max_length:
             return ids
         return self.ids(window_abstract(q, self.tok, self.max_length, len(ids)), with_reader)
@@ -269,9 +274,9 @@ class ReaderBank:
             for k, v in self.states[reader].items():
                 live[k].copy_(v)
 
-    def _weights(self, reader: str, name: str):
+    def _weights(self, reader: str, name: str, key: str):
         s = self.states[reader]
-        return s[f"{name}.lora_A.default.weight"], s[f"{name}.lora_B.default.weight"]
+        return s[f"{name}.lora_A.{key}.weight"], s[f"{name}.lora_B.{key}.weight"]
 
     def _hook(self, name: str):
         def hook(module, args, kwargs, output):
@@ -280,9 +285,10 @@ class ReaderBank:
                 return None  # the loaded reader (or the shared adapter) answers
             x = args[0]
             out = module.base_layer(x)
-            scaling = module.scaling["default"]
+            (key,) = module.lora_A.keys()  # the core attaches one LoRA adapter per layer
+            scaling = module.scaling[key]
             for reader, idx in rows:
-                a, b = self._weights(reader, name)
+                a, b = self._weights(reader, name, key)
                 xs = x[idx].to(a.dtype)
                 out[idx] = out[idx] + F.linear(F.linear(xs, a.to(x.device)), b.to(x.device)) * scaling
             return out

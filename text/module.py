@@ -40,7 +40,7 @@ class TaggerModule(PeftModule):
                  decay_exclude: bool = False, init_bundle: str | None = None):
         super().__init__()
         self.save_hyperparameters()
-        net = backbones.create(backbone, **(backbone_kwargs or {}))
+        net = backbones.create(backbone, **(backbone_kwargs or {})).train()  # from_pretrained gives eval mode
         if init_bundle:
             self.model = peft.load(net, init_bundle)
             if not isinstance(self.model.head, TokenHead):

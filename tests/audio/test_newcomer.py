@@ -248,6 +248,8 @@ def test_ast_offline_without_cache_fails_fast_in_one_line(tmp_path, monkeypatch)
     assert "download it once while online" in msg and "--model.backbone_kwargs.checkpoint" in msg
     with pytest.raises(backbone.CheckpointUnavailable, match="not a folder written by save_pretrained"):
         backbone.load_ast(str(tmp_path))
+    with pytest.raises(backbone.CheckpointUnavailable, match="ast_typo: not found"):
+        backbone.load_ast(str(tmp_path / "ast_typo"))
 
 
 def test_hub_reachable_is_false_in_offline_mode(monkeypatch):

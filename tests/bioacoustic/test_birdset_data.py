@@ -99,3 +99,18 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path):
         SyntheticBirdsDataModule(root=str(tmp_path)).setup()
     assert (tmp_path / "my_recordings.wav").read_bytes() == b"precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["my_recordings.wav"]
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_recipes_parse_and_name_their_test_set(task):
+    from pathlib import Path
+
+    import yaml
+
+    from audio.probe import parser
+
+    recipe = Path(__file__).resolve().parents[2] / "domains" / "bioacoustic" / f"{task.lower()}.yaml"
+    cfg = parser().parse_args(["--config", str(recipe)])
+    assert cfg.data.init_args.task == task and cfg.backbone == "bird-mae"
+    raw = yaml.safe_load(recipe.read_text())
+    assert (raw["epochs"], raw["batch_size"]) == (30, 128)

@@ -1,0 +1,89 @@
+"""audio.probe: metrics computed by hand, the prototypical head against Bird-MAE's formulas, and one
+end-to-end run (cache written, then read) followed by audio.explain on its bundle."""
+import json
+import math
+
+import pytest
+import torch
+
+from audio.probe import cmap, make_heads, optimizer, scores, top1
+from shared.heads import PrototypicalHead, Tokens
+
+
+def test_cmap_is_mean_ap_over_classes_with_positives():
+    s = torch.tensor([[0.9, 0.1, 0.5], [0.8, 0.2, 0.4], [0.7, 0.3, 0.3], [0.1, 0.4, 0.2]])
+    y = torch.tensor([[1, 0, 0], [0, 0, 1], [1, 0, 0], [0, 0, 0]])
+    # class 0: positives ranked 1st and 3rd -> AP = (1/1 + 2/3) / 2; class 1 never present: left out;
+    # class 2: its positive ranked 2nd -> AP = 1/2
+    assert cmap(s, y) == pytest.approx(((1 + 2 / 3) / 2 + 0.5) / 2)
+    # top-1 over the 3 windows with a label: argmax 0 (hit), 0 (miss: label 2), 0 (hit)
+    assert top1(s, y) == pytest.approx(2 / 3)
+    out = scores(torch.logit(s), y)
+    assert set(out) == {"test/cmap", "test/auroc", "test/top1"} and out["test/cmap"] == pytest.approx(cmap(s, y))
+
+
+def test_prototypical_head_matches_the_paper_by_hand():
+    head = PrototypicalHead(dim=2, num_classes=1, prototypes_per_class=2, focal=True, upsample=1)
+    with torch.no_grad():
+        head.prototypes.copy_(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+    # CLS [1, 0], patches [2, 0] and [1, 1] on a 1 x 2 grid; focal: patches - CLS = [1, 0], [0, 1]
+    t = Tokens(torch.tensor([[[1.0, 0.0], [2.0, 0.0], [1.0, 1.0]]]), 1, (1, 2))
+    # prototype 0: max(cos([1,0],[1,0]) = 1, cos([0,1],[1,0]) = 0) = 1; prototype 1: max(0.7071, 0.7071)
+    assert head.similarities(t)[0, 0].tolist() == pytest.approx([1.0, math.sqrt(0.5)])
+    assert float(head(t)[0, 0]) == pytest.approx(1.0 + math.sqrt(0.5) - 2.0)  # weights 1, bias -2
+    # unit rows [1, 0], [.7071, .7071]: Gram - I has two off-diagonal .7071 -> ||.||_F = 1, / (C P P = 4)
+    assert float(head.orthogonality_loss()) == pytest.approx(0.25)
+
+
+def test_prototypes_get_their_own_learning_rate():
+    heads = make_heads(["linear", "prototypical"], 8, 3, prototypes_per_class=2)
+    opt = optimizer(heads, lr=3e-4, prototype_lr=0.04, weight_decay=3e-4)
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lrs[id(heads["prototypical"].prototypes)] == 0.04
+    assert lrs[id(heads["linear"].fc.weight)] == 3e-4 and lrs[id(heads["prototypical"].weight)] == 3e-4
+    assert opt.defaults["betas"] == (0.9, 0.95)
+
+
+def test_similarity_maps_pool_to_the_head_similarities():
+    from audio.explain import similarity_maps
+
+    torch.manual_seed(0)
+    head = PrototypicalHead(16, 3, 4)
+    t = Tokens(torch.randn(2, 1 + 32 * 8, 16), 1, (32, 8))
+    maps = similarity_maps(head, t)
+    assert maps.shape == (2, 3, 4, 64, 16)  # x2 upsampled (time, mel) patch grid
+    assert torch.allclose(maps.flatten(3).amax(-1), head.similarities(t), atol=1e-6)
+
+
+def test_demo_end_to_end_cache_then_explain(tmp_path, capsys):
+    from audio.bird_synthetic import write_synthetic_birds
+    from audio import explain, probe
+    from shared.cli import mark_demo_folder
+
+    root = tmp_path / "birds"
+    mark_demo_folder(root, "test")
+    write_synthetic_birds(root, num_species=3, focal_per_species=3, soundscapes=2, seed=0)
+    args = ["--config", str(probe.DEMO), "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"),
+            "--data.root", str(root), "--data.num_species", "3", "--data.focal_per_species", "3",
+            "--data.soundscapes", "2", "--backbone_kwargs", '{"embed_dim": 16, "depth": 1, "num_heads": 2}',
+            "--epochs", "2", "--prototypes_per_class", "4"]
+    rows = probe.main(args)
+    assert set(rows) == {"linear", "attentive", "prototypical"}
+    for kind, row in rows.items():
+        saved = json.loads((tmp_path / "out" / kind / "metrics.json").read_text())
+        assert 0.0 <= saved["test/cmap"] <= 1.0 and 0.0 <= saved["test/auroc"] <= 1.0
+        assert saved["epoch_s_recompute"] > 0 and saved["epoch_s_cached"] > 0
+    assert rows["prototypical"]["trainable_params"] == 3 * 4 * 16 + 3 * 4 + 3  # prototypes, weights, biases
+    assert "computed on cpu and cached" in capsys.readouterr().out
+    again = probe.main(args + ["--time_recompute", "false"])
+    assert "read from the cache" in capsys.readouterr().out
+    assert again["prototypical"]["test/cmap"] == pytest.approx(rows["prototypical"]["test/cmap"])
+    assert (tmp_path / "out" / "results.md").read_text().count("| prototypical |") == 1
+    png = tmp_path / "ex.png"
+    explain.main(["--adapter", str(tmp_path / "out" / "prototypical" / "adapter"),
+                  str(root / "soundscapes" / "soundscape_000.wav"), "--output", str(png), "--threshold", "0.0"])
+    printed = capsys.readouterr().out
+    assert png.stat().st_size > 10_000 and "| class | p | prototype |" in printed
+    assert printed.count("| upchirp |") + printed.count("| downchirp |") + printed.count("| trill |") >= 3
+    with pytest.raises(ValueError, match="not a prototypical probe bundle"):
+        explain.main(["--adapter", str(tmp_path / "out" / "linear" / "adapter"), str(png)])
