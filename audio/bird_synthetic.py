@@ -195,19 +195,17 @@ class SyntheticBirdsDataModule(BirdSetDataModule):
 
     def __init__(self, root: str = "runs/bioacoustic_demo/birds", num_species: int = 5, focal_per_species: int = 8,
                  soundscapes: int = 12, few_shot: int | None = None, seed: int = 0, batch_size: int = 32,
-                 num_workers: int = 0):
+                 num_workers: int = 0, val_fraction: float = 0.0):
         super().__init__(root, layout="csv", few_shot=few_shot, seed=seed, batch_size=batch_size,
-                         num_workers=num_workers)
+                         num_workers=num_workers, val_fraction=val_fraction)
         self.num_species, self.focal_per_species, self.soundscapes = num_species, focal_per_species, soundscapes
         self.name = "synthetic-birds"
 
-    def setup(self, stage: str | None = None) -> None:
-        if not self.splits:
-            from shared.cli import prepare_demo_data
+    def prepare(self) -> None:
+        from shared.cli import prepare_demo_data
 
-            prepare_demo_data(self.root, lambda r: write_synthetic_birds(
-                r, self.num_species, self.focal_per_species, self.soundscapes, self.seed), DEMO_NOTE)
-        super().setup(stage)
+        prepare_demo_data(self.root, lambda r: write_synthetic_birds(
+            r, self.num_species, self.focal_per_species, self.soundscapes, self.seed), DEMO_NOTE)
 
 
 class FSDDSoundscapesDataModule(BirdSetDataModule):
@@ -217,20 +215,18 @@ class FSDDSoundscapesDataModule(BirdSetDataModule):
     def __init__(self, recordings: str = "../shared/data/fsdd/recordings",
                  root: str = "runs/bioacoustic_fsdd/soundscapes", test_speakers: list[str] | None = None,
                  soundscapes: int = 60, few_shot: int | None = None, seed: int = 0, batch_size: int = 32,
-                 num_workers: int = 0):
+                 num_workers: int = 0, val_fraction: float = 0.0):
         super().__init__(root, layout="csv", few_shot=few_shot, seed=seed, batch_size=batch_size,
-                         num_workers=num_workers)
+                         num_workers=num_workers, val_fraction=val_fraction)
         self.recordings = Path(recordings).expanduser()
         self.test_speakers = tuple(test_speakers or ("theo", "nicolas"))
         self.n_soundscapes = soundscapes
         self.name = "fsdd-soundscapes"
 
-    def setup(self, stage: str | None = None) -> None:
-        if not self.splits:
-            if not self.recordings.is_dir():
-                raise FileNotFoundError(f"{self.recordings}: FSDD recordings folder not found (--data.recordings)")
-            from shared.cli import prepare_demo_data
+    def prepare(self) -> None:
+        if not self.recordings.is_dir():
+            raise FileNotFoundError(f"{self.recordings}: FSDD recordings folder not found (--data.recordings)")
+        from shared.cli import prepare_demo_data
 
-            prepare_demo_data(self.root, lambda r: write_fsdd_soundscapes(
-                self.recordings, r, self.test_speakers, self.n_soundscapes, seed=self.seed), FSDD_NOTE)
-        super().setup(stage)
+        prepare_demo_data(self.root, lambda r: write_fsdd_soundscapes(
+            self.recordings, r, self.test_speakers, self.n_soundscapes, seed=self.seed), FSDD_NOTE)

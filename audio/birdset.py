@@ -166,7 +166,7 @@ class BirdSetDataModule(L.LightningDataModule):
 
     def __init__(self, root: str, layout: str = "auto", task: str | None = None, train_split: str = "train",
                  test_split: str = "test_5s", few_shot: int | None = None, seed: int = 0, batch_size: int = 32,
-                 num_workers: int = 0, classes: list[str] | None = None):
+                 num_workers: int = 0, classes: list[str] | None = None, val_fraction: float = 0.0):
         super().__init__()
         if layout not in ("auto", "hf", "csv"):
             raise ValueError(f"layout must be auto, hf or csv, got {layout!r}")
@@ -177,7 +177,35 @@ class BirdSetDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.classes = batch_size, num_workers, classes
         self.cfg = BirdFbankConfig()
         self.name = self.task or self.root.name
+        self.val_fraction = val_fraction
         self.splits: dict[str, WindowDataset] = {}
+        self._index_cache = None
+
+    def prepare(self) -> None:
+        """Hook for modules that write their data first (the demo, the FSDD mixer)."""
+
+    def _index(self):
+        """(classes, train items, test items), read once (cheap: the csv / arrow index, no audio)."""
+        if self._index_cache is None:
+            self.prepare()
+            if self.resolved_layout() == "hf":
+                classes, train, test = read_hf_layout(self.root, self.train_split, self.test_split)
+            else:
+                classes, train, test = read_csv_layout(self.root, self.classes)
+            if self.task and len(classes) != TASKS[self.task]:
+                raise ValueError(f"{self.root}: {len(classes)} classes, but BirdSet {self.task} has {TASKS[self.task]}")
+            if not train or not test:
+                raise ValueError(f"{self.root}: empty {'train' if not train else 'test'} split")
+            self._index_cache = (list(classes), train, test)
+        return self._index_cache
+
+    @property
+    def labels(self) -> list[str]:
+        return self._index()[0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
 
     @property
     def preprocessing(self) -> dict:
@@ -196,23 +224,21 @@ class BirdSetDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        if self.resolved_layout() == "hf":
-            classes, train, test = read_hf_layout(self.root, self.train_split, self.test_split)
-        else:
-            classes, train, test = read_csv_layout(self.root, self.classes)
-        if self.task and len(classes) != TASKS[self.task]:
-            raise ValueError(f"{self.root}: {len(classes)} classes, but BirdSet {self.task} has {TASKS[self.task]}")
-        if not train or not test:
-            raise ValueError(f"{self.root}: empty {'train' if not train else 'test'} split")
+        classes, train, test = self._index()
         if self.few_shot:
             from shared.data import few_shot_indices
 
             y = np.array([it.labels[0] for it in train])
             train = [train[i] for i in few_shot_indices(y, self.few_shot, self.seed, label_names=classes)]
-        self.labels = list(classes)
-        self.num_classes = len(classes)
+        val = []
+        if self.val_fraction:  # held-out focal recordings, for recipes that pick a checkpoint (audio.train)
+            order = np.random.default_rng(self.seed).permutation(len(train))
+            n_val = max(1, round(self.val_fraction * len(train)))
+            val, train = [train[i] for i in sorted(order[:n_val])], [train[i] for i in sorted(order[n_val:])]
         self.splits = {"train": WindowDataset(train, self.num_classes, self.cfg),
                        "test": WindowDataset(test, self.num_classes, self.cfg)}
+        if val:
+            self.splits["val"] = WindowDataset(val, self.num_classes, self.cfg)
 
     def _loader(self, split: str, shuffle: bool = False):
         return torch.utils.data.DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle,
@@ -224,6 +250,11 @@ class BirdSetDataModule(L.LightningDataModule):
     def feature_loader(self, split: str):
         """Deterministic order, for feature extraction."""
         return self._loader(split)
+
+    def val_dataloader(self):
+        if "val" not in self.splits:
+            raise ValueError("no validation split: set --data.val_fraction (e.g. 0.1) to hold out focal recordings")
+        return self._loader("val")
 
     def test_dataloader(self):
         return self._loader("test")

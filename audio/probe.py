@@ -34,7 +34,7 @@ import audio.birdmae  # noqa: F401  (registers bird-mae / tiny-bird-mae)
 from shared import backbones
 from shared.cli import ConfigError, check_recipes, config_error_message, friendly, is_demo, quiet_lightning, \
     write_json_atomic
-from shared.data import FeatureCache, extract_features
+from shared.data import FeatureCache, dataset_digest, extract_features
 from shared.heads import AttentiveHead, LinearHead, PrototypicalHead, Tokens, asymmetric_loss
 from shared.module import cosine_with_warmup, macro_over_defined
 
@@ -234,7 +234,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     dataset_id = json.dumps(cfg.data.as_dict(), sort_keys=True, default=str)
     feats, t_extract = {}, time.perf_counter()
     for split in ("train", "test"):
-        key = cache.key(fp, data.preprocessing, f"{dataset_id}:{split}", extractor="birdmae_tokens")
+        items = getattr(getattr(data, "splits", {}).get(split), "items", [])
+        digest = dataset_digest(sorted({it.path for it in items}))  # files changed in place: a new key
+        key = cache.key(fp, data.preprocessing, f"{dataset_id}:{split}:{digest}", extractor="birdmae_tokens")
         loader = data.feature_loader(split)
         feats[split] = cache.get_or_compute(key, lambda: extract_features(
             lambda x: anat.forward_tokens(x).x, loader, device=device))

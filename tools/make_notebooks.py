@@ -352,8 +352,12 @@ match lies (time x frequency) and how much each adds to the class logit."""),
     ("code", """from IPython.display import Image, display
 from audio import explain
 
-scape = sorted((data / "soundscapes").glob("*.wav"))[0]
-explain.main(["--adapter", str(WORK / "probe/prototypical/adapter"), str(scape), "--start", "0",
+import csv
+
+# the test window with the most calls in it
+row = max(csv.DictReader(open(data / "test.csv")), key=lambda r: len([c for c in r["ebird_code_multilabel"].split(";") if c]))
+print("true labels:", row["ebird_code_multilabel"])
+explain.main(["--adapter", str(WORK / "probe/prototypical/adapter"), str(data / row["filepath"]), "--start", row["start_time"],
               "--output", str(WORK / "explain.png"), "--threshold", "0.3"])
 display(Image(str(WORK / "explain.png")))"""),
 ]

@@ -109,7 +109,8 @@ class MultiTaskDense(torch.utils.data.Dataset):
 
     def __init__(self, root, layout: str = "pascal_context", split: str = "train", tasks=None,
                  size: int = 224, missing: str = "skip", num_classes: dict[str, int] | None = None,
-                 seed: int = 0, val_fraction: float = 0.2):
+                 seed: int = 0, val_fraction: float = 0.2, cache: bool = False):
+        self._cache: dict[int, dict] | None = {} if cache else None  # decoded items kept in memory (small sets)
         self.root, self.layout, self.split, self.size = Path(root), layout, split, int(size)
         if layout not in ("pascal_context", "nyud", "folder"):
             raise DataError(f"layout must be pascal_context, nyud or folder, got {layout!r}")
@@ -215,6 +216,14 @@ class MultiTaskDense(torch.utils.data.Dataset):
         return torch.zeros(task.channels, *shape)  # normals all zero / depth 0: invalid
 
     def __getitem__(self, i):
+        if self._cache is not None and i in self._cache:
+            return self._cache[i]
+        item = self._load(i)
+        if self._cache is not None:
+            self._cache[i] = item
+        return item
+
+    def _load(self, i):
         stem = self.ids[i]
         img = read_image(self.image_path(stem))
         shape = img.shape[:2]
@@ -248,10 +257,10 @@ class DenseDataModule(L.LightningDataModule):
 
     def __init__(self, root: str, layout: str = "pascal_context", tasks: list[str] | None = None,
                  size: int = 224, batch_size: int = 8, num_workers: int = 0, missing: str = "skip",
-                 num_classes: dict[str, int] | None = None, seed: int = 0):
+                 num_classes: dict[str, int] | None = None, seed: int = 0, cache: bool = False):
         super().__init__()
         self.kw = dict(root=root, layout=layout, tasks=tasks, size=size, missing=missing,
-                       num_classes=num_classes, seed=seed)
+                       num_classes=num_classes, seed=seed, cache=cache)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.train_set = MultiTaskDense(split="train", **self.kw)
         self.val_set = MultiTaskDense(split="val", **self.kw)

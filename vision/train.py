@@ -31,7 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "run_name": "",
     "seed": 0,
     "data": {"root": None, "layout": "pascal_context", "tasks": None, "size": 224, "batch_size": 8,
-             "num_workers": 0, "missing": "skip", "num_classes": None},
+             "num_workers": 0, "missing": "skip", "num_classes": None, "cache": False},
     "model": {"backbone": "swin-t", "backbone_kwargs": {}, "methods": [{"name": "polyhistor_lite"}],
               "decoder_width": 64, "lr": 1e-3, "weight_decay": 1e-4, "warmup_steps": 0},
     "trainer": {"max_epochs": 30, "accelerator": "auto", "devices": 1, "precision": "32-true",
@@ -202,13 +202,13 @@ DEMO_BACKBONE = {"backbone": "tiny-swin",
 def demo_config(out: Path, data: Path, tasks, methods, name: str, epochs: int) -> dict:
     cfg = copy.deepcopy(DEFAULTS)
     cfg = _merge(cfg, {"output_dir": str(out / name), "run_name": name,
-                       "data": {"root": str(data), "tasks": list(tasks), "size": 64, "batch_size": 8},
-                       "model": {**DEMO_BACKBONE, "methods": methods, "decoder_width": 32, "lr": 3e-3},
+                       "data": {"root": str(data), "tasks": list(tasks), "size": 64, "batch_size": 8, "cache": True},
+                       "model": {**DEMO_BACKBONE, "methods": methods, "decoder_width": 32, "lr": 5e-3},
                        "trainer": {"max_epochs": epochs, "accelerator": "cpu"}}, "demo")
     return cfg
 
 
-def demo(root: Path = DEMO_ROOT, epochs: int = 8) -> dict:
+def demo(root: Path = DEMO_ROOT, epochs: int = 6) -> dict:
     from .metrics import delta_m
     from .synthetic import write_pascal_context_like
 
@@ -218,7 +218,7 @@ def demo(root: Path = DEMO_ROOT, epochs: int = 8) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     (root / DEMO_MARK).write_text("written by python -m vision.train (demo)\n")
     if not (data / "ImageSets").exists():
-        write_pascal_context_like(data, train=48, val=16, size=64)
+        write_pascal_context_like(data, train=32, val=16, size=64)
     print(f"demo: synthetic PASCAL-Context-layout scenes in {data}; tiny Swin with RANDOM weights (no download)")
     tasks = ["semseg", "human_parts", "saliency", "normals"]
     single = {}
@@ -240,8 +240,11 @@ def demo(root: Path = DEMO_ROOT, epochs: int = 8) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from shared.cli import quiet_lightning
+
     argv = sys.argv[1:] if argv is None else argv
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    quiet_lightning()
     try:
         if not argv:
             demo()

@@ -1,0 +1,157 @@
+"""Results table, Delta_m vs trainable parameters plot, and the parameter counts of the paper's settings.
+
+    python -m vision.report runs/vision_demo                 # table + plot from every metrics.json below it
+    python -m vision.report runs/vision --baseline full      # Delta_m against single-task runs of method `full`
+    python -m vision.report --counts                         # trainable parameters on the real Swin-T (4 tasks)
+
+Delta_m of a run = mean over its tasks of (-1)^{lower-is-better} (M_t - M_single_t) / M_single_t (%),
+where M_single_t is the mean over single-task runs of the baseline method on task t found in
+the same folder. "trainable" counts the backbone-side method tensors plus every decoder; a
+single-task method used for several tasks counts one copy per task (separate models).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .metrics import delta_m
+
+
+def read_runs(root: Path) -> list[dict]:
+    runs = []
+    for p in sorted(root.rglob("metrics.json")):
+        try:
+            m = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{p}: unreadable metrics file ({e})") from None
+        if "tasks" in m and "test" in m and "params" in m:
+            m["_dir"] = str(p.parent)
+            runs.append(m)
+    return runs
+
+
+def baselines(runs: list[dict], method: str) -> dict[str, float]:
+    acc: dict[str, list[float]] = {}
+    for r in runs:
+        if len(r["tasks"]) == 1 and r["method"] == method:
+            t = r["tasks"][0]
+            acc.setdefault(t, []).append(r["test"][t][r["primary"][t]])
+    return {t: sum(v) / len(v) for t, v in acc.items()}
+
+
+def table(runs: list[dict], base: dict[str, float], baseline: str) -> tuple[str, list[tuple[str, int, float]]]:
+    tasks = sorted({t for r in runs for t in r["tasks"]})
+    metric = {t: next(r["primary"][t] for r in runs if t in r["tasks"]) for t in tasks}
+    head = ["run", "method", "tasks", "trainable", *[f"{t} {metric[t]}" for t in tasks], f"Delta_m vs single-task {baseline} (%)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    points = []
+    for r in sorted(runs, key=lambda r: (len(r["tasks"]), r["run_name"])):
+        res = {t: r["test"][t][r["primary"][t]] for t in r["tasks"]}
+        dm = delta_m(res, base, r["lower_is_better"]) if set(res) <= set(base) else None
+        cells = [r["run_name"], r["method"], str(len(r["tasks"])), f"{r['params']['trainable']:,}"]
+        cells += [f"{res[t]:.4f}" if t in res else "" for t in tasks]
+        cells.append(f"{dm:+.2f}" if dm is not None else "n/a (no baseline)")
+        lines.append("| " + " | ".join(cells) + " |")
+        if dm is not None and len(r["tasks"]) > 1:
+            points.append((r["method"], r["params"]["trainable"], dm))
+    return "\n".join(lines), points
+
+
+def plot(points, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, n, dm in points:
+        ax.scatter(n, dm)
+        ax.annotate(name, (n, dm), fontsize=8)
+    ax.set_xscale("log")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("trainable parameters (backbone methods + decoders)")
+    ax.set_ylabel("Delta_m (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- parameter counts of the paper's settings -------------------------------------------------------
+PAPER_TASKS = {"semseg": 21, "human_parts": 7, "saliency": None, "normals": None}  # PASCAL-Context, 4 tasks
+# (label, methods, copies): copies = separate models (single-task methods), 1 = one shared model.
+CONFIGS = [
+    ("single-task full fine-tuning", [{"name": "full"}], 4),
+    ("decoder-only (frozen backbone)", [], 1),
+    ("BitFit", [{"name": "bitfit"}], 1),
+    ("LoRA r4 on qkv (shared)", [{"name": "lora", "r": 4, "alpha": 8, "targets": ["qkv"]}], 1),
+    ("single-task adapters (ffn, reduction 4)", [{"name": "adapter", "reduction": 4}], 4),
+    ("shared adapter (ffn, reduction 4)", [{"name": "adapter", "reduction": 4}], 1),
+    ("Compacter (phm 4, reduction 4)", [{"name": "compacter", "reduction": 4, "phm_dim": 4}], 1),
+    ("HyperAdapter (hyperformer, embed 64, reduction 4)", [{"name": "hyper_adapter", "reduction": 4}], 1),
+    ("Polyhistor (rank 8, reduction 4)", [{"name": "polyhistor", "reduction": 4, "rank": 8}], 1),
+    ("Polyhistor-Lite (rank 8, 4 templates, bottleneck 24)", [{"name": "polyhistor_lite", "bottleneck": 24, "rank": 8}], 1),
+]
+
+
+def paper_counts(decoder_width: int = 64) -> list[tuple[str, int, int, int]]:
+    """[(configuration, backbone-side trainable, decoders, total trainable)] on the real Swin-T
+    architecture (built on the meta device: no weights, no download)."""
+    import timm
+    import torch
+
+    from shared import peft
+    from .backbone import TIMM_NAME, stage_dims
+    from .model import MLPDecoder, resolve_methods
+    from .tasks import make_task
+
+    tasks = {t: make_task(t, n) for t, n in PAPER_TASKS.items()}
+    out = []
+    for label, methods, copies in CONFIGS:
+        with torch.device("meta"):
+            bb = timm.create_model(TIMM_NAME, pretrained=False, num_classes=0)
+        per_model_tasks = tasks if copies == 1 else None
+        peft.attach(bb, resolve_methods(methods, len(tasks) if per_model_tasks else 1), compute_fingerprint=False)
+        backbone = sum(peft.summary(bb)["by_method"].values()) * copies
+        dims = stage_dims(bb)
+        dec = sum(MLPDecoder.count(dims, t.channels, decoder_width) for t in tasks.values())
+        out.append((label, backbone, dec, backbone + dec))
+    return out
+
+
+def counts_table() -> str:
+    lines = ["| configuration (Swin-T, PASCAL-Context 4 tasks) | backbone-side trainable | decoders | total |", "|---|---:|---:|---:|"]
+    for label, b, d, t in paper_counts():
+        lines.append(f"| {label} | {b:,} | {d:,} | {t:,} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m vision.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder", nargs="?", help="folder searched for metrics.json (runs of vision.train)")
+    ap.add_argument("--baseline", default="full", help="method label of the single-task baseline runs (default: full)")
+    ap.add_argument("--counts", action="store_true", help="print the parameter counts of the paper's configurations")
+    a = ap.parse_args(argv)
+    if not a.folder and not a.counts:
+        ap.error("give a folder of runs and/or --counts")
+    if a.folder:
+        root = Path(a.folder)
+        runs = read_runs(root) if root.is_dir() else []
+        if not runs:
+            print(f"error: {root}: no vision metrics.json found", file=sys.stderr)
+            raise SystemExit(2)
+        base = baselines(runs, a.baseline)
+        text, points = table(runs, base, a.baseline)
+        (root / "report.md").write_text(text + "\n")
+        print(text)
+        if points:
+            plot(points, root / "report.png")
+        print(f"wrote {root / 'report.md'}" + (f" and {root / 'report.png'}" if points else ""))
+    if a.counts:
+        print(counts_table())
+
+
+if __name__ == "__main__":
+    main()
