@@ -126,8 +126,11 @@ class FbankConfig:
 
 def fbank_ast(wave: torch.Tensor, cfg: FbankConfig = FbankConfig(), source: str = "waveform") -> torch.Tensor:
     """(T,) waveform -> (target_frames, num_mel_bins) normalised log-mel fbank."""
-    if wave.numel() < 400:  # shorter than one 25 ms window at 16 kHz
-        raise AudioError(f"{source}: too short for one 25 ms frame ({wave.numel()} samples)")
+    window = int(round(0.025 * cfg.sample_rate))  # one 25 ms frame
+    if wave.numel() == 0:
+        raise AudioError(f"{source}: empty audio (0 samples)")
+    if wave.numel() < window:  # e.g. very short UrbanSound8K slices: zero-pad to one frame, as silence
+        wave = torch.nn.functional.pad(wave, (0, window - wave.numel()))
     fb = kaldi.fbank(wave.float().unsqueeze(0), sample_frequency=cfg.sample_rate, window_type="hanning",
                      num_mel_bins=cfg.num_mel_bins)  # (frames, mel); kaldi defaults: dither 0, no energy
     n = fb.shape[0]

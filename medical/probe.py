@@ -20,7 +20,7 @@ import torch
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from medical.probes import KS, LRS, cached_features, describe, knn_grid, train_linear_grid
+from medical.probes import KS, LRS, cached_features, describe, knn_auroc, knn_grid, train_linear_grid
 from shared import backbones
 from shared.cli import (ConfigError, arg_value, check_recipes, config_error_message, friendly, is_demo,
                         prepare_demo_data, quiet_lightning, write_json_atomic)
@@ -125,6 +125,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         knn_val = knn_grid(feats["train"], feats["val"], "cls_1", cfg.ks, cfg.temperature)
         best_k = max(knn_val, key=knn_val.get)
         rows["knn"] = {"method": "knn", "k": best_k, "val": knn_val[best_k], "test/acc": knn[best_k],
+                       "test/auroc": knn_auroc(feats["train"], feats["test"], best_k, "cls_1", cfg.temperature),
                        "all_k": {str(k): v for k, v in knn.items()}, "trainable_params": 0}
         print("kNN (cosine, T=%.2f) test accuracy by k: %s; chosen on val: k=%d -> %.4f"
               % (cfg.temperature, {k: round(v, 4) for k, v in knn.items()}, best_k, knn[best_k]))
@@ -134,8 +135,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     head = grid.heads[grid.names.index((best.feature, best.lr))]
     rows["linear"] = {"method": "linear_probe_grid", "feature": best.feature, "lr": best.lr, "val": best.val,
                       metric: best.test, "trainable_params": sum(p.numel() for p in head.parameters())}
+    if not multilabel and best.test_auroc is not None:  # MedMNIST's headline metric beside accuracy
+        rows["linear"]["test/auroc"] = best.test_auroc
     print(describe(results))
-    print(f"best linear probe on val: {best.feature} lr {best.lr:g} -> {metric} {best.test:.4f}")
+    auroc = f", test/auroc {best.test_auroc:.4f}" if "test/auroc" in rows["linear"] and metric != "test/auroc" else ""
+    print(f"best linear probe on val: {best.feature} lr {best.lr:g} -> {metric} {best.test:.4f}{auroc}")
     out = Path(cfg.output_dir)
     total = sum(p.numel() for p in model.parameters())
     recipe = {k: v for k, v in cfg.as_dict().items() if k not in ("config", "output_dir")}
@@ -143,7 +147,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     bundle = save_probe_bundle(model, head, best.feature, cfg.blocks, out / "linear" / "adapter",
                                backbone=cfg.backbone, backbone_kwargs=dict(cfg.backbone_kwargs), labels=labels,
                                preprocessing=getattr(data, "preprocessing", {}) or {}, multilabel=multilabel,
-                               metrics={metric: best.test, "val": best.val})
+                               metrics={k: v for k, v in rows["linear"].items() if k.startswith("test/")} | {"val": best.val})
     for name, row in rows.items():
         row.update(run=f"{out.name}_{name}", backbone=cfg.backbone, dataset=getattr(data, "name", type(data).__name__),
                    fold=None, few_shot=getattr(data, "few_shot", None), protocol=getattr(data, "protocol", None),

@@ -59,6 +59,16 @@ def knn_grid(train: dict, test: dict, feature: str = "cls_1", ks=KS, temperature
     return {k: (p.argmax(-1) == y_test).float().mean().item() for k, p in probs.items()}
 
 
+def knn_auroc(train: dict, test: dict, k: int, feature: str = "cls_1", temperature: float = 0.07) -> float:
+    """AUROC (binary: of class 1; else macro one-vs-rest over present classes) of the kNN's class
+    probabilities at one k."""
+    y_train, y_test = train["labels"], test["labels"]
+    knn = KNNClassifier(temperature=temperature, num_classes=int(max(y_train.max(), y_test.max())) + 1)
+    knn.fit(train[feature], y_train)
+    probs = knn.predict_proba(test[feature], k=k).clamp_min(1e-12)
+    return auroc(probs.log(), y_test)  # auroc() applies softmax: log-probabilities give the same probs
+
+
 @dataclass
 class ProbeResult:
     feature: str

@@ -21,20 +21,23 @@ DEMO = Path(__file__).resolve().parent.parent / "domains" / "medical" / "segment
 
 
 def volume_level(model, data) -> dict:
-    """Dice / HD95 on whole test volumes, reassembled from slice predictions (Decathlon-style data)."""
+    """Dice / HD95 on whole test volumes (Decathlon-style data), scored at each label's native
+    resolution with the file's voxel spacing (`medical.segmentation.score_volume`)."""
     if not hasattr(data, "volumes"):
         return {}
-    from medical.segmentation import predict_volume, volume_metrics
+    from medical.segmentation import score_volume
 
-    scores = []
-    for img, lbl in data.volumes("test"):
-        x, y = data.load_volume(img, lbl)
-        pred = predict_volume(model.model.backbone, model.model.decoder, x)
-        scores.append(volume_metrics(pred, y, data.num_classes))
+    scores = [score_volume(model.model.backbone, model.model.decoder, data, img, lbl)
+              for img, lbl in data.volumes("test")]
     if not scores:
         return {}
     mean = lambda k: float(torch.tensor([s[k] for s in scores]).nanmean())  # noqa: E731
-    print(f"volume-level test metrics over {len(scores)} volumes: dice {mean('dice'):.4f}, hd95 {mean('hd95'):.2f}")
+    units = sorted({s["hd95_unit"] for s in scores})
+    unit = units[0] if len(units) == 1 else "mixed: " + "/".join(units)
+    print(f"volume-level test metrics over {len(scores)} volumes (native resolution): dice {mean('dice'):.4f}, "
+          f"hd95 {mean('hd95'):.2f} {unit}")
+    if hasattr(model, "metric_units"):
+        model.metric_units = {**model.metric_units, "test/volume_hd95": unit}
     return {"test/volume_dice": mean("dice"), "test/volume_hd95": mean("hd95"), "test/volumes": len(scores)}
 
 

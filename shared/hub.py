@@ -22,7 +22,6 @@ is refused with one BundleError. Bundles are data only (safetensors + json): not
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -374,7 +373,7 @@ def model_card(meta: dict[str, Any], repo_id: str, entry: Entry | None = None, l
              f"- **Backbone:** {backbone_name} — registered id `{bb.get('id')}`, arguments "
              f"`{json.dumps(bb.get('kwargs', {}), sort_keys=True)}`, revision `{bb.get('kwargs', {}).get('revision', 'n/a')}`, "
              f"weight fingerprint `{bb.get('fingerprint')}` (checked when the adapter is loaded)",
-             f"- **Method:** " + "; ".join(
+             "- **Method:** " + "; ".join(
                  f"{m.get('name')} ({', '.join(f'{k}={v}' for k, v in m.items() if k not in ('name', 'key'))})"
                  for m in methods) if methods else "- **Method:** frozen backbone + head",
              f"- **Trainable parameters:** {total:,} (" + ", ".join(f"{k} {v:,}" for k, v in by.items()) + ")",

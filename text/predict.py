@@ -2,9 +2,9 @@
 as jargon for a reader (or as terms, for an ACTER-trained tagger), with their scores.
 
     python -m text.predict --adapter runs/text_demo/tagger_lora/adapter --reader r1 "We study the ribosome ..."
-    python -m text.predict --adapter ... --reader r1 --terms ribosome "data set" "We study the ribosome ..."
+    python -m text.predict --adapter ... --reader r1 --term ribosome --term "data set" "We study the ribosome ..."
 
-Without --terms the tagger finds the spans itself; with --terms it decides each given term (each must
+Without --term the tagger finds the spans itself; with --term it decides each given term (each must
 occur in the text). A text longer than the model's context is windowed, never truncated.
 """
 from __future__ import annotations
@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reader", help="the reader id (personalised adapters; see the bundle's preprocessing.readers)")
     ap.add_argument("--profile", help="reader information for a reader the adapter has not seen, e.g. "
                                       "'reader new; background biology'")
-    ap.add_argument("--terms", nargs="+", help="candidate terms to decide (each must occur in the text)")
+    ap.add_argument("--term", action="append", dest="terms", metavar="TERM",
+                    help="a candidate term to decide (repeat it; each must occur in the text)")
     ap.add_argument("--threshold", type=float, default=0.5, help="score at or above which a term is jargon (0.5)")
     ap.add_argument("--all", action="store_true", help="print every candidate, not only those marked as jargon")
     ap.add_argument("text", help="the abstract (quote it), or @FILE to read it from a file")

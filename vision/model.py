@@ -110,3 +110,24 @@ def trainable_counts(model: MultiTaskDense) -> dict[str, int]:
     dec = sum(p.numel() for p in model.decoders.parameters() if p.requires_grad)
     return {"backbone": sum(s["by_method"].values()), "decoders": dec,
             "trainable": sum(s["by_method"].values()) + dec, "total": sum(p.numel() for p in model.parameters())}
+
+
+def add_task(model: MultiTaskDense, name: str, task: Task) -> None:
+    """Adapt a trained multi-task model to one more task: a new task embedding in every
+    hypernetwork method and a new decoder are all that train; everything else is frozen."""
+    from shared.peft.hyper import add_task as add_embedding, task_parameter_names
+
+    if name in model.decoders:
+        raise ValueError(f"task {name!r} already has a decoder")
+    index = add_embedding(model.backbone)
+    if index != len(model.names):
+        raise ValueError(f"the hypernetwork has {index} tasks but the model has {len(model.names)} decoders")
+    keep = set(task_parameter_names(model.backbone, index))
+    for n, p in model.backbone.named_parameters():
+        p.requires_grad_(n in keep)
+    for p in model.decoders.parameters():
+        p.requires_grad_(False)
+    ref = next(model.decoders.parameters())
+    model.decoders[name] = MLPDecoder(stage_dims(model.backbone), task.channels, model.decoder_width).to(ref.device)
+    model.tasks[name] = task
+    model.names.append(name)

@@ -114,3 +114,15 @@ def test_recipes_parse_and_name_their_test_set(task):
     assert cfg.data.init_args.task == task and cfg.backbone == "bird-mae"
     raw = yaml.safe_load(recipe.read_text())
     assert (raw["epochs"], raw["batch_size"]) == (30, 128)
+
+
+def test_val_fraction_holds_out_focal_recordings(birds):
+    dm = BirdSetDataModule(str(birds), val_fraction=0.34, seed=0)
+    assert dm.num_classes == 3  # known before setup: audio.train links it into the model
+    dm.setup()
+    train, val = {it.path for it in dm.splits["train"].items}, {it.path for it in dm.splits["val"].items}
+    assert (len(train), len(val)) == (6, 3) and not train & val  # round(0.34 * 9) = 3
+    with pytest.raises(ValueError, match="val_fraction"):
+        no_val = BirdSetDataModule(str(birds))
+        no_val.setup()
+        no_val.val_dataloader()

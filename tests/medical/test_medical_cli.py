@@ -147,6 +147,8 @@ def test_real_pneumoniamnist_linear_probe_beats_chance(tmp_path):
                       "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "probe")])
     # A RANDOM tiny ViT: the probe still finds real signal in the chest X-rays (balanced: chance 0.5).
     assert rows["linear"]["test/acc"] > 0.65
+    # binary task: AUROC (MedMNIST's headline metric) beside accuracy, for the linear probe and kNN
+    assert rows["linear"]["test/auroc"] > 0.65 and 0.5 < rows["knn"]["test/auroc"] <= 1.0
 
 
 def test_decathlon_segmentation_reports_volume_metrics(med, tmp_path):
@@ -158,3 +160,5 @@ def test_decathlon_segmentation_reports_volume_metrics(med, tmp_path):
     assert 0.0 <= row["test/volume_dice"] <= 1.0
     saved = json.loads((tmp_path / "seg" / "metrics.json").read_text())
     assert saved["test/volume_dice"] == pytest.approx(row["test/volume_dice"])
+    # scored at the label's native resolution with the NIfTI's spacing, and the unit is said
+    assert saved["units"]["test/volume_hd95"] == "mm"

@@ -46,3 +46,22 @@ def test_auroc_values_and_absent_classes():
     out = torch.tensor([[2.0, -1.0, 0.3], [-1.0, 1.0, 0.1], [1.0, 0.5, -2.0], [-2.0, 0.2, 0.0]])
     want = np.mean([roc_auc_score(ml[:, j], out[:, j].sigmoid()) for j in range(2)])
     assert _score(out, ml, multilabel=True) == pytest.approx(want)
+
+
+def test_knn_auroc_equals_sklearn_on_its_probabilities():
+    from sklearn.metrics import roc_auc_score
+
+    from medical.probes import knn_auroc
+    from shared.heads import KNNClassifier
+
+    g = torch.Generator().manual_seed(0)
+    train = {"cls_1": torch.randn(40, 8, generator=g), "labels": torch.arange(40) % 2}
+    train["cls_1"][train["labels"] == 1] += 1.0
+    test = {"cls_1": torch.randn(20, 8, generator=g), "labels": torch.arange(20) % 2}
+    test["cls_1"][test["labels"] == 1] += 1.0
+    knn = KNNClassifier(temperature=0.07, num_classes=2).fit(train["cls_1"], train["labels"])
+    p1 = knn.predict_proba(test["cls_1"], k=5)[:, 1]
+    want = roc_auc_score(test["labels"].numpy(), p1.numpy())
+    assert knn_auroc(train, test, 5) == pytest.approx(want, abs=1e-6)
+    assert 0.5 < want <= 1.0
+

@@ -337,3 +337,25 @@ def test_download_cli_with_reference(tiny, server, tmp_path, capsys):
     assert json.loads((folder / "adapter.json").read_text())["labels"] == LABELS
     assert hub.main(["download", "no-such-adapter"]) == 2
     assert "neither a bundle folder" in capsys.readouterr().err
+
+
+def test_segmentation_bundle_from_hub_fetches_and_verifies_its_decoder(tiny, server, tmp_path):
+    from medical.segmentation import LinearDecoder, load_segmenter, save_segmenter
+
+    backbone = peft.attach(tiny.backbone("vit"), [peft.LoRA(r=2, targets=("qkv",))])
+    decoder = LinearDecoder(32, 2)
+    with torch.no_grad():
+        for p in decoder.parameters():
+            p.add_(0.5)
+    bundle = save_segmenter(backbone, decoder, tmp_path / "seg", labels=["background", "lung"])
+    files = _files(bundle)
+    assert "decoder.safetensors" in files
+    server.add_commit("lab/seg", files)
+    _, dec, meta = load_segmenter("hf://lab/seg")
+    assert meta["task"] == "segmentation"
+    assert all(torch.equal(a, b) for a, b in zip(dec.state_dict().values(), decoder.state_dict().values()))
+    bad = dict(files)
+    bad["decoder.safetensors"] = files["decoder.safetensors"][:-8] + b"\0" * 8
+    server.add_commit("lab/seg-bad", bad)
+    with pytest.raises(peft.BundleError, match="decoder.safetensors does not match the sha256"):
+        load_segmenter("hf://lab/seg-bad")

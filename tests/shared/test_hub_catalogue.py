@@ -2,7 +2,6 @@
 and `push` (model card by dry run; the upload calls against a recording stand-in for HfApi)."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 

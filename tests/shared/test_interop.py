@@ -2,7 +2,6 @@
 and through our loader, on a tiny Llama and (real tier) the real all-MiniLM-L6-v2."""
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 from pathlib import Path
