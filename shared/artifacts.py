@@ -5,6 +5,11 @@ and a fingerprint of its weights, the library version and metrics. Loading valid
 everything it can (json, methods, file integrity, fingerprint, tensor names and shapes) on a
 weightless copy of the backbone before it touches the real one. Writes are atomic: the bundle
 is written to a temporary folder that replaces the old bundle only once complete.
+
+Every reader (`read_meta`, `load`, `from_bundle`) takes a bundle *reference*: a folder, a
+catalogue name, `hf://owner/name[/sub][@rev]` or `https://…/bundle.zip#sha256=…`; `shared.hub`
+downloads and verifies remote ones. A bundle's backbone `weights` may name a source from
+`shared.weights` instead of a path, so a bundle trained here rebuilds its backbone elsewhere.
 """
 from __future__ import annotations
 

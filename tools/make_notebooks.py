@@ -308,7 +308,7 @@ torch.set_num_threads(1)  # a tiny model: intra-op threads only add overhead
 REPO = Path(audio.__file__).resolve().parent.parent
 WORK = Path("runs/notebook_bioacoustic")
 mark_demo_folder(WORK / "birds", "notebook")
-data = write_synthetic_birds(WORK / "birds", num_species=4, focal_per_species=6, soundscapes=8)
+data = write_synthetic_birds(WORK / "birds")  # the demo's data: 5 species, 40 focal clips, 12 soundscapes
 print(open(data / "train.csv").read().splitlines()[:3])
 print(open(data / "test.csv").read().splitlines()[:4])"""),
     ("md", """## A focal clip and a soundscape window, as the backbone sees them
@@ -328,15 +328,13 @@ for ax, (split, i) in zip(axes, [("train", 0), ("test", 1)]):
 fig.tight_layout()
 plt.show()"""),
     ("md", """## Train the three probes on cached tokens
-`python -m audio.probe` with the demo recipe, made smaller. The first run computes and caches the
+`python -m audio.probe` with the demo recipe (30 epochs). The first run computes and caches the
 tokens; each epoch then reads the cache. The table shows one epoch on the cache against one
 epoch that recomputes the backbone (decode + fbank + forward)."""),
     ("code", """from audio import probe
 
 rows = probe.main(["--config", str(REPO / "domains/bioacoustic/demo.yaml"), "--output_dir", str(WORK / "probe"),
-                   "--cache_dir", str(WORK / "cache"), "--data.root", str(data), "--data.num_species", "4",
-                   "--data.focal_per_species", "6", "--data.soundscapes", "8", "--epochs", "15",
-                   "--backbone_kwargs", '{"embed_dim": 32, "depth": 2, "num_heads": 4}'])"""),
+                   "--cache_dir", str(WORK / "cache"), "--data.root", str(data)])"""),
     ("code", """kinds = list(rows)
 fig, ax = plt.subplots(figsize=(6, 2.8))
 for j, metric in enumerate(["test/cmap", "test/auroc", "test/top1"]):

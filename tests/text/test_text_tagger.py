@@ -19,13 +19,13 @@ TINY = {"hidden_size": 32, "layers": 2, "heads": 4, "vocab_size": 256}
 
 
 def test_windows_cover_every_word_within_the_context():
-    enc = WindowEncoder(HashTokenizer(256), max_length=12, overlap=2)
+    enc = WindowEncoder(HashTokenizer(256), max_length=20, overlap=2)
     words = [f"w{i}" for i in range(30)]
     wins = enc.encode(words, profile="reader 1; background law", tags=list(range(30)))
     pre = len(enc.prefix_ids("reader 1; background law"))
-    assert pre == 6 and all(len(w.input_ids) <= 12 for w in wins)
-    budget = 12 - pre - 3  # [CLS] prefix [SEP] words [SEP]
-    assert [(w.start, w.end) for w in wins][:3] == [(0, budget), (budget - 2, 2 * budget - 2), (2 * budget - 4, 3 * budget - 4)]
+    assert pre == 5 and all(len(w.input_ids) <= 20 for w in wins)
+    budget = 20 - pre - 3  # [CLS] prefix [SEP] words [SEP]
+    assert [(w.start, w.end) for w in wins] == [(0, budget), (budget - 2, 2 * budget - 2), (2 * budget - 4, 30)]
     assert wins[-1].end == 30
     # labels sit on each word's token, nothing else is supervised
     w = wins[1]
