@@ -15,6 +15,7 @@ import torch
 
 from audio.features import AudioError, FbankConfig, features
 from shared import peft
+from shared.cli import positive_int
 
 EPILOG = """\
 output: per file, its path, then one line per class: "  <probability>  <label>" (softmax).
@@ -40,16 +41,6 @@ def frontend_config(meta: dict, where: str = "adapter.json") -> FbankConfig:
         return FbankConfig(**pre)
     except TypeError as e:
         raise peft.BundleError(f"{where}: preprocessing has settings this version does not know ({e})") from None
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def predict(model, cfg: FbankConfig, paths: list[str], top_k: int = 5, errors: list[str] | None = None,
@@ -78,7 +69,9 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m audio.predict", description=__doc__.split("\n\n")[1],
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", required=True, metavar="BUNDLE",
-                    help="bundle folder written by audio.train (adapter.json + adapter.safetensors)")
+                    help="bundle written by audio.train: a folder (adapter.json + adapter.safetensors), a "
+                         "catalogue name (python -m shared.hub list), hf://owner/name[@rev] or "
+                         "https://.../bundle.zip#sha256=...")
     ap.add_argument("--top-k", type=positive_int, default=5, metavar="K",
                     help="print the K most probable classes per file (default 5)")
     ap.add_argument("--allow-truncated", action="store_true",
@@ -93,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     errors: list[str] = []
     try:
         meta = peft.read_meta(args.adapter)
-        cfg = frontend_config(meta, str(Path(args.adapter) / "adapter.json"))
+        cfg = frontend_config(meta, f"{args.adapter} (adapter.json)")
         model = peft.from_bundle(args.adapter)
         for path, top in predict(model, cfg, args.files, args.top_k, errors, args.allow_truncated):
             print(path)

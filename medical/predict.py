@@ -21,6 +21,7 @@ from medical.io import ImageReadError, read_image
 from medical.transforms import to_model_input, volume_to_slices
 from medical.volumes import classify
 from shared import peft
+from shared.cli import positive_int
 
 PIPELINE = "medical.transforms.to_model_input"
 EPILOG = """\
@@ -177,21 +178,13 @@ def _save_atomic(path: Path, write) -> None:
         write(tmp)
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m medical.predict", description=__doc__.split("\n\n")[1],
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--adapter", required=True, type=Path, metavar="BUNDLE",
-                    help="bundle folder written by medical.train / probe / segment (adapter.json + adapter.safetensors)")
+    ap.add_argument("--adapter", required=True, metavar="BUNDLE",
+                    help="bundle written by medical.train / probe / segment: a folder (adapter.json + "
+                         "adapter.safetensors), a catalogue name (python -m shared.hub list), hf://owner/name[@rev] "
+                         "or https://.../bundle.zip#sha256=...")
     ap.add_argument("--top-k", type=positive_int, default=5, metavar="K",
                     help="classification: print the K most probable classes per file (default 5)")
     ap.add_argument("--out", type=Path, default=Path("predictions"), metavar="FOLDER",
@@ -206,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     errors: list[str] = []
     try:
         meta = peft.read_meta(args.adapter)
-        check_bundle(meta, str(args.adapter / "adapter.json"))
+        check_bundle(meta, f"{args.adapter} (adapter.json)")
         if meta.get("task") == "segmentation":
             segment_files(args.adapter, args.files, args.out, errors)
         else:

@@ -13,7 +13,6 @@ downloads and verifies remote ones. A bundle's backbone `weights` may name a sou
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -193,16 +192,6 @@ def _read_tensors(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _weightless_copy(module: nn.Module) -> nn.Module:
-    """A deep copy whose parameters and buffers live on the meta device (no memory for weights)."""
-    memo = {}
-    for p in module.parameters():
-        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-    for b in module.buffers():
-        memo[id(b)] = torch.empty_like(b, device="meta")
-    return copy.deepcopy(module, memo)
-
-
 def load(backbone: nn.Module, path: str | os.PathLike, check_fingerprint: bool = True) -> nn.Module:
     """Attach the bundle's methods to `backbone` and load its tensors.
 
@@ -211,7 +200,7 @@ def load(backbone: nn.Module, path: str | os.PathLike, check_fingerprint: bool =
     """
     from shared.heads import build_head
     from shared.peft.base import from_dict
-    from shared.peft.core import Classifier, attach, fingerprint
+    from shared.peft.core import Classifier, attach, fingerprint, weightless_copy
 
     path = resolve(path)
     meta = read_meta(path)
@@ -246,7 +235,7 @@ def load(backbone: nn.Module, path: str | os.PathLike, check_fingerprint: bool =
         return model
 
     try:
-        ghost = attach_in_order(_weightless_copy(backbone), compute_fingerprint=False)
+        ghost = attach_in_order(weightless_copy(backbone), compute_fingerprint=False)
     except (ValueError, TypeError, AttributeError, RuntimeError) as e:
         raise BundleError(f"{path}: its methods do not fit {type(backbone).__name__}: {e}") from None
     expected = {f"backbone.{k}": tuple(v.shape) for k, v in trained_tensors(ghost).items()}

@@ -401,3 +401,16 @@ def root_cause(message: str) -> str:
 
 def main(default_config: str | Path | None = None, **kw) -> None:
     run(default_config=default_config, **kw)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value

@@ -87,3 +87,45 @@ def test_demo_end_to_end_cache_then_explain(tmp_path, capsys):
     assert printed.count("| upchirp |") + printed.count("| downchirp |") + printed.count("| trill |") >= 3
     with pytest.raises(ValueError, match="not a prototypical probe bundle"):
         explain.main(["--adapter", str(tmp_path / "out" / "linear" / "adapter"), str(png)])
+
+
+def test_explanation_locates_the_matching_patch_in_time_and_frequency():
+    """A prototype equal to the token of time patch 10, mel patch 3 fires there: 1.6-1.76 s, mel bins 48-63."""
+    from types import SimpleNamespace
+
+    from audio.explain import explain
+
+    d = 8
+    x = torch.zeros(1 + 32 * 8, d)
+    x[1:, 0] = 1.0  # background patches point along axis 0; CLS is 0, so focal = plain patches
+    x[1 + 10 * 8 + 3] = torch.tensor([0.0, 1.0] + [0.0] * (d - 2))
+    head = PrototypicalHead(d, num_classes=2, prototypes_per_class=1, focal=True, upsample=2)
+    with torch.no_grad():
+        head.prototypes.copy_(torch.tensor([[0.0, 1.0] + [0.0] * (d - 2), [0.0, 0.0, 1.0] + [0.0] * (d - 3)]))
+        head.bias.fill_(0.0)
+    clf = SimpleNamespace(head=head, tokens=lambda inp: Tokens(x[None], 1, (32, 8)))
+    rows = explain(clf, torch.zeros(1, 512, 128), ["bird", "other"], threshold=0.5, window_start=2.0)
+    assert [r["class"] for r in rows] == ["bird"]  # "other" never matches (its similarity is 0)
+    r = rows[0]
+    # bilinear x2 upsampling (align_corners False): the best cell reads source (9.75, 2.75), i.e. weight
+    # 0.75 * 0.75 = 0.5625 on the patch and 0.4375 on background -> cos = 0.5625 / |(0.4375, 0.5625)|
+    assert r["similarity"] == pytest.approx(0.5625 / math.hypot(0.4375, 0.5625), abs=1e-5)
+    assert r["share"] == pytest.approx(1.0)
+    ti, fi = r["cell"]  # upsampled x2: the patch covers cells 20-21 in time, 6-7 in frequency
+    assert ti in (20, 21) and fi in (6, 7)
+    assert 2.0 + 1.6 - 1e-6 <= r["t_start"] < r["t_end"] <= 2.0 + 1.76 + 1e-6
+    assert 48 <= r["mel_bins"][0] < r["mel_bins"][1] <= 64
+
+
+def test_bird_report_puts_probe_kinds_side_by_side(tmp_path):
+    from audio import bird_report
+
+    for i, (kind, shots, value) in enumerate([("linear", None, 0.2), ("prototypical", None, 0.4),
+                                              ("prototypical", None, 0.6), ("linear", 5, 0.1)]):
+        row = {"method": f"{kind}_probe", "dataset": "HSN", "few_shot": shots, "test/cmap": value}
+        (tmp_path / f"r{i}").mkdir()
+        (tmp_path / f"r{i}" / "metrics.json").write_text(json.dumps(row))
+    assert bird_report.main([str(tmp_path)]) == 0
+    md = (tmp_path / "bird-report-test-cmap.md").read_text()
+    assert "| HSN | 20.0 | 50.0 |" in md and "| HSN (5-shot) | 10.0 | - |" in md  # 0.4 and 0.6 averaged
+    assert (tmp_path / "bird-report-test-cmap.png").stat().st_size > 5_000

