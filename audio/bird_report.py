@@ -21,13 +21,15 @@ KINDS = ("linear", "attentive", "prototypical")
 def table(rows: list[dict], metric: str = "test/cmap") -> tuple[list[str], dict[str, dict[str, float]]]:
     """(row names, {row name: {kind: value}}); several runs of one cell are averaged."""
     cells: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    order: dict[str, tuple] = {}
     for r in rows:
         kind = str(r.get("method", "")).removesuffix("_probe")
         if kind not in KINDS or metric not in r:
             continue
         name = str(r.get("dataset")) + (f" ({r['few_shot']}-shot)" if r.get("few_shot") else "")
         cells[name][kind].append(float(r[metric]))
-    names = sorted(cells)
+        order[name] = (str(r.get("dataset")), int(r.get("few_shot") or 0))  # all data last after its shots
+    names = sorted(cells, key=lambda n: (order[n][0], order[n][1] == 0, order[n][1]))
     return names, {n: {k: sum(v) / len(v) for k, v in cells[n].items()} for n in names}
 
 

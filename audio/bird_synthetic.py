@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from audio.birdset import write_csv_layout
+from audio.birdset import DataNotFound, write_csv_layout
 
 SR = 32_000
 SPECIES = ["upchirp", "downchirp", "trill", "whistle", "warble", "twonote"]
@@ -147,7 +147,7 @@ def write_fsdd_soundscapes(recordings: str | os.PathLike, root: str | os.PathLik
         return root
     files = sorted(p for p in src.glob("*.wav") if FSDD_NAME.match(p.name))
     if not files:
-        raise FileNotFoundError(f"{src}: no FSDD recordings (DIGIT_SPEAKER_TAKE.wav)")
+        raise DataNotFound(f"{src}: no FSDD recordings (DIGIT_SPEAKER_TAKE.wav)")
     digits = [str(d) for d in range(10)]
     train_rows, held = [], []
     for p in files:
@@ -225,7 +225,7 @@ class FSDDSoundscapesDataModule(BirdSetDataModule):
 
     def prepare(self) -> None:
         if not self.recordings.is_dir():
-            raise FileNotFoundError(f"{self.recordings}: FSDD recordings folder not found (--data.recordings)")
+            raise DataNotFound(f"{self.recordings}: FSDD recordings folder not found (--data.recordings)")
         from shared.cli import prepare_demo_data
 
         prepare_demo_data(self.root, lambda r: write_fsdd_soundscapes(

@@ -34,6 +34,10 @@ from audio.features import AudioError
 TASKS = {"HSN": 21, "NBP": 51, "NES": 89, "PER": 132, "POW": 48, "SNE": 56, "SSW": 81, "UHH": 27}
 
 
+class DataNotFound(FileNotFoundError, ValueError):
+    """A data file or folder is missing (a ValueError too, so the CLIs print it as one line)."""
+
+
 @dataclass(frozen=True)
 class Item:
     path: str
@@ -88,7 +92,7 @@ def read_csv_layout(root: Path, classes: list[str] | None = None):
     def rows(name: str, needed: tuple[str, ...]):
         f = root / name
         if not f.is_file():
-            raise FileNotFoundError(f"{f}: missing (the csv layout needs train.csv and test.csv)")
+            raise DataNotFound(f"{f}: missing (the csv layout needs train.csv and test.csv)")
         with open(f, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             missing = [c for c in needed if c not in (reader.fieldnames or [])]
@@ -219,7 +223,7 @@ class BirdSetDataModule(L.LightningDataModule):
             return "hf"
         if (self.root / "train.csv").is_file():
             return "csv"
-        raise FileNotFoundError(f"{self.root}: neither a save_to_disk DatasetDict (dataset_dict.json) nor the csv "
+        raise DataNotFound(f"{self.root}: neither a save_to_disk DatasetDict (dataset_dict.json) nor the csv "
                                 f"layout (train.csv + test.csv)")
 
     def setup(self, stage: str | None = None) -> None:

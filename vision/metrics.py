@@ -113,5 +113,8 @@ def delta_m(results: dict[str, float], single: dict[str, float], lower_is_better
     missing = sorted(set(results) - set(single))
     if missing:
         raise ValueError(f"Delta_m: no single-task baseline for task(s) {missing}")
+    zero = sorted(t for t in results if single[t] == 0)
+    if zero:
+        raise ValueError(f"Delta_m: the single-task baseline of {zero} is 0; relative change undefined")
     terms = [(-1 if lower_is_better[t] else 1) * (results[t] - single[t]) / single[t] for t in results]
     return 100.0 * sum(terms) / len(terms)

@@ -49,10 +49,13 @@ def table(runs: list[dict], base: dict[str, float], baseline: str) -> tuple[str,
     points = []
     for r in sorted(runs, key=lambda r: (len(r["tasks"]), r["run_name"])):
         res = {t: r["test"][t][r["primary"][t]] for t in r["tasks"]}
-        dm = delta_m(res, base, r["lower_is_better"]) if set(res) <= set(base) else None
+        try:
+            dm = delta_m(res, base, r["lower_is_better"]) if set(res) <= set(base) else None
+        except ValueError:  # a baseline of 0
+            dm = None
         cells = [r["run_name"], r["method"], str(len(r["tasks"])), f"{r['params']['trainable']:,}"]
         cells += [f"{res[t]:.4f}" if t in res else "" for t in tasks]
-        cells.append(f"{dm:+.2f}" if dm is not None else "n/a (no baseline)")
+        cells.append(f"{dm:+.2f}" if dm is not None else "n/a (no baseline, or a baseline of 0)")
         lines.append("| " + " | ".join(cells) + " |")
         if dm is not None and len(r["tasks"]) > 1:
             points.append((r["method"], r["params"]["trainable"], dm))

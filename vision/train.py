@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -60,6 +61,17 @@ def _merge(base: dict, new: dict, where: str, prefix: str = "") -> dict:
     return out
 
 
+def _value(text: str):
+    """A flag's value as YAML; numbers YAML 1.1 reads as strings (`5e-3`) become floats."""
+    v = yaml.safe_load(text)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
 def parse(argv: list[str]) -> tuple[dict[str, Any], bool]:
     """(config, print_config). `--config f.yaml` merges a recipe; `--a.b value` sets one key (YAML value)."""
     cfg, show, i = copy.deepcopy(DEFAULTS), False, 0
@@ -94,7 +106,7 @@ def parse(argv: list[str]) -> tuple[dict[str, Any], bool]:
         parts = key.split(".")
         for p in parts[:-1]:
             cur = cur.setdefault(p, {})
-        cur[parts[-1]] = yaml.safe_load(val)
+        cur[parts[-1]] = _value(val)
         cfg = _merge(cfg, node, f"--{key}")
     return cfg, show
 
@@ -114,7 +126,12 @@ def run(cfg: dict[str, Any], echo: bool = True) -> dict[str, Any]:
                         cfg["model"]["decoder_width"])
     from .module import DenseModule
 
-    module = DenseModule(model, cfg["model"]["lr"], cfg["model"]["weight_decay"], cfg["model"]["warmup_steps"])
+    try:
+        lr, wd = float(cfg["model"]["lr"]), float(cfg["model"]["weight_decay"])
+    except (TypeError, ValueError):
+        raise ConfigError(f"model.lr and model.weight_decay must be numbers, got {cfg['model']['lr']!r}, "
+                          f"{cfg['model']['weight_decay']!r}") from None
+    module = DenseModule(model, lr, wd, int(cfg["model"]["warmup_steps"]))
     out = Path(cfg["output_dir"])
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
@@ -129,12 +146,17 @@ def run(cfg: dict[str, Any], echo: bool = True) -> dict[str, Any]:
             if echo:
                 print(line, flush=True)
 
-    trainer = L.Trainer(**cfg["trainer"], default_root_dir=stage, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=sys.stdout.isatty(), enable_model_summary=False, callbacks=[EpochLine()],
-                        num_sanity_val_steps=0)
+    trainer_kw = {"enable_progress_bar": sys.stdout.isatty(), "enable_model_summary": False,
+                  "num_sanity_val_steps": 0, **cfg["trainer"]}
+    trainer = L.Trainer(**trainer_kw, default_root_dir=stage, logger=False, enable_checkpointing=False,
+                        callbacks=[EpochLine()])
     t0 = time.time()
-    trainer.fit(module, datamodule=dm)
-    trainer.test(module, datamodule=dm, verbose=False)
+    try:
+        trainer.fit(module, datamodule=dm)
+        trainer.test(module, datamodule=dm, verbose=False)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)  # a failed run leaves the previous results alone
+        raise
     counts = trainable_counts(model)
     methods = [m.to_dict() for _, m in model.backbone.peft_state.methods]
     metrics = {

@@ -66,3 +66,5 @@ def test_delta_m_by_hand():
     assert delta_m(res, single, {"semseg": False, "normals": True}) == pytest.approx(10.0)
     with pytest.raises(ValueError, match="no single-task baseline for task"):
         delta_m({"depth": 1.0}, single, {"depth": True})
+    with pytest.raises(ValueError, match="baseline of \\['semseg'\\] is 0"):
+        delta_m({"semseg": 0.5}, {"semseg": 0.0}, {"semseg": False})
