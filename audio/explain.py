@@ -25,17 +25,8 @@ HOP_S = 0.010  # fbank hop
 
 
 def similarity_maps(head: PrototypicalHead, tokens: Tokens, eps: float = 1e-8) -> torch.Tensor:
-    """(B, C, P, H', W') ReLU'd cosine similarity of every prototype at every (upsampled) patch;
-    its spatial max is exactly `head.similarities(tokens)`."""
-    if head.focal and tokens.num_prefix > 0:
-        tokens = Tokens(tokens.patches - tokens.x[:, :1], 0, tokens.grid)
-    fmap = tokens.patch_map()  # (B, D, H, W)
-    if head.upsample != 1:
-        fmap = F.interpolate(fmap, scale_factor=head.upsample, mode="bilinear", align_corners=False)
-    f = F.normalize(fmap, dim=1, eps=eps)
-    p = F.normalize(head.prototypes, dim=1, eps=eps)
-    sim = torch.einsum("bdhw,kd->bkhw", f, p).relu()  # (B, C*P, H', W')
-    return sim.view(sim.shape[0], head.num_classes, head.prototypes_per_class, *sim.shape[-2:])
+    """(B, C, P, H', W'): the head's own similarity maps (`PrototypicalHead.similarity_maps`)."""
+    return head.similarity_maps(tokens, eps)
 
 
 def mel_to_hz(m: float) -> float:

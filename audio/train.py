@@ -30,7 +30,7 @@ def check_frames(model, data) -> None:
                              f"{fbank.num_mel_bins} (model.backbone_kwargs.num_mel_bins)")
     bb = model.hparams.backbone
     if bb.startswith("tiny-"):
-        print(f"backbone: {bb}, a small AST with RANDOM weights (demo / tests; no pretrained knowledge)")
+        print(f"backbone: {bb}, a small model with RANDOM weights (demo / tests; no pretrained knowledge)")
     else:
         print(f"backbone: {bb} {model.hparams.backbone_kwargs or ''}")
 

@@ -183,8 +183,9 @@ class PrototypicalHead(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_classes, prototypes_per_class))  # (C, P)
         self.bias = nn.Parameter(torch.full((num_classes,), -2.0))  # (C,)
 
-    def similarities(self, tokens: Tokens, eps: float = 1e-8) -> torch.Tensor:
-        """Max-pooled ReLU cosine similarity of each prototype: (B, C, P)."""
+    def similarity_maps(self, tokens: Tokens, eps: float = 1e-8) -> torch.Tensor:
+        """ReLU'd cosine similarity of every prototype at every (upsampled) location:
+        (B, C, P, H', W'). Its spatial max is `similarities`; explanations read where it peaks."""
         if self.focal and tokens.num_prefix > 0:
             patches = tokens.patches - tokens.x[:, :1]  # (B, HW, D) minus CLS (B, 1, D)
             tokens = Tokens(patches, 0, tokens.grid)
@@ -194,8 +195,11 @@ class PrototypicalHead(nn.Module):
         f = F.normalize(fmap, dim=1, eps=eps)  # (B, D, H', W')
         p = F.normalize(self.prototypes, dim=1, eps=eps)  # (C*P, D)
         sim = torch.einsum("bdhw,kd->bkhw", f, p).relu()  # (B, C*P, H', W')
-        sim = sim.flatten(2).amax(-1)  # (B, C*P): global max pool over space
-        return sim.view(-1, self.num_classes, self.prototypes_per_class)  # (B, C, P)
+        return sim.view(sim.shape[0], self.num_classes, self.prototypes_per_class, *sim.shape[-2:])
+
+    def similarities(self, tokens: Tokens, eps: float = 1e-8) -> torch.Tensor:
+        """Max-pooled ReLU cosine similarity of each prototype: (B, C, P)."""
+        return self.similarity_maps(tokens, eps).flatten(3).amax(-1)  # global max pool over space
 
     def forward(self, tokens: Tokens) -> torch.Tensor:
         sim = self.similarities(tokens)  # (B, C, P)

@@ -18,8 +18,7 @@ from torch import nn
 from shared import backbones, peft
 from shared.peft.hyper import HYPER_METHODS, use_task
 
-from . import backbone as _registers_swin_t  # noqa: F401  (registers "swin-t")
-from .backbone import stage_dims
+from .backbone import stage_dims  # importing vision.backbone registers "swin-t"
 from .tasks import Task
 
 HYPER_NAMES = {c.name for c in HYPER_METHODS}

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import ACTIVATIONS, SublayerModule, _AdapterBase, module_name
-from .base import check_choice, check_positive, register, state_of
+from .base import check_choice, register, state_of
 
 _TASK = threading.local()
 
@@ -93,9 +93,9 @@ class HyperLayer(SublayerModule):
     """One adapted sublayer: its layer embedding (and Lite kernels); weights come from the shared net."""
 
     def __init__(self, cfg: "_HyperBase", shared: HyperShared, group: str, d_in: int, d_out: int, b: int,
-                 key: str, scales: tuple[int, int] = (1, 1)):
+                 scales: tuple[int, int] = (1, 1)):
         super().__init__(cfg.mode, cfg.scale)
-        self.cfg, self.group, self.key = cfg, group, key
+        self.cfg, self.group = cfg, group
         self.d_in, self.d_out, self.b = d_in, d_out, b
         self._shared = (shared,)  # a tuple: the shared module is registered once, on the model
         self.layer = nn.Parameter(torch.randn(cfg.embed_dim))
@@ -178,7 +178,7 @@ class _HyperBase(_AdapterBase):
         for *_, d_in, d_out, b, g, _ in plan:
             groups.setdefault(g, (d_in, d_out, b))
         shared = HyperShared(self, groups)
-        layers = [HyperLayer(self, shared, g, d_in, d_out, b, key, sc) for *_, d_in, d_out, b, g, sc in plan]
+        layers = [HyperLayer(self, shared, g, d_in, d_out, b, sc) for *_, d_in, d_out, b, g, sc in plan]
         ref = plan[0][2].exit.weight
         model.add_module(f"peft_{key}_shared", shared.to(device=ref.device, dtype=ref.dtype))
         for (block, placement, sub, *_), mod in zip(plan, layers):

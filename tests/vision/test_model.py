@@ -1,15 +1,12 @@
 """The multi-task dense model: decoders, per-task backbone runs, baselines' trainable counts, new tasks."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 from shared import peft
-from shared.backbones import anatomy
-from vision.model import MLPDecoder, MultiTaskDense, add_task, build_model, trainable_counts
-from vision.module import DenseModule, task_loss
+from vision.model import MLPDecoder, add_task, build_model, trainable_counts
+from vision.module import task_loss
 from vision.tasks import IGNORE, make_task
 
 KW = dict(img_size=32, embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=2)
