@@ -200,6 +200,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(lightning|torch|torchmetrics|jsonargparse|timm|transformers)\b")
     warnings.filterwarnings("ignore", message=r".*does not have many workers which may be a bottleneck.*")
     warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval.*")
+    # run(args=[...]) from Python (tests, notebooks) while the interpreter has its own argv
+    warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended to run from within Python.*")
 
 
 class EpochLine(L.Callback):

@@ -98,7 +98,8 @@ def test_bundle_contents(tiny, pristine, bundle):
     assert meta["backbone"]["id"] == model.backbone.peft_state.backbone_id and meta["backbone"]["id"]
     assert meta["backbone"]["class"] == "VisionTransformer"
     assert meta["methods"] == [
-        {"key": "lora", "name": "lora", "r": 4, "alpha": 8, "targets": ["qkv"], "exclude": [], "dropout": 0.0},
+        {"key": "lora", "name": "lora", "r": 4, "alpha": 8, "targets": ["qkv"], "exclude": [], "dropout": 0.0,
+         "bias": "none"},
         {"key": "adapter", **_methods()[1].to_dict()},
     ]
     assert meta["methods"][1]["bottleneck"] == 8 and meta["methods"][1]["placement"] == "ffn"
