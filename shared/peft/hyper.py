@@ -24,8 +24,9 @@ zero: identity at init.
 
 The task is chosen per forward, never stored on a module: `with use_task(t): model(x)` sets it
 in a slot private to the calling thread for the duration of the block (nestable, restored on
-exit), so concurrent forwards on one model each see their own task. A method with one task
-needs no `use_task`.
+exit), so concurrent forwards on one model each see their own task. `use_task((t0, t1, ...))`
+runs several tasks in one forward on a batch of equal chunks (chunk i with task t_i). A method
+with one task needs no `use_task`.
 """
 from __future__ import annotations
 
@@ -46,10 +47,22 @@ from .base import check_choice, register, state_of
 _TASK = threading.local()
 
 
+def _is_index(t) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
+
+
 @contextlib.contextmanager
-def use_task(task: int):
-    """Run the forwards inside this block with task `task` (an index) for every hypernetwork method."""
-    if isinstance(task, bool) or not isinstance(task, int) or task < 0:
+def use_task(task: int | tuple[int, ...]):
+    """Run the forwards inside this block with task `task` (an index) for every hypernetwork method.
+
+    A tuple (t_0, ..., t_{k-1}) runs several tasks in one forward: the batch is k equal chunks
+    along dim 0 (every hooked tensor keeps the batch leading, batch-major), chunk i with task t_i.
+    """
+    if isinstance(task, (list, tuple)):
+        task = tuple(task)
+        if not task or not all(_is_index(t) for t in task):
+            raise ValueError(f"use_task: tasks must be non-negative int indices, got {task!r}")
+    elif not _is_index(task):
         raise ValueError(f"use_task: the task must be a non-negative int index, got {task!r}")
     prev = getattr(_TASK, "task", None)
     _TASK.task = task
@@ -59,7 +72,7 @@ def use_task(task: int):
         _TASK.task = prev
 
 
-def active_task() -> int | None:
+def active_task() -> int | tuple[int, ...] | None:
     """The task set by the innermost `use_task` of the calling thread, or None."""
     return getattr(_TASK, "task", None)
 
@@ -105,7 +118,7 @@ class HyperLayer(SublayerModule):
             self.k_in = nn.Parameter(torch.randn(m, scales[0]) / math.sqrt(m))   # scales d_in factors
             self.k_out = nn.Parameter(torch.randn(m, scales[1]) / math.sqrt(m))  # scales d_out factor + b_up
 
-    def task_index(self) -> int:
+    def task_index(self) -> int | tuple[int, ...]:
         n = len(self._shared[0].tasks)
         t = active_task()
         if t is None:
@@ -113,7 +126,7 @@ class HyperLayer(SublayerModule):
                 return 0
             raise RuntimeError(f"{self.cfg.name} has {n} tasks and none is selected: run the forward inside "
                                "`with shared.peft.use_task(t):`")
-        if t >= n:
+        if max(t if isinstance(t, tuple) else (t,)) >= n:
             raise ValueError(f"{self.cfg.name}: task {t} selected but the method has {n} tasks (0..{n - 1})")
         return t
 
@@ -122,11 +135,21 @@ class HyperLayer(SublayerModule):
         down_bias (b,), up (b, d_out), up_bias (d_out,)."""
         sh = self._shared[0]
         t = self.task_index() if task is None else task
+        if isinstance(t, tuple):
+            raise ValueError("weights(): give one task index")
         s = F.relu(sh.proj(torch.cat([sh.tasks[t], self.layer])))  # (p,)
         return self.cfg.generate(sh.gens[self.group], s, self)
 
     def delta(self, h):
-        w = self.weights()
+        t = self.task_index()
+        if not isinstance(t, tuple):
+            return self.adapt(h, self.weights(t))
+        if h.shape[0] % len(t):
+            raise ValueError(f"{self.cfg.name}: a batch of {h.shape[0]} cannot be split into {len(t)} task chunks")
+        return torch.cat([self.adapt(c, self.weights(i)) for c, i in zip(h.chunk(len(t)), t)])
+
+    def adapt(self, h, w):
+        """act(h W_down + b_down) W_up + b_up with the generated weights `w`."""
         return self.act(h @ w["down"] + w["down_bias"]) @ w["up"] + w["up_bias"]
 
 

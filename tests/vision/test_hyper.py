@@ -126,6 +126,14 @@ def test_task_is_chosen_per_forward_and_threads_do_not_mix(tiny):
             assert active_task() == 2
         assert active_task() == 0
     assert active_task() is None
+    with torch.no_grad(), peft.use_task((2, 0, 1)):  # one forward, three task chunks
+        both = anatomy(model).forward_tokens(torch.cat([x, x, x])).x
+    for c, t in zip(both.chunk(3), (2, 0, 1)):
+        torch.testing.assert_close(c, ref[t])
+    with pytest.raises(ValueError, match="cannot be split into 3 task chunks"), peft.use_task((0, 1, 2)):
+        anatomy(model).forward_tokens(x)
+    with pytest.raises(ValueError, match="non-negative int indices"):
+        peft.use_task((0, -1)).__enter__()
     errors, outs = [], {}
 
     def work(i):
