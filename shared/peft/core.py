@@ -1,6 +1,7 @@
 """attach / summary / merge: the verbs of the PEFT core."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import types
@@ -159,11 +160,18 @@ def merge(model: nn.Module) -> dict[str, str]:
 def _recomputed_forward(self, *args, **kwargs):
     """A block's forward under activation checkpointing: its activations are recomputed in the
     backward instead of kept. Hooks inside the block (adapters, LoRA, prefixes) run again in the
-    recomputation, with the same dropout masks (checkpoint restores the RNG state)."""
+    recomputation, with the same dropout masks (checkpoint restores the RNG state) and the same
+    hypernetwork task (`use_task` is re-entered for the recomputation, which runs in the backward)."""
+    from .hyper import active_task, use_task
+
     forward = type(self).forward
     if not torch.is_grad_enabled():
         return forward(self, *args, **kwargs)
-    return torch.utils.checkpoint.checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+    task = active_task()
+    if task is None:
+        return torch.utils.checkpoint.checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, self, *args, use_reentrant=False,
+                                             context_fn=lambda: (contextlib.nullcontext(), use_task(task)), **kwargs)
 
 
 def recompute(model: nn.Module, enabled: bool = True) -> int:

@@ -437,3 +437,27 @@ def test_prefix_vpt_uniform_init_follows_petl_ast():
     assert kv.std().item() == pytest.approx(bound / 3**0.5, rel=0.05)  # uniform's std
     with pytest.raises(ValueError, match="init"):
         peft.Prefix(init="xavier")
+
+
+@pytest.mark.parametrize("task", [1, (0, 1)])
+def test_recompute_keeps_the_hypernetwork_task(tiny, task):
+    """The recomputation runs in the backward, outside `use_task`: it must re-enter the same task."""
+    a = peft.attach(tiny.backbone("swin"), [peft.PolyhistorLite(tasks=2, placement="ffn", mode="parallel",
+                                                                bottleneck=8)])
+    with torch.no_grad():  # non-zero up projections: the task then shapes the output
+        for n, p in a.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    b = copy.deepcopy(a)
+    peft.recompute(b)
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for m in (a, b):
+        m.train()
+        with peft.use_task(task):
+            loss = tiny.tokens(m, x).pow(2).mean()
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad and p.grad is not None})
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
