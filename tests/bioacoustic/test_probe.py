@@ -129,3 +129,18 @@ def test_bird_report_puts_probe_kinds_side_by_side(tmp_path):
     md = (tmp_path / "bird-report-test-cmap.md").read_text()
     assert "| HSN | 20.0 | 50.0 |" in md and "| HSN (5-shot) | 10.0 | - |" in md  # 0.4 and 0.6 averaged
     assert (tmp_path / "bird-report-test-cmap.png").stat().st_size > 5_000
+
+
+def test_audio_report_writes_the_probe_kinds_table_for_probe_runs(tmp_path):
+    """`python -m audio.report RUNS` on audio.probe runs: the bird table (probe kinds side by side)
+    and the generic table, both on cmAP."""
+    from audio import report
+
+    for i, (kind, value) in enumerate([("linear", 0.2), ("prototypical", 0.4)]):
+        row = {"method": f"{kind}_probe", "dataset": "HSN", "few_shot": None, "test/cmap": value,
+               "run": f"hsn_{kind}", "backbone": "tiny-bird-mae", "trainable_params": 10 + i, "total_params": 100}
+        (tmp_path / f"r{i}").mkdir()
+        (tmp_path / f"r{i}" / "metrics.json").write_text(json.dumps(row))
+    report.main([str(tmp_path)])
+    assert "| HSN | 20.0 | 40.0 |" in (tmp_path / "bird-report-test-cmap.md").read_text()
+    assert (tmp_path / "report-test-cmap.md").is_file()
