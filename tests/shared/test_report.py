@@ -182,10 +182,15 @@ def test_main_options(runs, tmp_path, capsys):
     assert report.main([str(runs), "--out", str(out), "--plot", str(png)], default_metric="test/map") == table
 
 
-def test_audio_report_is_this_entry():
+def test_audio_report_gives_the_generic_table_for_training_runs(runs, tmp_path):
+    """`python -m audio.report` on audio.train runs writes exactly the shared report (the probe-kinds
+    table is added only for audio.probe runs: tests/bioacoustic)."""
     import audio.report
 
-    assert audio.report.main is report.main
+    want = report.main([str(runs), "--out", str(tmp_path / "want.md"), "--plot", str(tmp_path / "want.png")])
+    audio.report.main([str(runs)])
+    assert (runs / "report-test-acc.md").read_text() == want
+    assert not list(runs.glob("bird-report*"))
 
 
 def test_no_metrics_is_a_clear_exit(tmp_path):
