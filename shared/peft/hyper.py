@@ -180,10 +180,10 @@ class _HyperBase(_AdapterBase):
 
     # what subclasses define
     def generators(self, p: int, d_in: int, d_out: int, b: int) -> dict[str, nn.Linear]:
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define generators() (HyperAdapter and Polyhistor do)")
 
     def generate(self, gens, s, layer: HyperLayer) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define generate() (HyperAdapter and Polyhistor do)")
 
     def plan(self, anat) -> list[tuple]:
         """[(block, placement, sub, d_in, d_out, b, group, scales)] for every adapted sublayer."""
