@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
 from audio.features import AudioError, FbankConfig, features
 from shared import peft
-from shared.cli import positive_int
+from shared.cli import positive_int, print_top
 
 EPILOG = """\
 output: per file, its path, then one line per class: "  <probability>  <label>" (softmax).
@@ -84,21 +83,14 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     errors: list[str] = []
-    try:
+
+    def results():
         meta = peft.read_meta(args.adapter)
         cfg = frontend_config(meta, f"{args.adapter} (adapter.json)")
         model = peft.from_bundle(args.adapter)
-        for path, top in predict(model, cfg, args.files, args.top_k, errors, args.allow_truncated):
-            print(path)
-            for label, score in top:
-                print(f"  {score:6.3f}  {label}")
-    except (peft.BundleError, AudioError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for e in errors:
-        print(f"error: {e}", file=sys.stderr)
-    return 2 if errors else 0
+        yield from predict(model, cfg, args.files, args.top_k, errors, args.allow_truncated)
 
+    return print_top(results(), errors, (peft.BundleError, AudioError))
 
 if __name__ == "__main__":
     sys.exit(main())

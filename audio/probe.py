@@ -14,7 +14,6 @@ Writes OUTPUT_DIR/<kind>/metrics.json (test/cmap, test/auroc, test/top1), OUTPUT
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -25,15 +24,13 @@ from typing import Any
 
 import lightning as L
 import torch
-import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torch import nn
 from torchmetrics.functional.classification import multilabel_average_precision
 
 import audio.birdmae  # noqa: F401  (registers bird-mae / tiny-bird-mae)
 from shared import backbones
-from shared.cli import ConfigError, check_recipes, config_error_message, friendly, is_demo, quiet_lightning, \
-    write_json_atomic
+from shared.cli import friendly, parse_tool_args, write_json_atomic
 from shared.data import FeatureCache, dataset_digest, extract_features
 from shared.heads import AttentiveHead, LinearHead, PrototypicalHead, Tokens, asymmetric_loss
 from shared.module import cosine_with_warmup, macro_over_defined
@@ -202,15 +199,8 @@ def results_table(rows: dict[str, dict]) -> str:
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
-    defaults = [str(DEMO)] if is_demo(argv) else []
     p = parser()
-    p.default_config_files = defaults
-    quiet_lightning()
-    check_recipes(argv)
-    try:
-        cfg = p.parse_args(argv)
-    except argparse.ArgumentError as e:
-        raise ConfigError(config_error_message(str(e), argv, defaults)) from None
+    cfg = parse_tool_args(p, argv, DEMO)
     for k in cfg.probes:
         if k not in KINDS:
             raise ValueError(f"--probes: unknown probe kind {k!r}; known: {', '.join(KINDS)}")

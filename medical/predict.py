@@ -21,7 +21,7 @@ from medical.io import ImageReadError, read_image
 from medical.transforms import to_model_input, volume_to_slices
 from medical.volumes import classify
 from shared import peft
-from shared.cli import positive_int
+from shared.cli import positive_int, print_top
 
 PIPELINE = "medical.transforms.to_model_input"
 EPILOG = """\
@@ -197,23 +197,16 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     errors: list[str] = []
-    try:
+
+    def results():
         meta = peft.read_meta(args.adapter)
         check_bundle(meta, f"{args.adapter} (adapter.json)")
         if meta.get("task") == "segmentation":
             segment_files(args.adapter, args.files, args.out, errors)
         else:
-            for f, top in classify_files(args.adapter, args.files, args.top_k, errors):
-                print(f)
-                for label, p in top:
-                    print(f"  {p:6.3f}  {label}")
-    except (peft.BundleError, ImageReadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for e in errors:
-        print(f"error: {e}", file=sys.stderr)
-    return 2 if errors else 0
+            yield from classify_files(args.adapter, args.files, args.top_k, errors)
 
+    return print_top(results(), errors, (peft.BundleError, ImageReadError))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,6 @@ tokens, x learning rates) in one pass, choosing the best head on validation.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -22,8 +21,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from medical.probes import KS, LRS, cached_features, describe, knn_auroc, knn_grid, train_linear_grid
 from shared import backbones
-from shared.cli import (ConfigError, arg_value, check_recipes, config_error_message, friendly, is_demo,
-                        prepare_demo_data, quiet_lightning, write_json_atomic)
+from shared.cli import arg_value, friendly, is_demo, parse_tool_args, prepare_demo_data, write_json_atomic
 from shared.data import FeatureCache
 
 RECIPES = Path(__file__).resolve().parent.parent / "domains" / "medical"
@@ -95,15 +93,8 @@ def save_probe_bundle(model, head: torch.nn.Module, feature: str, blocks: int, p
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
-    defaults = [str(DEMO)] if is_demo(argv) else []
     p = parser()
-    p.default_config_files = defaults
-    quiet_lightning()
-    check_recipes(argv)
-    try:
-        cfg = p.parse_args(argv)
-    except argparse.ArgumentError as e:
-        raise ConfigError(config_error_message(str(e), argv, defaults)) from None
+    cfg = parse_tool_args(p, argv, DEMO)
     L.seed_everything(cfg.seed_everything)
     init = p.instantiate_classes(cfg)
     data = init.data

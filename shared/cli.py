@@ -416,3 +416,34 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def parse_tool_args(parser, argv: list[str], demo_config: str | Path):
+    """Parse a jsonargparse tool's arguments (the probe runners) the way every domain CLI does: the
+    demo recipe as default config when no arguments are given, recipe files checked first, and a
+    parse error turned into one ConfigError line naming the recipe key."""
+    defaults = [str(demo_config)] if is_demo(argv) else []
+    parser.default_config_files = defaults
+    quiet_lightning()
+    check_recipes(argv)
+    try:
+        return parser.parse_args(argv)
+    except argparse.ArgumentError as e:
+        raise ConfigError(config_error_message(str(e), argv, defaults)) from None
+
+
+def print_top(results, errors: list[str], stop: tuple[type[Exception], ...]) -> int:
+    """The shared tail of the predict CLIs: print `name` then `  score  label` lines for each
+    (name, [(label, score), ...]) the iterable yields, then the per-file errors; exit status 2 when an
+    error of a `stop` type ends the run or any file failed, else 0."""
+    try:
+        for name, top in results:
+            print(name)
+            for label, score in top:
+                print(f"  {score:6.3f}  {label}")
+    except stop as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    return 2 if errors else 0
