@@ -24,6 +24,9 @@ IGNORE = -100
 REQUIRED = ("entity", "paper_sha", "abstract", "familiarity", "annotator")
 READER_COLUMNS = ("domain", "number_of_papers", "reference_count", "first_paper_year", "first_cs_paper_year")
 EXTRA_TARGETS = ("additional_definition", "additional_background", "additional_example")
+# The additional-information labels as extra training targets (`data.extra_targets`): name -> column.
+TARGET_COLUMNS = {c.removeprefix("additional_"): c for c in EXTRA_TARGETS}
+YES, NO = ("1", "1.0", "true", "yes", "y", "t"), ("0", "0.0", "false", "no", "n", "f")
 ACTER_DOMAINS = ("corp", "equi", "htfl", "wind")
 
 
@@ -63,6 +66,37 @@ class Doc:
                     tags[s:t] = [O] * (t - s)
         return tags
 
+    def extra_tags(self, columns: list[str] | tuple[str, ...]) -> list[list[float]]:
+        """Per word, one training target per additional-information column: 1.0 / 0.0 on every
+        occurrence of an entity with that label (1 wins overlaps), NaN elsewhere (no loss)."""
+        out = [[float("nan")] * len(columns) for _ in self.words]
+        for k, c in enumerate(columns):
+            for e in sorted(self.entities, key=lambda e: bool(e.extra.get(c))):
+                if c not in e.extra:
+                    continue
+                for s, t in e.spans:
+                    for i in range(s, t):
+                        out[i][k] = float(e.extra[c])
+        return out
+
+
+def target_columns(targets: list[str] | tuple[str, ...] | None) -> list[str]:
+    """`data.extra_targets` names (definition, background, example, or the full column names) -> the
+    annotation columns, in the given order."""
+    cols = []
+    for t in targets or []:
+        c = TARGET_COLUMNS.get(str(t), str(t))
+        if c not in EXTRA_TARGETS:
+            raise DataError(f"data.extra_targets: unknown target {t!r}; known: {', '.join(TARGET_COLUMNS)}")
+        if c in cols:
+            raise DataError(f"data.extra_targets: {t!r} is given twice")
+        cols.append(c)
+    return cols
+
+
+def target_name(column: str) -> str:
+    return column.removeprefix("additional_")
+
 
 class DataError(ValueError):
     """Bad input data; the message names the file and the row / field."""
@@ -94,11 +128,22 @@ def _bool(v: str) -> bool:
     return str(v).strip().lower() in ("1", "true", "yes", "y")
 
 
-def read_annotations(path: str | Path, threshold: float = 1, missing_entities: str = "error"
+def _yes_no(v: str, where: str) -> bool:
+    s = str(v).strip().lower()
+    if s in YES or s in NO:
+        return s in YES
+    raise DataError(f"{where}: {v!r} is not a yes / no value (1 / 0, true / false, yes / no; empty = no label)")
+
+
+def read_annotations(path: str | Path, threshold: float = 1, missing_entities: str = "error",
+                     extra_targets: list[str] | tuple[str, ...] | None = None
                      ) -> tuple[list[Doc], dict[str, dict[str, Any]]]:
     """PersonalizedJargon annotations: one row per reader x abstract x entity. Jargon = familiarity
     at or below `threshold`. Returns the docs (one per reader x abstract) and the readers' metadata.
-    `missing_entities`: "error" (default) or "skip" an entity that does not occur in its abstract."""
+    `missing_entities`: "error" (default) or "skip" an entity that does not occur in its abstract.
+    `extra_targets`: additional-information labels trained as extra targets (`target_columns`):
+    their columns are required and their values checked (yes / no, or empty for no label)."""
+    columns = target_columns(extra_targets)
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: annotation file not found")
@@ -109,6 +154,10 @@ def read_annotations(path: str | Path, threshold: float = 1, missing_entities: s
         absent = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
         if absent:
             raise DataError(f"{path}: missing column(s) {absent} (the PersonalizedJargon layout needs {list(REQUIRED)})")
+        absent = [c for c in columns if c not in (reader.fieldnames or [])]
+        if absent:
+            raise DataError(f"{path}: missing column(s) {absent} (data.extra_targets "
+                            f"{[target_name(c) for c in columns]} reads them)")
         rows = list(reader)
     docs: dict[tuple[str, str], Doc] = {}
     readers: dict[str, dict[str, Any]] = {}
@@ -136,10 +185,14 @@ def read_annotations(path: str | Path, threshold: float = 1, missing_entities: s
             if missing_entities == "skip":
                 continue
             raise
-        extra = {c: _bool(row[c]) for c in EXTRA_TARGETS if row.get(c) not in (None, "")}
+        extra = {c: (_yes_no(row[c], f"{where}, column {c!r}") if c in columns else _bool(row[c]))
+                 for c in EXTRA_TARGETS if (row.get(c) or "").strip()}
         doc.entities.append(Entity(row["entity"], spans, fam <= threshold, fam, extra))
     for d in docs.values():
         d.profile = reader_profile(d.reader, readers[d.reader])
+    for c in columns:
+        if not any(c in e.extra for d in docs.values() for e in d.entities):
+            raise DataError(f"{path}: column {c!r} is empty in every row (data.extra_targets needs its labels)")
     return list(docs.values()), readers
 
 
@@ -242,7 +295,8 @@ def split_docs(docs: list[Doc], by: str = "abstract", test: float | list[str] = 
 
 def keep_label_fraction(docs: list[Doc], fraction: float, seed: int = 0) -> int:
     """The few-labels regime: hide all but `fraction` of each reader's entity labels (at least one per
-    reader), in place. Hidden entities add no loss. Returns how many labels are kept."""
+    reader), in place; a hidden entity's additional-information labels are hidden too. Hidden
+    entities add no loss. Returns how many labels are kept."""
     if not 0 < fraction <= 1:
         raise DataError(f"label_fraction must be in (0, 1], got {fraction}")
     kept = 0
@@ -255,7 +309,7 @@ def keep_label_fraction(docs: list[Doc], fraction: float, seed: int = 0) -> int:
         keep = set(map(id, rng.sample(ents, min(k, len(ents)))))
         for e in ents:
             if id(e) not in keep:
-                e.jargon = None
+                e.jargon, e.extra = None, {}  # the additional-information labels are hidden with it
         kept += min(k, len(ents))
     return kept
 

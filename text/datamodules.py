@@ -17,6 +17,7 @@ class TextDataModule(L.LightningDataModule):
     """Common part: the tokenizer, windows of `max_length` tokens with `overlap` words, batching."""
 
     task = "jargon"
+    extra_columns: list[str] = []  # additional-information columns trained as extra targets (jargon layouts)
 
     def __init__(self, tokenizer: dict[str, Any] | None = None, max_length: int = 128, overlap: int = 16,
                  batch_size: int = 16, reader_prefix: bool = True, seed: int = 0):
@@ -51,7 +52,9 @@ class TextDataModule(L.LightningDataModule):
         return self.splits[stage]
 
     def windows(self, stage: str) -> list[Window]:
-        return [w for d in self.docs(stage) for w in self.encoder.encode(d.words, d.profile, d.word_tags())]
+        cols = self.extra_columns
+        return [w for d in self.docs(stage)
+                for w in self.encoder.encode(d.words, d.profile, d.word_tags(), d.extra_tags(cols) if cols else None)]
 
     def _loader(self, stage: str, shuffle: bool) -> DataLoader:
         pad = self.encoder.tok.pad_id
@@ -79,12 +82,16 @@ class JargonDataModule(TextDataModule):
         test / val: fractions of the abstracts (or readers), or their ids.
         label_fraction: keep this share of each reader's training labels (the study's 10% regime: 0.1).
         missing_entities: "error" or "skip" an entity that is not in its abstract.
+        extra_targets: additional-information labels learnt and scored as extra targets, any of
+            `definition`, `background`, `example` (the columns `additional_definition`, ...; CSV layout
+            only). Entities without that label add no loss. Default: none.
     """
 
     def __init__(self, root: str = "runs/text_demo/data", threshold: float = 1, split: str = "abstract",
                  test: float | list[str] = 0.2, val: float | list[str] = 0.1, label_fraction: float = 1.0,
-                 missing_entities: str = "error", **kw):
+                 missing_entities: str = "error", extra_targets: list[str] | None = None, **kw):
         super().__init__(**kw)
+        self.extra_columns = D.target_columns(extra_targets)
         self.root, self.threshold, self.split = root, threshold, split
         self.test, self.val, self.label_fraction, self.missing_entities = test, val, label_fraction, missing_entities
         self.readers: dict[str, dict[str, Any]] = {}
@@ -95,7 +102,9 @@ class JargonDataModule(TextDataModule):
 
     @property
     def protocol(self) -> str:
-        return f"split by {self.split}; labels {self.label_fraction:g}"
+        names = "/".join(D.target_name(c) for c in self.extra_columns)
+        extra = f"; extra targets {names}" if names else ""
+        return f"split by {self.split}; labels {self.label_fraction:g}{extra}"
 
     def path(self) -> Path:
         p = Path(self.root)
@@ -109,8 +118,11 @@ class JargonDataModule(TextDataModule):
     def read(self) -> tuple[list[D.Doc], dict[str, dict[str, Any]]]:
         p = self.path()
         if p.suffix == ".jsonl":
+            if self.extra_columns:
+                raise D.DataError(f"{p}: the JSONL layout has no additional-information labels; data.extra_targets "
+                                  f"needs the PersonalizedJargon CSV (columns {self.extra_columns})")
             return D.read_jsonl(p)
-        return D.read_annotations(p, self.threshold, self.missing_entities)
+        return D.read_annotations(p, self.threshold, self.missing_entities, self.extra_columns)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -123,8 +135,11 @@ class JargonDataModule(TextDataModule):
     def extra_preprocessing(self) -> dict[str, Any]:
         if not self.readers:
             self.setup("fit")
-        return {"threshold": self.threshold,
-                "readers": {r: D.reader_profile(r, m) for r, m in sorted(self.readers.items())}}
+        out = {"threshold": self.threshold,
+               "readers": {r: D.reader_profile(r, m) for r, m in sorted(self.readers.items())}}
+        if self.extra_columns:
+            out["extra_targets"] = [D.target_name(c) for c in self.extra_columns]
+        return out
 
 
 class ActerDataModule(TextDataModule):

@@ -3,6 +3,10 @@
 Validation and test score whole documents (windowed), not windows: per-entity jargon decisions
 (F1 of the jargon class, per reader and macro) for the PersonalizedJargon / JSONL layouts; the set
 of unique extracted terms against the gold list (TermEval) for ACTER.
+
+Extra targets (`data.extra_targets: [definition, background, example]`, passed on through the data's
+preprocessing): one binary output per target on every token, trained with BCE on the words of the
+entities that carry that label, scored per entity (`<stage>/<target>/f1`, ...).
 """
 from __future__ import annotations
 
@@ -14,8 +18,19 @@ import torch.nn.functional as F
 from shared import backbones, peft
 from shared.module import PeftModule, peft_tensor_names
 from text import backbone as _text_backbones  # noqa: F401  registers hf-encoder
-from text.data import IGNORE
-from text.tagger import TokenHead, decision_metrics, entity_decisions, extract_terms, term_metrics
+from text.data import IGNORE, target_columns, target_name
+from text.tagger import (TokenHead, decision_metrics, entity_decisions, extra_decisions, extra_metrics, extract_terms,
+                         term_metrics, word_outputs)
+
+
+def extra_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """BCE of the extra-target logits (B, N, K) against targets (B, N, K), averaged over the labelled
+    (token, target) pairs; NaN targets (words outside labelled entities, hidden labels, padding) add
+    nothing. 0 when the batch has no labelled pair."""
+    valid = ~torch.isnan(targets)
+    if not valid.any():
+        return logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits[valid], targets[valid].to(logits.dtype))
 
 
 class TaggerModule(PeftModule):
@@ -25,7 +40,10 @@ class TaggerModule(PeftModule):
         methods: PEFT method configs (`[{name: lora, r: 8, targets: [query, value]}]`).
         head_dropout: dropout before the token head.
         o_weight: loss weight of the O tag (below 1 counters how rare term words are).
-        num_classes / labels / preprocessing: linked from the data module.
+        extra_weight: weight of the extra targets' BCE (when the data has `extra_targets`) against the
+            tagging loss.
+        num_classes / labels / preprocessing: linked from the data module; `preprocessing.extra_targets`
+            (set by `data.extra_targets`) adds one binary output per additional-information target.
         lr, weight_decay, betas, eps, warmup_fraction, lr_groups, decay_exclude: AdamW + cosine.
         init_bundle: start from a saved tagger bundle (e.g. the shared adapter a reader's adapter grows from).
     """
@@ -37,32 +55,53 @@ class TaggerModule(PeftModule):
                  num_classes: int = 3, labels: list[str] | None = None, preprocessing: dict[str, Any] | None = None,
                  lr: float = 1e-3, weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, warmup_fraction: float = 0.0, lr_groups: dict[str, float] | None = None,
-                 decay_exclude: bool = False, init_bundle: str | None = None):
+                 decay_exclude: bool = False, init_bundle: str | None = None, extra_weight: float = 1.0):
         super().__init__()
         self.save_hyperparameters()
+        # the annotation columns (additional_definition, ...) the head predicts besides the tags
+        self.extra_columns = target_columns((preprocessing or {}).get("extra_targets"))
         net = backbones.create(backbone, **(backbone_kwargs or {})).train()  # from_pretrained gives eval mode
         if init_bundle:
             self.model = peft.load(net, init_bundle)
             if not isinstance(self.model.head, TokenHead):
                 raise ValueError(f"{init_bundle}: not a token-tagging bundle (its head is {type(self.model.head).__name__})")
+            if self.model.head.extra_targets != self.extra_columns:
+                raise ValueError(f"{init_bundle}: the bundle's extra targets {self.model.head.extra_targets} differ "
+                                 f"from the data's {self.extra_columns} (data.extra_targets)")
             for p in self.model.head.parameters():
                 p.requires_grad_(True)
         else:
             peft.attach(net, methods or [], backbone_id=backbone)
-            self.model = peft.Classifier(net, TokenHead(backbones.anatomy(net).embed_dim, num_classes, head_dropout),
-                                         labels=labels)
+            head = TokenHead(backbones.anatomy(net).embed_dim, num_classes, head_dropout, self.extra_columns)
+            self.model = peft.Classifier(net, head, labels=labels)
         self.strict_loading = False  # checkpoints hold only the trained tensors
         self.register_buffer("class_weight", torch.tensor([o_weight] + [1.0] * (num_classes - 1)), persistent=False)
 
     def forward(self, inputs):
         return self.model(inputs)
 
-    def _shared_step(self, batch, stage: str):
-        inputs, labels = batch
-        logits = self(inputs)  # (B, N, 3)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), weight=self.class_weight.to(logits.dtype),
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, extra: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(total loss, extra-target BCE or None): tag cross-entropy + extra_weight * extra BCE."""
+        c = self.hparams.num_classes
+        tags = logits[..., :c]
+        loss = F.cross_entropy(tags.flatten(0, 1), labels.flatten(), weight=self.class_weight.to(logits.dtype),
                                ignore_index=IGNORE)
+        if not self.extra_columns:
+            return loss, None
+        if extra is None:
+            raise ValueError(f"the model predicts extra targets {self.extra_columns} but the batch has none "
+                             f"(set data.extra_targets)")
+        bce = extra_loss(logits[..., c:], extra.to(logits.device))
+        return loss + self.hparams.extra_weight * bce, bce
+
+    def _shared_step(self, batch, stage: str):
+        inputs, labels, *extra = batch
+        logits = self(inputs)  # (B, N, 3 [+ K])
+        loss, bce = self.loss(logits, labels, extra[0] if extra else None)
         self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=len(labels))
+        if bce is not None:
+            self.log(f"{stage}/extra_loss", bce, batch_size=len(labels))
         return loss
 
     def evaluate(self, stage: str) -> dict[str, float]:
@@ -71,7 +110,19 @@ class TaggerModule(PeftModule):
         if data.task == "terms":
             terms, _ = extract_terms(self.model, data.encoder, data.docs(stage))
             return term_metrics(terms, data.gold_terms(stage))
-        return decision_metrics(entity_decisions(self.model, data.encoder, data.docs(stage)))
+        docs = data.docs(stage)
+        if not self.extra_columns:
+            return decision_metrics(entity_decisions(self.model, data.encoder, docs))
+        c = self.hparams.num_classes
+        outputs = word_outputs(self.model, data.encoder, [(d.words, d.profile) for d in docs])
+        out = decision_metrics(entity_decisions(self.model, data.encoder, docs, probs=[o[:, :c] for o in outputs]))
+        rows = extra_decisions(docs, [o[:, c:] for o in outputs], self.extra_columns)
+        for col, rs in rows.items():
+            m = extra_metrics(rs)
+            if stage != "test":  # validation: the headline numbers only (every epoch's log line shows them)
+                m = {k: m[k] for k in ("f1", "macro_f1")}
+            out.update({f"{target_name(col)}/{k}": v for k, v in m.items()})
+        return out
 
     def _log_metrics(self, stage: str) -> None:
         if self.trainer.sanity_checking:

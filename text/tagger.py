@@ -84,6 +84,7 @@ class Window:
     start: int
     end: int
     labels: list[int]
+    extra: list[list[float]] | None = None  # per token, one target per extra target (NaN: no label)
 
 
 class WindowEncoder:
@@ -104,7 +105,9 @@ class WindowEncoder:
                              f"max_length={self.max_length}; shorten it or raise data.max_length")
         return ids
 
-    def encode(self, words: list[str], profile: str = "", tags: list[int] | None = None) -> list[Window]:
+    def encode(self, words: list[str], profile: str = "", tags: list[int] | None = None,
+               extra: list[list[float]] | None = None) -> list[Window]:
+        """`tags`: per-word BIO tags; `extra`: per-word extra targets (`Doc.extra_tags`), or None."""
         if not words:
             raise ValueError("empty text: nothing to tag")
         pre = self.prefix_ids(profile)
@@ -127,13 +130,21 @@ class WindowEncoder:
             if tags is not None:
                 for k, t in zip(pos, tags[start:end]):
                     labels[k] = t
-            windows.append(Window(ids, types, pos, start, end, labels))
+            targets = None
+            if extra is not None:
+                width = len(extra[0]) if extra else 0
+                targets = [[float("nan")] * width for _ in ids]
+                for k, t in zip(pos, extra[start:end]):
+                    targets[k] = list(t)
+            windows.append(Window(ids, types, pos, start, end, labels, targets))
             if end >= len(words):
                 return windows
             start = max(start + 1, end - self.overlap)
 
 
-def collate(windows: list[Window], pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def collate(windows: list[Window], pad_id: int) -> tuple:
+    """(inputs, labels (B, N)), and the extra targets (B, N, K) as a third item (NaN: no label) when the
+    windows carry them."""
     n = max(len(w.input_ids) for w in windows)
     ids = torch.full((len(windows), n), pad_id, dtype=torch.long)
     types = torch.zeros((len(windows), n), dtype=torch.long)
@@ -143,27 +154,48 @@ def collate(windows: list[Window], pad_id: int) -> tuple[dict[str, torch.Tensor]
         k = len(w.input_ids)
         ids[i, :k], types[i, :k], mask[i, :k] = torch.tensor(w.input_ids), torch.tensor(w.token_type_ids), 1
         labels[i, :k] = torch.tensor(w.labels)
-    return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}, labels
+    inputs = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
+    if windows[0].extra is None:
+        return inputs, labels
+    extra = torch.full((len(windows), n, len(windows[0].extra[0])), float("nan"))
+    for i, w in enumerate(windows):
+        extra[i, :len(w.extra)] = torch.tensor(w.extra, dtype=torch.float32).reshape(len(w.extra), -1)
+    return inputs, labels, extra
 
 
 # ------------------------------------------------------------------------------------------ head
 
 
 class TokenHead(nn.Module):
-    """Per-token logits (B, N, C) from the backbone's tokens (every position, prefix included)."""
+    """Per-token logits (B, N, C) from the backbone's tokens (every position, prefix included).
 
-    def __init__(self, dim: int, num_classes: int = 3, dropout: float = 0.0):
+    With `extra_targets` (e.g. the additional-information labels `additional_definition`, ...), one
+    binary logit per extra target follows the C tag logits: (B, N, C + K). They come from their own
+    linear layer (`head.extra`), so a head without extra targets has exactly the tensors it had before.
+    """
+
+    def __init__(self, dim: int, num_classes: int = 3, dropout: float = 0.0, extra_targets: list[str] | None = None):
         super().__init__()
         self.dim, self.num_classes, self.dropout = dim, num_classes, dropout
+        self.extra_targets = list(extra_targets or [])
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(dim, num_classes)
         heads._init_classifier(self.fc)
+        if self.extra_targets:
+            self.extra = nn.Linear(dim, len(self.extra_targets))
+            heads._init_classifier(self.extra)
 
     def forward(self, tokens) -> torch.Tensor:
-        return self.fc(self.drop(tokens.x))  # (B, N, C)
+        x = self.drop(tokens.x)
+        if not self.extra_targets:
+            return self.fc(x)  # (B, N, C)
+        return torch.cat([self.fc(x), self.extra(x)], -1)  # (B, N, C + K)
 
     def config(self) -> dict:
-        return {"kind": "token", "dim": self.dim, "num_classes": self.num_classes, "dropout": self.dropout}
+        cfg = {"kind": "token", "dim": self.dim, "num_classes": self.num_classes, "dropout": self.dropout}
+        if self.extra_targets:
+            cfg["extra_targets"] = list(self.extra_targets)
+        return cfg
 
 
 heads.HEADS.setdefault("token", TokenHead)  # bundles with a token head load through shared.heads.build_head
@@ -172,22 +204,39 @@ heads.HEADS.setdefault("token", TokenHead)  # bundles with a token head load thr
 # ---------------------------------------------------------------------------- prediction, metrics
 
 
-@torch.no_grad()
+def num_tags(model: nn.Module) -> int:
+    return getattr(getattr(model, "head", None), "num_classes", 3)
+
+
 def word_probs(model: nn.Module, encoder: WindowEncoder, docs: list[tuple[list[str], str]],
                batch_size: int = 32) -> list[np.ndarray]:
     """(n_words, 3) tag probabilities for each (words, profile); long texts are windowed."""
+    c = num_tags(model)
+    return [p[:, :c] for p in word_outputs(model, encoder, docs, batch_size)]
+
+
+@torch.no_grad()
+def word_outputs(model: nn.Module, encoder: WindowEncoder, docs: list[tuple[list[str], str]],
+                 batch_size: int = 32) -> list[np.ndarray]:
+    """(n_words, C + K) for each (words, profile): the C tag probabilities (softmax), then one
+    probability per extra target of the head (sigmoid); long texts are windowed."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     jobs = []  # (doc index, window)
     for d, (words, profile) in enumerate(docs):
         jobs += [(d, w) for w in encoder.encode(words, profile)]
-    out = [np.zeros((len(w), 3), dtype=np.float32) for w, _ in docs]
+    c = num_tags(model)
+    out: list[np.ndarray] = [None] * len(docs)  # type: ignore[list-item]
     best = [np.full(len(w), -1) for w, _ in docs]  # each word's distance to its window's edge
     for i in range(0, len(jobs), batch_size):
         chunk = jobs[i:i + batch_size]
-        inputs, _ = collate([w for _, w in chunk], encoder.tok.pad_id)
-        probs = model({k: v.to(device) for k, v in inputs.items()}).float().softmax(-1).cpu().numpy()
+        inputs = collate([w for _, w in chunk], encoder.tok.pad_id)[0]
+        logits = model({k: v.to(device) for k, v in inputs.items()}).float()
+        probs = torch.cat([logits[..., :c].softmax(-1), logits[..., c:].sigmoid()], -1).cpu().numpy()
+        for d in {d for d, _ in chunk}:
+            if out[d] is None:
+                out[d] = np.zeros((len(docs[d][0]), probs.shape[-1]), dtype=np.float32)
         for row, (d, w) in enumerate(chunk):
             for j, pos in enumerate(w.positions):
                 word = w.start + j
@@ -218,9 +267,11 @@ def prf(tp: int, fp: int, fn: int) -> dict[str, float]:
     return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
 
 
-def entity_decisions(model, encoder, docs: list[Doc], threshold: float = 0.5) -> list[dict[str, Any]]:
-    """One row per labelled (reader, abstract, entity): gold, score, predicted."""
-    probs = word_probs(model, encoder, [(d.words, d.profile) for d in docs])
+def entity_decisions(model, encoder, docs: list[Doc], threshold: float = 0.5,
+                     probs: list[np.ndarray] | None = None) -> list[dict[str, Any]]:
+    """One row per labelled (reader, abstract, entity): gold, score, predicted. `probs`: the docs'
+    word tag probabilities when already computed."""
+    probs = word_probs(model, encoder, [(d.words, d.profile) for d in docs]) if probs is None else probs
     rows = []
     for d, p in zip(docs, probs):
         for e in d.entities:
@@ -230,6 +281,37 @@ def entity_decisions(model, encoder, docs: list[Doc], threshold: float = 0.5) ->
             rows.append({"reader": d.reader, "doc": d.doc_id, "entity": e.text, "gold": bool(e.jargon),
                          "score": s, "pred": s >= threshold})
     return rows
+
+
+def extra_decisions(docs: list[Doc], probs: list[np.ndarray], columns: list[str],
+                    threshold: float = 0.5) -> dict[str, list[dict[str, Any]]]:
+    """Per extra target (annotation column), one row per (reader, abstract, entity) that has that
+    label: gold, score (mean probability over the entity's words, the best occurrence), predicted.
+    `probs`: per doc, (n_words, K) extra-target probabilities in the order of `columns`."""
+    out: dict[str, list[dict[str, Any]]] = {c: [] for c in columns}
+    for d, p in zip(docs, probs):
+        for e in d.entities:
+            for k, c in enumerate(columns):
+                if c not in e.extra:
+                    continue
+                s = max(float(p[a:b, k].mean()) for a, b in e.spans)
+                out[c].append({"reader": d.reader, "doc": d.doc_id, "entity": e.text, "gold": bool(e.extra[c]),
+                               "score": s, "pred": s >= threshold})
+    return out
+
+
+def extra_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """One extra target's metrics: precision / recall / F1 of the positive class overall (micro) and
+    macro over readers, F1 per reader, accuracy, and the F1 of answering yes for every entity."""
+    out = decision_metrics(rows)
+    readers = sorted({r["reader"] for r in rows if r["reader"] is not None})
+    for k in ("precision", "recall"):
+        per = [decision_metrics([r for r in rows if r["reader"] == who])[k] for who in readers]
+        if per:
+            out[f"macro_{k}"] = float(np.mean(per))
+    out["f1_all_yes"] = prf(sum(r["gold"] for r in rows), sum(not r["gold"] for r in rows), 0)["f1"]
+    out["n"] = float(len(rows))
+    return out
 
 
 def decision_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -273,5 +355,6 @@ def tag_spans(words: list[str], probs: np.ndarray) -> list[dict[str, Any]]:
 
 
 __all__ = ["HashTokenizer", "HFTokenizer", "build_tokenizer", "WindowEncoder", "Window", "collate", "TokenHead",
-           "word_probs", "entity_decisions", "decision_metrics", "extract_terms", "term_metrics", "tag_spans",
+           "word_probs", "word_outputs", "entity_decisions", "extra_decisions", "extra_metrics", "decision_metrics",
+           "extract_terms", "term_metrics", "tag_spans",
            "entity_score", "span_score", "term_key", "O", "B", "I"]
