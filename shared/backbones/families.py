@@ -223,7 +223,8 @@ class DecoderAnatomy(Anatomy):
         return _base_model(self.model).norm
 
     def forward_tokens(self, inputs):
-        kwargs = inputs if isinstance(inputs, dict) else {"input_ids": inputs}
+        kwargs = dict(inputs) if isinstance(inputs, dict) else {"input_ids": inputs}
+        kwargs.setdefault("use_cache", False)  # features only: a KV cache would be built and thrown away
         x = _base_model(self.model)(**kwargs).last_hidden_state  # (B, N, D)
         return Tokens(x, 0, None, kwargs.get("attention_mask"))  # the mask lets pooling skip padding
 

@@ -179,9 +179,14 @@ def recompute(model: nn.Module, enabled: bool = True) -> int:
 
     Trades one extra forward of each block in the backward for not keeping its activations;
     works with every method, since they all live inside the blocks or as hooks on them. Returns
-    the number of blocks changed.
+    the number of blocks changed. A transformers model's KV cache is switched off
+    (`config.use_cache = False`, as transformers' own gradient checkpointing does): a block re-run in
+    the backward would otherwise append its keys and values to the cache a second time.
     """
     backbone, _ = split(model)
+    config = getattr(backbone, "config", None)
+    if enabled and getattr(config, "use_cache", False):
+        config.use_cache = False
     n = 0
     for block in anatomy(backbone).blocks():
         on = block.__dict__.get("forward") is not None and getattr(block.forward, "__func__", None) is _recomputed_forward

@@ -407,6 +407,34 @@ def test_recompute_gives_identical_loss_and_gradients(tiny, anat):
         "layers.0" if anat != "vit" else "blocks.0").__dict__
 
 
+def test_recompute_on_a_padded_causal_lm_batch_keeps_the_kv_cache_out():
+    """Recomputing a Llama block in the backward must not append to a KV cache a second time (the
+    logits path of a causal LM, padded batch): same loss and gradients as without recompute."""
+    from shared import backbones
+
+    torch.manual_seed(0)
+    a = backbones.create("tiny-llama-lm")
+    peft.attach(a, [peft.LoRA(r=4, alpha=8, targets=("q_proj", "v_proj"))], backbone_id="tiny-llama-lm")
+    for n, p in a.named_parameters():
+        if "lora" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    b = copy.deepcopy(a)
+    assert a.config.use_cache and peft.recompute(b) > 0 and b.config.use_cache is False
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # right padding
+    grads, losses = [], []
+    for m in (a, b):
+        m.train()
+        loss = m(input_ids=ids, attention_mask=mask).logits.float().pow(2).mean()
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
+
+
 def test_classification_module_recompute_flag():
     from shared.module import ClassificationModule
 
