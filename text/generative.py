@@ -10,14 +10,22 @@ tokens after the prompt are compared; nothing is generated.
   every reader, then one adapter per reader grown from it (`ReaderBank`); switching readers copies
   the reader's LoRA tensors into the loaded model (no reload), and a batch mixing readers is answered
   in ONE forward with each row through its own reader's LoRA (`ReaderBank.mixed`), equal to
-  one-reader-at-a-time.
+  one-reader-at-a-time;
+- shared-prefix scoring and training (`YesNoScorer.score_shared`, `train_yes_no(shared_prefix=True)`):
+  the prompt is split before the entity, so the terms asked about one abstract for one reader share
+  one forward of the head (its keys / values cached), then their short tails go in one batch;
+- bundles (`save_bundle` / `load_bundle`): the shared adapter and each reader's as `shared.peft`
+  bundles (task `jargon-yes-no`) that `python -m text.predict` loads; the CLI that trains and saves
+  them all is `python -m text.personalise`.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import copy
+import inspect
 import random
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +37,10 @@ from shared import peft
 from shared.artifacts import trained_tensors
 from text.data import Doc
 
-QUESTION = ('Question: is the term "{entity}" jargon for this reader, that is, would they need it explained '
-            'to understand the abstract? Answer yes or no.\nAnswer:')
+QUESTION_HEAD = 'Question: is the term "'
+QUESTION_TAIL = ('" jargon for this reader, that is, would they need it explained to understand the abstract? '
+                 'Answer yes or no.\nAnswer:')
+QUESTION = QUESTION_HEAD + "{entity}" + QUESTION_TAIL
 ANSWERS = (" yes", " no")
 BASELINES = ("vanilla", "metadata", "profile", "nearest_annotator", "nearest_abstract")
 
@@ -92,9 +102,15 @@ def queries_of(docs: list[Doc]) -> list[Query]:
             for d in docs for e in d.entities]
 
 
-def prompt(q: Query, with_reader: bool = True) -> str:
+def prompt_parts(q: Query, with_reader: bool = True) -> tuple[str, str]:
+    """(head, tail): everything up to the entity's opening quote (shared by every entity asked about
+    one abstract for one reader and context), and the entity with the rest of the question."""
     reader = f"Reader: {q.profile}\n" if with_reader and q.profile else ""
-    return f"Abstract: {q.abstract}\n{reader}{q.context}" + QUESTION.format(entity=q.entity)
+    return f"Abstract: {q.abstract}\n{reader}{q.context}{QUESTION_HEAD}", q.entity + QUESTION_TAIL
+
+
+def prompt(q: Query, with_reader: bool = True) -> str:
+    return "".join(prompt_parts(q, with_reader))
 
 
 def examples_text(pairs: list[tuple[str, bool]], who: str = "this reader") -> str:
@@ -123,11 +139,11 @@ def with_baseline(queries: list[Query], kind: str, train: list[Query], k: int = 
             abstracts = sorted({q.abstract for q in qs})
             index[r] = (abstracts, BM25Okapi([a.lower().split() for a in abstracts]))
     nearest = nearest_annotators(by_reader) if kind == "nearest_annotator" else {}
-    rng = random.Random(seed)
     for q in queries:
         q = copy.copy(q)
         mine = by_reader.get(q.reader, [])
-        if kind == "profile":
+        if kind == "profile":  # the same k examples for every query of a reader: the reader's profile
+            rng = random.Random(f"{seed}:{q.reader}")
             q.context = examples_text([(t.entity, t.gold) for t in rng.sample(mine, min(k, len(mine)))])
         elif kind == "nearest_annotator":
             other = by_reader.get(nearest.get(q.reader, ""), [])
@@ -160,6 +176,52 @@ def nearest_annotators(by_reader: dict[str, list[Query]]) -> dict[str, str]:
     return out
 
 
+STOP_WORDS = frozenset("""a about above after again against all also although among an and any are as at be because
+been before being below between both but by can could did do does doing done during each either et al few for
+from further had has have having here how however i if in into is it its itself may might more most much must
+no nor not of off on once only or other our ours out over own per same several she should since so some such
+than that the their theirs them then there these they this those through thus to too under until up upon us
+use used using very via was we were what when where whether which while who whom why will with within without
+would yet you your new two one three first second paper study studies show shows shown propose proposed
+present results result based approach method methods""".split())
+
+
+def candidate_terms(text: str, max_words: int = 3) -> list[str]:
+    """Candidate terms of a text without a tagger: runs of up to `max_words` content words (letters,
+    at least 3 characters, not stop words; a hyphenated compound such as "no-arbitrage" counts as one
+    content word) separated by single spaces, in text order, each once (case-insensitive)."""
+    from text.words import split_words
+
+    tokens = []  # (start, end, is content, ends with a hyphen), hyphenated compounds joined
+    for w in split_words(text):
+        if tokens and (w.text == "-" or tokens[-1][3]) and w.start == tokens[-1][1]:
+            s0, _, c, _ = tokens[-1]
+            tokens[-1] = (s0, w.end, c or (w.text.isalpha() and len(w.text) >= 2), w.text == "-")
+            continue
+        content = w.text.isalpha() and len(w.text) >= 3 and w.text.lower() not in STOP_WORDS
+        tokens.append((w.start, w.end, content, False))
+    out, seen, run = [], set(), []
+
+    def flush():
+        if run:
+            term = text[run[0][0]:run[-1][1]]
+            if term.lower() not in seen:
+                seen.add(term.lower())
+                out.append(term)
+            run.clear()
+
+    for tok in tokens:
+        start, end, content, dangling = tok
+        if not content or dangling:
+            flush()
+            continue
+        if run and (start - run[-1][1] != 1 or text[run[-1][1]] != " " or len(run) == max_words):
+            flush()
+        run.append(tok)
+    flush()
+    return out
+
+
 # ------------------------------------------------------------------------------------- scoring
 
 
@@ -175,12 +237,19 @@ class YesNoScorer:
         self.max_length = max_length or getattr(cfg, "max_position_embeddings", 2048)
         self.prefix, self.yes, self.no = answer_ids(tok)
 
+    def parts(self, q: Query, with_reader: bool = True) -> tuple[list[int], list[int]]:
+        """(head ids, tail ids) of the prompt (see `prompt_parts`), each part tokenized on its own so
+        that queries sharing a head share its tokens; the tail ends with the answers' shared prefix."""
+        head, tail = prompt_parts(q, with_reader)
+        h = ([self.tok.bos_token_id] if self.tok.bos_token_id is not None else []) + self.tok.encode(head)
+        t = self.tok.encode(tail) + self.prefix
+        if len(h) + len(t) <= self.max_length:
+            return h, t
+        return self.parts(window_abstract(q, self.tok, self.max_length, len(h) + len(t)), with_reader)
+
     def ids(self, q: Query, with_reader: bool = True) -> list[int]:
-        ids = ([self.tok.bos_token_id] if self.tok.bos_token_id is not None else []) + \
-            self.tok.encode(prompt(q, with_reader)) + self.prefix
-        if len(ids) <= self.max_length:
-            return ids
-        return self.ids(window_abstract(q, self.tok, self.max_length, len(ids)), with_reader)
+        h, t = self.parts(q, with_reader)
+        return h + t
 
     def batch(self, items: list[tuple[Query, bool]]) -> dict[str, torch.Tensor]:
         seqs = [self.ids(q, w) for q, w in items]
@@ -205,6 +274,74 @@ class YesNoScorer:
         self.model.eval()
         return [float(m) for i in range(0, len(items), batch_size)
                 for m in self.margins(self.batch(items[i:i + batch_size]))]
+
+    # -- shared-prefix scoring: one forward of a group's head, then its entities' tails in a batch
+
+    def _call(self, **kw):
+        """The model's forward with the KV cache argument under this transformers' name."""
+        if self._cache_arg is None:
+            params = inspect.signature(self.model.forward).parameters
+            self._cache_arg = "cache" if "cache" in params else "past_key_values"
+            self._keep = "logits_to_keep" in params
+        if "cache" in kw:
+            kw[self._cache_arg] = kw.pop("cache")
+        if not self._keep:
+            kw.pop("logits_to_keep", None)
+        return self.model(**kw)
+
+    _cache_arg: str | None = None
+    _keep = False
+
+    def margins_shared(self, head: list[int], tails: list[list[int]]) -> torch.Tensor:
+        """(k,) log P(yes) - log P(no) of the prompts head + tails[i]: the head goes through the model
+        ONCE (its keys / values cached and repeated for the k tails), the tails in one batch. Equal to
+        `margins` on the full prompts up to float rounding; gradients flow through both passes."""
+        device = next(self.model.parameters()).device
+        k, n = len(tails), max(map(len, tails))
+        if not head or n == 0:
+            raise ValueError("shared-prefix scoring needs a non-empty head and non-empty tails")
+        out = self._call(input_ids=torch.tensor([head], device=device), use_cache=True, logits_to_keep=1)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+            raise ValueError(f"{type(self.model).__name__} returns no repeatable KV cache; use score / margins")
+        cache.batch_repeat_interleave(k)
+        ids = torch.full((k, n), self.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((k, len(head) + n), dtype=torch.long)
+        mask[:, :len(head)] = 1
+        for i, t in enumerate(tails):
+            ids[i, :len(t)] = torch.tensor(t)
+            mask[i, len(head):len(head) + len(t)] = 1
+        last = torch.tensor([len(t) - 1 for t in tails])
+        keep = torch.unique(last)  # sorted: the positions whose logits are needed
+        logits = self._call(input_ids=ids.to(device), attention_mask=mask.to(device), cache=cache,
+                            logits_to_keep=keep.to(device) if self._keep else 0).logits
+        pos = torch.searchsorted(keep, last) if self._keep else last
+        logp = logits[torch.arange(k, device=device), pos.to(device)].float().log_softmax(-1)
+        return logp[:, self.yes] - logp[:, self.no]
+
+    def groups(self, items: list[tuple[Query, bool]]) -> dict[tuple[int, ...], list[tuple[int, list[int]]]]:
+        """Items by prompt head: {head ids: [(item index, tail ids)]}, in first-seen order."""
+        out: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+        for i, (q, w) in enumerate(items):
+            h, t = self.parts(q, w)
+            out.setdefault(tuple(h), []).append((i, t))
+        return out
+
+    @torch.no_grad()
+    def score_shared(self, items: list[tuple[Query, bool]], batch_size: int = 16) -> list[float]:
+        """`score` through `margins_shared`: the queries on one abstract (same reader line and
+        context) share one forward of their head; identical prompts are scored once."""
+        self.model.eval()
+        out = [0.0] * len(items)
+        for head, members in self.groups(items).items():
+            tails = list(dict.fromkeys(tuple(t) for _, t in members))  # identical prompts: once
+            got = {}
+            for j in range(0, len(tails), batch_size):
+                chunk = tails[j:j + batch_size]
+                got.update(zip(chunk, map(float, self.margins_shared(list(head), [list(t) for t in chunk]))))
+            for i, t in members:
+                out[i] = got[tuple(t)]
+        return out
 
 
 def window_abstract(q: Query, tok, max_length: int, length: int) -> Query:
@@ -310,20 +447,47 @@ class ReaderBank:
 
 
 def train_yes_no(scorer: YesNoScorer, items: list[tuple[Query, bool]], steps: int, lr: float = 1e-3,
-                 batch_size: int = 8, seed: int = 0) -> list[float]:
-    """Train the attached LoRA on yes / no answers: cross-entropy over the two answer tokens."""
+                 batch_size: int = 8, seed: int = 0, shared_prefix: bool = False,
+                 group_size: int | None = None) -> list[float]:
+    """Train the attached LoRA on yes / no answers: cross-entropy over the two answer tokens.
+
+    `shared_prefix`: a step takes groups of queries sharing a prompt head (one abstract, one reader)
+    in a seeded shuffled order, at most `group_size` queries of each (default: as many as fit), up
+    to `batch_size` queries; each group goes through `margins_shared` (its head once). A small
+    `group_size` mixes abstracts in a step (one abstract's labels for one reader are often alike).
+    Else a step is `batch_size` queries sampled at random."""
     labelled = [(q, w) for q, w in items if q.gold is not None]
     if not labelled:
         raise ValueError("no labelled queries to train on")
     params = [p for p in scorer.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
+    by_head = scorer.groups(labelled) if shared_prefix else {}
+    heads = list(by_head)
+    groups = [[(labelled[i][0], t) for i, t in members] for members in by_head.values()]
+    order: list[int] = []
     scorer.model.train()
     losses = []
     for _ in range(steps):
-        chunk = rng.sample(labelled, min(batch_size, len(labelled)))
-        margin = scorer.margins(scorer.batch(chunk))
-        target = torch.tensor([float(q.gold) for q, _ in chunk], device=margin.device)
+        if shared_prefix:
+            margins, golds, room, used = [], [], batch_size, set()
+            while room > 0 and len(used) < len(groups):  # each group at most once a step
+                if not order:
+                    order = rng.sample(range(len(groups)), len(groups))
+                g = order.pop()
+                if g in used:
+                    continue
+                used.add(g)
+                members = rng.sample(groups[g], min(room, len(groups[g]), group_size or room))
+                margins.append(scorer.margins_shared(list(heads[g]), [t for _, t in members]))
+                golds += [float(q.gold) for q, _ in members]
+                room -= len(members)
+            margin = torch.cat(margins)
+        else:
+            chunk = rng.sample(labelled, min(batch_size, len(labelled)))
+            margin = scorer.margins(scorer.batch(chunk))
+            golds = [float(q.gold) for q, _ in chunk]
+        target = torch.tensor(golds, device=margin.device)
         loss = F.binary_cross_entropy_with_logits(margin, target)  # softmax over {yes, no} = sigmoid(margin)
         opt.zero_grad()
         loss.backward()
@@ -334,19 +498,31 @@ def train_yes_no(scorer: YesNoScorer, items: list[tuple[Query, bool]], steps: in
 
 
 def personalise(scorer: YesNoScorer, train: list[Query], shared_steps: int, reader_steps: int, lr: float = 1e-3,
-                batch_size: int = 8, seed: int = 0) -> ReaderBank:
-    """The shared starting adapter (all readers' training queries), then one adapter per reader from it."""
+                batch_size: int = 8, seed: int = 0, shared_prefix: bool = False,
+                log: dict[str, Any] | None = None, group_size: int | None = None) -> ReaderBank:
+    """The shared starting adapter (all readers' training queries), then one adapter per reader from it.
+    `log`, if given, receives the losses and wall seconds: shared_s, shared_losses, readers_s,
+    reader_s / reader_losses per reader."""
+    log = {} if log is None else log
     bank = ReaderBank(scorer.model)
-    if shared_steps:
-        train_yes_no(scorer, [(q, True) for q in train], shared_steps, lr, batch_size, seed)
+    t0 = time.perf_counter()
+    log["shared_losses"] = train_yes_no(scorer, [(q, True) for q in train], shared_steps, lr, batch_size, seed,
+                                        shared_prefix, group_size) if shared_steps else []
+    log["shared_s"] = time.perf_counter() - t0
     start = bank.snapshot()
     bank.add("__shared__", start)
+    log["reader_s"], log["reader_losses"] = {}, {}
+    t1 = time.perf_counter()
     for reader in sorted({q.reader for q in train}):
+        t = time.perf_counter()
         bank.use("__shared__")
         mine = [(q, True) for q in train if q.reader == reader]
         if reader_steps and any(q.gold is not None for q, _ in mine):
-            train_yes_no(scorer, mine, reader_steps, lr, batch_size, seed)
+            log["reader_losses"][reader] = train_yes_no(scorer, mine, reader_steps, lr, batch_size, seed, shared_prefix,
+                                                          group_size)
         bank.add(reader)
+        log["reader_s"][reader] = time.perf_counter() - t
+    log["readers_s"] = time.perf_counter() - t1
     return bank
 
 
@@ -361,5 +537,80 @@ def score_readers(scorer: YesNoScorer, bank: ReaderBank, queries: list[Query], b
     return out
 
 
+def score_by_reader(scorer: YesNoScorer, bank: ReaderBank, queries: list[Query], batch_size: int = 16,
+                    shared_prefix: bool = True) -> list[float]:
+    """Each query through its own reader's adapter, one reader at a time (`bank.use`, no reload):
+    with `shared_prefix` each abstract's head is computed once per reader. Same answers as
+    `score_readers` up to float rounding."""
+    out = [0.0] * len(queries)
+    for reader in sorted({q.reader for q in queries}):
+        bank.use(reader)
+        idx = [i for i, q in enumerate(queries) if q.reader == reader]
+        items = [(queries[i], True) for i in idx]
+        got = scorer.score_shared(items, batch_size) if shared_prefix else scorer.score(items, batch_size)
+        for i, v in zip(idx, got):
+            out[i] = v
+    return out
+
+
 def attach_lora(model: nn.Module, r: int = 8, alpha: int = 16, targets=("q_proj", "v_proj"), backbone_id: str | None = None):
-    return peft.attach(model, [peft.LoRA(r=r, alpha=alpha, targets=list(targets))], backbone_id=backbone_id)
+    """LoRA on `targets`: module names, or one regex string matched against full module names."""
+    targets = targets if isinstance(targets, str) else list(targets)
+    return peft.attach(model, [peft.LoRA(r=r, alpha=alpha, targets=targets)], backbone_id=backbone_id)
+
+
+# ------------------------------------------------------------------------------------- bundles
+
+TASK = "jargon-yes-no"
+SHARED = "__shared__"  # the bank's name for the shared starting adapter
+
+
+def tokenizer_spec(backbone: str, checkpoint: str | None = None, gguf_file: str | None = None) -> dict[str, Any]:
+    """How a bundle rebuilds its tokenizer: the byte tokenizer for `tiny-*` LMs, else the checkpoint's."""
+    if backbone.startswith("tiny-"):
+        return {"kind": "byte"}
+    spec = {"kind": "hf", "checkpoint": checkpoint or "smollm2-135m"}
+    if gguf_file:
+        spec["gguf_file"] = gguf_file
+    return spec
+
+
+def build_tokenizer(spec: dict[str, Any] | None):
+    spec = spec or {"kind": "byte"}
+    if spec.get("kind") == "byte":
+        return ByteTokenizer()
+    if spec.get("kind") != "hf":
+        raise ValueError(f"unknown tokenizer kind {spec.get('kind')!r} (byte or hf)")
+    from transformers import AutoTokenizer
+
+    from text.backbone import resolve_checkpoint, smollm2_gguf
+
+    checkpoint, gguf = spec.get("checkpoint"), spec.get("gguf_file")
+    if checkpoint == "smollm2-135m":
+        checkpoint, gguf = smollm2_gguf()
+    kw = {"gguf_file": gguf} if gguf else {}
+    try:
+        return HFCausalTokenizer(AutoTokenizer.from_pretrained(resolve_checkpoint(checkpoint), **kw))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"tokenizer of {checkpoint!r}: cannot load it ({str(e).splitlines()[0]})") from None
+
+
+def save_bundle(model: nn.Module, path, reader: str, profiles: dict[str, str], preprocessing: dict[str, Any],
+                backbone_id: str | None = None, backbone_kwargs: dict[str, Any] | None = None,
+                metrics: dict[str, Any] | None = None):
+    """The LoRA now loaded in `model` as an adapter bundle (`shared.peft.save`, atomic) for `reader`
+    (`SHARED` for the shared adapter); `profiles` are the reader lines the prompts used."""
+    return peft.save(model, path, metrics=metrics, preprocessing={**preprocessing, "readers": dict(profiles)},
+                     backbone_id=backbone_id, backbone_kwargs=backbone_kwargs,
+                     extra={"task": TASK, "domain": "text", "reader": reader})
+
+
+def load_bundle(path) -> tuple[YesNoScorer, dict[str, Any]]:
+    """(scorer on the rebuilt backbone with the bundle's LoRA, the bundle's json)."""
+    meta = peft.read_meta(path)
+    if meta.get("task") != TASK:
+        raise ValueError(f"{path}: not a generative jargon bundle (task {meta.get('task')!r}); train one with "
+                         f"python -m text.personalise")
+    prep = meta.get("preprocessing") or {}
+    model = peft.from_bundle(path).eval()
+    return YesNoScorer(model, build_tokenizer(prep.get("tokenizer")), prep.get("max_length")), meta

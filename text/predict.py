@@ -4,8 +4,17 @@ as jargon for a reader (or as terms, for an ACTER-trained tagger), with their sc
     python -m text.predict --adapter runs/text_demo/tagger_lora/adapter --reader r1 "We study the ribosome ..."
     python -m text.predict --adapter ... --reader r1 --term ribosome --term "data set" "We study the ribosome ..."
 
-Without --term the tagger finds the spans itself; with --term it decides each given term (each must
-occur in the text). A text longer than the model's context is windowed, never truncated.
+Tagger bundles (python -m text.train): without --term the tagger finds the spans itself; with --term
+it decides each given term (each must occur in the text). A text longer than the model's context is
+windowed, never truncated.
+
+Generative bundles (python -m text.personalise): --adapter is the run's output folder (its readers'
+bundles under adapters/readers/) or one bundle; the reader's LoRA answers the study's yes / no
+question for each term and the yes-no log-probability margin is printed (jargon when > 0). Without
+--term the candidates are the runs of content words of the text (up to 3 words, no stop words).
+--profile with an unknown reader asks the shared adapter with that reader line.
+
+    python -m text.predict --adapter runs/text_personalise/demo --reader r1 --term ribosome "We study the ribosome ..."
 """
 from __future__ import annotations
 
@@ -74,16 +83,110 @@ class JargonTagger:
         return out
 
 
+class GenerativeJargon:
+    """A generative run's reader adapters (a `python -m text.personalise` output folder, or one
+    bundle): `score(text, reader, terms)` -> [{term, score (yes-no margin), jargon}]."""
+
+    def __init__(self, adapter: str | Path):
+        from text import generative as G
+
+        self.G = G
+        root = Path(adapter)
+        self.bundles: dict[str, Path] = {}  # reader -> bundle folder
+        self.profiles: dict[str, str] = {}
+        self.shared: Path | None = None
+        if (root / "adapters").is_dir():
+            for meta_path in sorted((root / "adapters" / "readers").glob("*/adapter.json")):
+                meta = peft.read_meta(meta_path.parent)
+                self._check(meta, meta_path.parent)
+                self.bundles[meta["reader"]] = meta_path.parent
+                self.profiles.update((meta.get("preprocessing") or {}).get("readers") or {})
+            if (root / "adapters" / "shared" / "adapter.json").is_file():
+                self.shared = root / "adapters" / "shared"
+            if not self.bundles and self.shared is None:
+                raise ValueError(f"{root / 'adapters'}: no reader bundles (adapters/readers/<reader>/adapter.json)")
+        else:
+            meta = peft.read_meta(root)
+            self._check(meta, root)
+            if meta["reader"] == G.SHARED:
+                self.shared = root
+            else:
+                self.bundles[meta["reader"]] = root
+            self.profiles.update((meta.get("preprocessing") or {}).get("readers") or {})
+        self.loaded: tuple[Path, Any] | None = None
+
+    def _check(self, meta: dict[str, Any], where: Path) -> None:
+        if meta.get("task") != self.G.TASK or "reader" not in meta:
+            raise ValueError(f"{where}: not a generative jargon bundle (task {meta.get('task')!r}); train one with "
+                             f"python -m text.personalise")
+
+    @property
+    def readers(self) -> list[str]:
+        return sorted(self.bundles)
+
+    def resolve(self, reader: str | None, profile: str | None = None) -> tuple[Path, str, str]:
+        """(bundle, reader id, reader line) of a known reader, or of the shared adapter for --profile."""
+        known = ", ".join(self.readers) or "none"
+        if reader is not None and reader in self.bundles:
+            return self.bundles[reader], reader, profile or self.profiles.get(reader, f"reader {reader}")
+        if profile:
+            if self.shared is None:
+                raise ValueError(f"--profile for a reader without an adapter needs the shared adapter (adapters/shared); "
+                                 f"this adapter knows {known}")
+            return self.shared, reader or "new", profile
+        if reader is None:
+            raise ValueError(f"this adapter is personalised: pass --reader (one of {known}) or --profile "
+                             f"'reader X; background Y' (answered by the shared adapter)")
+        raise ValueError(f"unknown reader {reader!r}; this adapter knows {known}"
+                         + (" (or describe a new reader with --profile)" if self.shared is not None else ""))
+
+    def scorer(self, bundle: Path):
+        if self.loaded is None or self.loaded[0] != bundle:
+            scorer, _ = self.G.load_bundle(bundle)
+            self.loaded = (bundle, scorer)
+        return self.loaded[1]
+
+    def score(self, text: str, reader: str | None = None, terms: list[str] | None = None,
+              profile: str | None = None, threshold: float = 0.0) -> list[dict[str, Any]]:
+        if not text or not text.strip():
+            raise ValueError("empty abstract: nothing to score")
+        bundle, who, line = self.resolve(reader, profile)
+        words = [w.text for w in split_words(text)]
+        if terms is None:
+            terms = self.G.candidate_terms(text)
+        for t in terms:
+            if not find_all(words, [w.text for w in split_words(t)]):
+                raise ValueError(f"term {t!r} does not occur in the abstract")
+        queries = [self.G.Query(who, line, text.strip(), t) for t in terms]
+        margins = self.scorer(bundle).score_shared([(q, True) for q in queries])
+        return [{"term": t, "score": m, "jargon": m > threshold} for t, m in zip(terms, margins)]
+
+
+def is_generative(adapter: str | Path) -> bool:
+    """A text.personalise output folder, or a bundle whose task is the generative yes / no path."""
+    from text.generative import TASK
+
+    root = Path(adapter)
+    if (root / "adapters").is_dir() and not (root / "adapter.json").is_file():
+        return True
+    try:
+        return peft.read_meta(root).get("task") == TASK
+    except ValueError:
+        return False  # the tagger path reports the problem
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m text.predict", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--adapter", required=True, help="a tagger bundle folder written by python -m text.train")
+    ap.add_argument("--adapter", required=True, help="a tagger bundle folder written by python -m text.train, or a "
+                                                      "python -m text.personalise output folder / one of its bundles")
     ap.add_argument("--reader", help="the reader id (personalised adapters; see the bundle's preprocessing.readers)")
     ap.add_argument("--profile", help="reader information for a reader the adapter has not seen, e.g. "
                                       "'reader new; background biology'")
     ap.add_argument("--term", action="append", dest="terms", metavar="TERM",
                     help="a candidate term to decide (repeat it; each must occur in the text)")
-    ap.add_argument("--threshold", type=float, default=0.5, help="score at or above which a term is jargon (0.5)")
+    ap.add_argument("--threshold", type=float, help="tagger: score at or above which a term is jargon (0.5); "
+                                                    "generative: yes-no margin above which a term is jargon (0)")
     ap.add_argument("--all", action="store_true", help="print every candidate, not only those marked as jargon")
     ap.add_argument("text", help="the abstract (quote it), or @FILE to read it from a file")
     args = ap.parse_args(argv)
@@ -93,6 +196,18 @@ def main(argv: list[str] | None = None) -> int:
         if not p.is_file():
             raise ValueError(f"{p}: file not found")
         text = p.read_text(encoding="utf-8")
+    if is_generative(args.adapter):
+        threshold = 0.0 if args.threshold is None else args.threshold
+        rows = GenerativeJargon(args.adapter).score(text, args.reader, args.terms, args.profile, threshold)
+        who = f" for reader {args.reader}" if args.reader else f" for {args.profile!r}"
+        print(f"{sum(r['jargon'] for r in rows)} of {len(rows)} terms marked as jargon{who} "
+              f"(yes-no log-probability margin > {threshold:g}):")
+        for r in rows:
+            if args.all or r["jargon"]:
+                print(f"{r['score']:+.3f}\t{'jargon' if r['jargon'] else '-'}\t{r['term']}")
+        return 0
+    if args.threshold is None:
+        args.threshold = 0.5
     tagger = JargonTagger(args.adapter)
     rows = tagger.tag(text, args.reader, args.terms, args.profile, args.threshold)
     shown = [r for r in rows if args.all or r["jargon"]]
