@@ -26,7 +26,8 @@ from typing import Any
 from shared import peft
 from shared.cli import friendly
 from text import module as _registers  # noqa: F401  (hf-encoder backbone, token head)
-from text.tagger import WindowEncoder, build_tokenizer, entity_score, tag_spans, word_probs
+from text.data import target_name
+from text.tagger import WindowEncoder, build_tokenizer, entity_score, tag_spans, word_outputs
 from text.words import find_all, split_words
 
 
@@ -69,18 +70,27 @@ class JargonTagger:
             raise ValueError("empty abstract: nothing to tag")
         words = [w.text for w in split_words(text)]
         prof = self.profile(reader, profile)
-        probs = word_probs(self.model, self.encoder, [(words, prof)])[0]
+        outputs = word_outputs(self.model, self.encoder, [(words, prof)])[0]
+        c = self.model.head.num_classes
+        probs, extra = outputs[:, :c], outputs[:, c:]
         if terms is None:
-            return [{**s, "jargon": s["score"] >= threshold} for s in tag_spans(words, probs)]
-        out = []
-        for t in terms:
-            phrase = [w.text for w in split_words(t)]
-            starts = find_all(words, phrase)
-            if not phrase or not starts:
-                raise ValueError(f"term {t!r} does not occur in the abstract")
-            s = entity_score(probs, [(i, i + len(phrase)) for i in starts])
-            out.append({"term": t, "start": starts[0], "end": starts[0] + len(phrase), "score": s, "jargon": s >= threshold})
-        return out
+            rows = [{**s, "jargon": s["score"] >= threshold} for s in tag_spans(words, probs)]
+        else:
+            rows = []
+            for t in terms:
+                phrase = [w.text for w in split_words(t)]
+                starts = find_all(words, phrase)
+                if not phrase or not starts:
+                    raise ValueError(f"term {t!r} does not occur in the abstract")
+                spans = [(i, i + len(phrase)) for i in starts]
+                best = max(spans, key=lambda sp: entity_score(probs, [sp]))
+                s = entity_score(probs, spans)
+                rows.append({"term": t, "start": best[0], "end": best[1], "score": s, "jargon": s >= threshold})
+        targets = [target_name(col) for col in getattr(self.model.head, "extra_targets", [])]
+        for r in rows:  # additional-information targets: mean probability over the term's words
+            if targets:
+                r["extra"] = {t: float(extra[r["start"]:r["end"], k].mean()) for k, t in enumerate(targets)}
+        return rows
 
 
 class GenerativeJargon:
@@ -214,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     who = f" for reader {args.reader}" if args.reader else ""
     print(f"{len([r for r in rows if r['jargon']])} of {len(rows)} terms marked as jargon{who} (score >= {args.threshold}):")
     for r in shown:
-        print(f"{r['score']:.3f}\t{'jargon' if r['jargon'] else '-'}\t{r['term']}")
+        wants = "".join(f"\t{t} {p:.2f}" for t, p in r.get("extra", {}).items())  # extra targets, if trained
+        print(f"{r['score']:.3f}\t{'jargon' if r['jargon'] else '-'}\t{r['term']}{wants}")
     return 0
 
 

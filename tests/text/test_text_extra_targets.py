@@ -16,7 +16,7 @@ from shared import peft
 from text import data as D
 from text.datamodules import JargonDataModule
 from text.module import TaggerModule, extra_loss
-from text.tagger import (HashTokenizer, TokenHead, WindowEncoder, collate, extra_decisions, extra_metrics, word_outputs,
+from text.tagger import (HashTokenizer, entity_score, TokenHead, WindowEncoder, collate, extra_decisions, extra_metrics, word_outputs,
                          word_probs)
 
 from .fixtures import ABSTRACTS, COLUMNS, write_annotations, write_jsonl
@@ -168,7 +168,15 @@ def test_bundle_round_trip_with_and_without_extra_targets(learnt, tmp_path):
     tagger = JargonTagger(tmp_path / "b")  # text.predict reads the tag probabilities only
     d = dm.docs("test")[0]
     assert word_probs(tagger.model, tagger.encoder, [(d.words, d.profile)])[0].shape == (len(d.words), 3)
-    assert len(tagger.tag(d.text, reader=d.reader, terms=[d.entities[0].text])) == 1
+    e = d.entities[0]
+    (row,) = tagger.tag(d.text, reader=d.reader, terms=[e.text])
+    # predict reports each extra target as the mean probability over the term's words (best occurrence)
+    a, b = max(e.spans, key=lambda sp: entity_score(word_probs(m.model, dm.encoder, [(d.words, d.profile)])[0], [sp]))
+    want = float(word_outputs(m.model, dm.encoder, [(d.words, d.profile)])[0][a:b, 3].mean())
+    assert (row["start"], row["end"]) == (a, b) and row["extra"] == {"definition": pytest.approx(want, abs=1e-6)}
+    from text import predict as P
+
+    assert P.main(["--adapter", str(tmp_path / "b"), "--reader", d.reader, "--term", e.text, "--all", d.text]) == 0
     # keep training from the bundle: its extra targets must be the data's
     again = TaggerModule("tiny-bert", {**TINY, "hidden_size": 64}, labels=D.TAGS, preprocessing=dm.preprocessing,
                          init_bundle=str(tmp_path / "b"))
