@@ -26,7 +26,6 @@ import lightning as L
 import numpy as np
 import torch
 
-import audio.birdmae  # noqa: F401  (registers bird-mae for recipes that name it; shared LAZY lacks it)
 from audio.bird_frontend import BirdFbankConfig, clip_features, event_window, read_clip, fbank_birdmae
 from audio.features import AudioError
 

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from audio.bird_frontend import BirdFbankConfig, clip_features, duration_of, sliding_windows
 from shared.heads import PrototypicalHead, Tokens
@@ -141,7 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=3, help="prototypes shown per predicted class")
     ap.add_argument("--output", default=None, help="PNG path (default: explain_<clip name>.png here)")
     args = ap.parse_args(argv)
-    import audio.birdmae  # noqa: F401  (registers the bird-mae backbones the bundle names)
     from shared import peft
     from shared.artifacts import read_meta, resolve
 

@@ -28,7 +28,6 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from torch import nn
 from torchmetrics.functional.classification import multilabel_average_precision
 
-import audio.birdmae  # noqa: F401  (registers bird-mae / tiny-bird-mae)
 from shared import backbones
 from shared.cli import friendly, parse_tool_args, write_json_atomic
 from shared.data import FeatureCache, dataset_digest, extract_features

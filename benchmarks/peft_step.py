@@ -161,10 +161,6 @@ def _backbone(spec: dict):
     return backbone
 
 
-def _width(backbone) -> int:
-    return getattr(backbone, "num_features", None) or backbone.config.hidden_size
-
-
 def _inputs(spec: dict, n: int, backbone):
     """A batch of n random inputs: images (n, 3, H, W), or token ids (n, seq) with an attention mask.
 
@@ -186,6 +182,7 @@ def _inputs(spec: dict, n: int, backbone):
 
 def _classifier(spec: dict, method: dict | None, frozen: bool, recompute: bool = False):
     from shared import heads, peft
+    from shared.backbones import anatomy
 
     backbone = _backbone(spec)
     if method is not None:
@@ -194,7 +191,7 @@ def _classifier(spec: dict, method: dict | None, frozen: bool, recompute: bool =
         backbone.requires_grad_(False)
     if recompute:
         peft.recompute(backbone)
-    head = heads.LinearHead(_width(backbone), NUM_CLASSES, pool=_model(spec)["pool"])
+    head = heads.LinearHead(anatomy(backbone).embed_dim, NUM_CLASSES, pool=_model(spec)["pool"])
     return peft.Classifier(backbone, head)
 
 

@@ -74,8 +74,30 @@ def _seed():
     yield
 
 
+def run_threads(work, n: int) -> None:
+    """Run work(0) .. work(n - 1) in n threads at once (released together by a barrier) and fail
+    with every exception a thread raised."""
+    import threading
+
+    errors, barrier = [], threading.Barrier(n)
+
+    def run(i):
+        try:
+            barrier.wait()
+            work(i)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+
+
 @pytest.fixture
 def tiny():
     """The helpers above, as a fixture (test modules cannot import a conftest by name: there are several)."""
     return SimpleNamespace(names=tuple(BACKBONES), backbone=make_backbone, input=make_input,
-                           forward=forward, tokens=tokens)
+                           forward=forward, tokens=tokens, threads=run_threads)

@@ -42,6 +42,8 @@ QUESTION_TAIL = ('" jargon for this reader, that is, would they need it explaine
                  'Answer yes or no.\nAnswer:')
 QUESTION = QUESTION_HEAD + "{entity}" + QUESTION_TAIL
 ANSWERS = (" yes", " no")
+TASK = "jargon-yes-no"  # the bundle task of this path
+SHARED = "__shared__"  # the bank's name for the shared starting adapter
 BASELINES = ("vanilla", "metadata", "profile", "nearest_annotator", "nearest_abstract")
 
 
@@ -510,12 +512,12 @@ def personalise(scorer: YesNoScorer, train: list[Query], shared_steps: int, read
                                         shared_prefix, group_size) if shared_steps else []
     log["shared_s"] = time.perf_counter() - t0
     start = bank.snapshot()
-    bank.add("__shared__", start)
+    bank.add(SHARED, start)
     log["reader_s"], log["reader_losses"] = {}, {}
     t1 = time.perf_counter()
     for reader in sorted({q.reader for q in train}):
         t = time.perf_counter()
-        bank.use("__shared__")
+        bank.use(SHARED)
         mine = [(q, True) for q in train if q.reader == reader]
         if reader_steps and any(q.gold is not None for q, _ in mine):
             log["reader_losses"][reader] = train_yes_no(scorer, mine, reader_steps, lr, batch_size, seed, shared_prefix,
@@ -561,8 +563,6 @@ def attach_lora(model: nn.Module, r: int = 8, alpha: int = 16, targets=("q_proj"
 
 # ------------------------------------------------------------------------------------- bundles
 
-TASK = "jargon-yes-no"
-SHARED = "__shared__"  # the bank's name for the shared starting adapter
 
 
 def tokenizer_spec(backbone: str, checkpoint: str | None = None, gguf_file: str | None = None) -> dict[str, Any]:

@@ -111,8 +111,6 @@ class TaggerModule(PeftModule):
             terms, _ = extract_terms(self.model, data.encoder, data.docs(stage))
             return term_metrics(terms, data.gold_terms(stage))
         docs = data.docs(stage)
-        if not self.extra_columns:
-            return decision_metrics(entity_decisions(self.model, data.encoder, docs))
         c = self.hparams.num_classes
         outputs = word_outputs(self.model, data.encoder, [(d.words, d.profile) for d in docs])
         out = decision_metrics(entity_decisions(self.model, data.encoder, docs, probs=[o[:, :c] for o in outputs]))

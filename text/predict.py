@@ -27,7 +27,7 @@ from shared import peft
 from shared.cli import friendly
 from text import module as _registers  # noqa: F401  (hf-encoder backbone, token head)
 from text.data import target_name
-from text.tagger import WindowEncoder, build_tokenizer, entity_score, tag_spans, word_outputs
+from text.tagger import WindowEncoder, build_tokenizer, num_tags, span_score, tag_spans, word_outputs
 from text.words import find_all, split_words
 
 
@@ -71,7 +71,7 @@ class JargonTagger:
         words = [w.text for w in split_words(text)]
         prof = self.profile(reader, profile)
         outputs = word_outputs(self.model, self.encoder, [(words, prof)])[0]
-        c = self.model.head.num_classes
+        c = num_tags(self.model)
         probs, extra = outputs[:, :c], outputs[:, c:]
         if terms is None:
             rows = [{**s, "jargon": s["score"] >= threshold} for s in tag_spans(words, probs)]
@@ -82,14 +82,12 @@ class JargonTagger:
                 starts = find_all(words, phrase)
                 if not phrase or not starts:
                     raise ValueError(f"term {t!r} does not occur in the abstract")
-                spans = [(i, i + len(phrase)) for i in starts]
-                best = max(spans, key=lambda sp: entity_score(probs, [sp]))
-                s = entity_score(probs, spans)
+                best = max(((i, i + len(phrase)) for i in starts), key=lambda sp: span_score(probs, sp))
+                s = span_score(probs, best)  # = entity_score over all occurrences
                 rows.append({"term": t, "start": best[0], "end": best[1], "score": s, "jargon": s >= threshold})
         targets = [target_name(col) for col in getattr(self.model.head, "extra_targets", [])]
-        for r in rows:  # additional-information targets: mean probability over the term's words
-            if targets:
-                r["extra"] = {t: float(extra[r["start"]:r["end"], k].mean()) for k, t in enumerate(targets)}
+        for r in rows if targets else []:  # additional-information targets: mean probability over the term's words
+            r["extra"] = {t: float(extra[r["start"]:r["end"], k].mean()) for k, t in enumerate(targets)}
         return rows
 
 

@@ -227,14 +227,20 @@ class MultiTaskDense(torch.utils.data.Dataset):
         stem = self.ids[i]
         img = read_image(self.image_path(stem))
         shape = img.shape[:2]
-        x = torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 255
-        x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear", align_corners=False)[0]
         labels = {}
         for name, task in self.tasks.items():
             path = self.label_path(stem, name)
             lab = self.read_label(path, task, shape) if path is not None else self.empty_label(task, shape)
             labels[name] = resize_label(lab, self.size)
-        return {"image": (x - MEAN) / STD, "labels": labels, "stem": stem}
+        return {"image": image_tensor(img, self.size), "labels": labels, "stem": stem}
+
+
+def image_tensor(img: np.ndarray, size: int) -> torch.Tensor:
+    """The model input of an (H, W, 3) uint8 image: (3, size, size), resized bilinearly and normalised
+    with the ImageNet mean / std (training and vision.predict both use this)."""
+    x = torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 255
+    x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+    return (x - MEAN) / STD
 
 
 def resize_label(lab: torch.Tensor, size: int) -> torch.Tensor:

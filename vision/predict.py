@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .data import MEAN, STD, DataError, read_image
+from .data import DataError, image_tensor, read_image
 
 
 def palette(n: int) -> np.ndarray:
@@ -55,10 +55,7 @@ def render(kind: str, out: torch.Tensor) -> np.ndarray:
 def predict(model, image_path: Path) -> dict[str, np.ndarray]:
     """Each task's map at the image's own resolution (logits resized bilinearly, then decoded)."""
     img = read_image(image_path)
-    x = torch.from_numpy(img.copy()).permute(2, 0, 1).float()[None] / 255
-    size = model.image_size
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    outs = model((x - MEAN) / STD)
+    outs = model(image_tensor(img, model.image_size)[None])
     return {t: render(model.tasks[t].kind, F.interpolate(o, size=img.shape[:2], mode="bilinear", align_corners=False)[0])
             for t, o in outs.items()}
 

@@ -12,24 +12,18 @@ single-task method used for several tasks counts one copy per task (separate mod
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from shared.fs import atomic_write
+from shared.report import collect
 
 from .metrics import delta_m
 
 
 def read_runs(root: Path) -> list[dict]:
-    runs = []
-    for p in sorted(root.rglob("metrics.json")):
-        try:
-            m = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{p}: unreadable metrics file ({e})") from None
-        if "tasks" in m and "test" in m and "params" in m:
-            m["_dir"] = str(p.parent)
-            runs.append(m)
-    return runs
+    """The finished vision runs under `root` (staging folders of unfinished runs are skipped)."""
+    return [r for r in collect(root) if {"tasks", "test", "params"} <= r.keys()]
 
 
 def baselines(runs: list[dict], method: str) -> dict[str, float]:
@@ -147,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(2)
         base = baselines(runs, a.baseline)
         text, points = table(runs, base, a.baseline)
-        (root / "report.md").write_text(text + "\n")
+        atomic_write(root / "report.md", text + "\n")
         print(text)
         if points:
             plot(points, root / "report.png")

@@ -195,7 +195,6 @@ def load_bundle(path) -> "object":
     """The MultiTaskDense model a bundle describes (backbone rebuilt by its registered id)."""
     from safetensors.torch import load_file
 
-    from . import backbone as _  # noqa: F401  registers swin-t
     from .model import MultiTaskDense
     from .tasks import make_task
 

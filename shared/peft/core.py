@@ -14,6 +14,7 @@ from torch import nn
 from shared.backbones import Anatomy, anatomy
 
 from .base import Method, PeftState, from_dict, state_of
+from .hyper import active_task, use_task
 
 
 class Classifier(nn.Module):
@@ -162,8 +163,6 @@ def _recomputed_forward(self, *args, **kwargs):
     backward instead of kept. Hooks inside the block (adapters, LoRA, prefixes) run again in the
     recomputation, with the same dropout masks (checkpoint restores the RNG state) and the same
     hypernetwork task (`use_task` is re-entered for the recomputation, which runs in the backward)."""
-    from .hyper import active_task, use_task
-
     forward = type(self).forward
     if not torch.is_grad_enabled():
         return forward(self, *args, **kwargs)
