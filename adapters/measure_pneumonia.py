@@ -67,7 +67,7 @@ def probe(argv: list[str]) -> dict:
 
 
 def bundle(path: str, npz: str, batch_size: int = 64) -> dict:
-    from medical.datasets import MedMNISTDataModule
+    from medical.data import MedMNISTDataModule
     from shared import peft
 
     model = peft.from_bundle(path).eval()

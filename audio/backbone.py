@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.backbones import register_backbone
+from shared.checkpoints import CheckpointUnavailable, hub_reachable
 
 DEFAULT_CHECKPOINT = "MIT/ast-finetuned-audioset-10-10-0.4593"
 POS_KEY = "embeddings.position_embeddings"
@@ -73,28 +74,6 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module,
         raise KeyError(f"checkpoint has no {POS_KEY}")
     out[key] = resize_pos_embed(out[key], _grid(source_config), _grid(model.config), mode=pos_resize)
     return out
-
-
-class CheckpointUnavailable(ValueError):
-    """A pretrained checkpoint is neither on disk nor downloadable now (one line, names the checkpoint)."""
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """False when offline mode is on (HF_HUB_OFFLINE) or the hub's host cannot be reached within `timeout` s."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        return False
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def _from_pretrained(cls, checkpoint: str):

@@ -1,7 +1,7 @@
 """`python -m audio.report RUNS [--metric M]`: the results table (mean +- std over folds / seeds of
 one recipe) and the metric-vs-parameters plot. When RUNS holds probe runs of `audio.probe`
 (bioacoustics), it also writes the test-set x probe-kind table and grouped bar chart
-(`audio.bird_report`; default metric test/cmap)."""
+(`audio.birds.report`; default metric test/cmap)."""
 from __future__ import annotations
 
 import sys
@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = next((a for a in argv if not a.startswith("-")), None)
     probe_runs = runs is not None and any(str(r.get("method", "")).endswith("_probe") for r in collect(runs))
     if probe_runs:
-        from audio import bird_report
+        from audio.birds import report as bird_report
 
         metric = argv[argv.index("--metric") + 1] if "--metric" in argv else "test/cmap"
         bird_report.main([runs, "--metric", metric])

@@ -34,7 +34,7 @@ def check_weights_available(name: str) -> None:
     from huggingface_hub import try_to_load_from_cache
     from timm.models import get_pretrained_cfg
 
-    from audio.backbone import CheckpointUnavailable, hub_reachable
+    from shared.checkpoints import CheckpointUnavailable, hub_reachable
 
     repo = get_pretrained_cfg(name).hf_hub_id
     if any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin")):
@@ -56,7 +56,7 @@ def load_dinov2(size: str = "s", registers: bool = False, img_size: int = 224, w
     args = dict(pretrained=pretrained, img_size=img_size, num_classes=0, **kw)
     if weights:
         if not Path(weights).expanduser().is_file():
-            from audio.backbone import CheckpointUnavailable
+            from shared.checkpoints import CheckpointUnavailable
 
             raise CheckpointUnavailable(f"DINOv2 weights file {weights}: not found (backbone_kwargs.weights)")
         args.update(pretrained=True, pretrained_cfg_overlay={"file": str(Path(weights).expanduser())})

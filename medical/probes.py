@@ -139,7 +139,7 @@ def train_linear_grid(feats: dict[str, dict[str, torch.Tensor]], num_classes: in
             y = labels["train"][idx]
             outs = grid(batch)
             if multilabel:
-                from medical.datasets import masked_bce  # NaN targets (CheXpert "ignore") are masked
+                from medical.data import masked_bce  # NaN targets (CheXpert "ignore") are masked
 
                 loss_fn = lambda o: masked_bce(o, y.float())  # noqa: E731
             else:

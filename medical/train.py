@@ -42,7 +42,7 @@ class MedicalClassificationModule(ClassificationModule):
 
     def loss(self, logits, y):
         if self.multilabel and y.is_floating_point() and y.isnan().any():
-            from medical.datasets import masked_bce  # CheXpert "ignore" policy: NaN targets are masked
+            from medical.data import masked_bce  # CheXpert "ignore" policy: NaN targets are masked
 
             return masked_bce(logits, y)
         return super().loss(logits, y)

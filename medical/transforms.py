@@ -192,7 +192,7 @@ def augmentation(segmentation: bool = False, seed: int | None = 0, degrees: floa
 
     Works on a dict {"image": (C, S, S) in [0, 1]} (plus "mask": (1, S, S) float when
     `segmentation`); returns the MONAI `Compose`, seeded with `seed` (data loader workers
-    reseed it, see `medical.datasets`).
+    reseed it, see `medical.data`).
     """
     from monai.transforms import Compose, RandFlipd, RandRotated
 

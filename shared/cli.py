@@ -394,6 +394,11 @@ def friendly(entry, *args, **kwargs) -> int:
 def root_cause(message: str) -> str:
     """jsonargparse reports a failing `data:` class as "Does not validate against any of the Union
     subtypes" with our error buried in a list; surface that error."""
+    for path in re.findall(r"class_path '([\w.]+)'", message):
+        from shared.moved import moved_in
+
+        if moved_in(path):
+            return f"class_path {moved_in(path)}"
     if "Union subtypes" not in message:
         return message
     causes = [line.strip()[2:] for line in message.splitlines()

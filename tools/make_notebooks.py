@@ -244,7 +244,7 @@ loads the decoder after validating its checksum and shapes, and returns the prep
 model was trained with — what `python -m medical.predict --adapter <bundle> image.png` does."""),
     ("code", """import numpy as np
 from matplotlib.colors import ListedColormap
-from medical.datasets import LungMaskDataModule
+from medical.data import LungMaskDataModule
 from medical.segmentation import load_segmenter, predict_volume, volume_metrics
 from medical.transforms import to_model_input
 
@@ -301,7 +301,7 @@ for message in ("IProgress not found", ".*instantiate_classes", ".*treespec"):
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 import torch
 import audio
-from audio.bird_synthetic import write_synthetic_birds
+from audio.birds.synthetic import write_synthetic_birds
 from shared.cli import mark_demo_folder
 
 torch.set_num_threads(1)  # a tiny model: intra-op threads only add overhead
@@ -315,7 +315,7 @@ print(open(data / "test.csv").read().splitlines()[:4])"""),
 The Bird-MAE frontend: 32 kHz, kaldi fbank with 128 mel bins and a 10 ms hop, 512 frames (5 s),
 normalised with Bird-MAE's mean and std. Focal clips are cropped around their detected event."""),
     ("code", """import matplotlib.pyplot as plt
-from audio.birdset import BirdSetDataModule
+from audio.birds.birdset import BirdSetDataModule
 
 dm = BirdSetDataModule(str(data))
 dm.setup()
@@ -331,7 +331,7 @@ plt.show()"""),
 `python -m audio.probe` with the demo recipe (30 epochs). The first run computes and caches the
 tokens; each epoch then reads the cache. The table shows one epoch on the cache against one
 epoch that recomputes the backbone (decode + fbank + forward)."""),
-    ("code", """from audio import probe
+    ("code", """from audio.birds import probe
 
 rows = probe.main(["--config", str(REPO / "domains/bioacoustic/demo.yaml"), "--output_dir", str(WORK / "probe"),
                    "--cache_dir", str(WORK / "cache"), "--data.root", str(data)])"""),
@@ -350,7 +350,7 @@ match lies (time x frequency) and how much each adds to the class logit. With a 
 matches are weak and often off the calls (its tokens carry little local meaning); with Bird-MAE
 weights the outlined patches are the parts of the calls each prototype learned."""),
     ("code", """from IPython.display import Image, display
-from audio import explain
+from audio.birds import explain
 
 import csv
 

@@ -18,7 +18,7 @@ def load_swin_t(img_size: int = 224, weights: str | None = None, pretrained: boo
     args = dict(pretrained=pretrained, img_size=img_size, num_classes=0, **kw)
     if weights:
         if not Path(weights).expanduser().is_file():
-            from audio.backbone import CheckpointUnavailable
+            from shared.checkpoints import CheckpointUnavailable
 
             raise CheckpointUnavailable(f"Swin-T weights file {weights}: not found (backbone_kwargs.weights)")
         args.update(pretrained=True, pretrained_cfg_overlay={"file": str(Path(weights).expanduser())})
@@ -26,7 +26,7 @@ def load_swin_t(img_size: int = 224, weights: str | None = None, pretrained: boo
         from huggingface_hub import try_to_load_from_cache
         from timm.models import get_pretrained_cfg
 
-        from audio.backbone import CheckpointUnavailable, hub_reachable
+        from shared.checkpoints import CheckpointUnavailable, hub_reachable
 
         repo = get_pretrained_cfg(TIMM_NAME).hf_hub_id
         cached = any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin"))

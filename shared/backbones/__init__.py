@@ -18,8 +18,8 @@ from .families import ASTAnatomy, DecoderAnatomy, EncoderAnatomy, SwinAnatomy, V
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 # Loaders that live in domain packages, imported on first use.
-LAZY = {"ast": "audio.backbone", "dinov2": "medical.backbone", "bird-mae": "audio.birdmae",
-        "tiny-bird-mae": "audio.birdmae", "swin-t": "vision.backbone",
+LAZY = {"ast": "audio.backbone", "dinov2": "medical.backbone", "bird-mae": "audio.birds.birdmae",
+        "tiny-bird-mae": "audio.birds.birdmae", "swin-t": "vision.backbone",
         "hf-encoder": "text.backbone", "hf-causal-lm": "text.backbone", "tiny-llama-lm": "text.backbone"}
 
 

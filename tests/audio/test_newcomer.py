@@ -253,7 +253,7 @@ def test_ast_offline_without_cache_fails_fast_in_one_line(tmp_path, monkeypatch)
 
 
 def test_hub_reachable_is_false_in_offline_mode(monkeypatch):
-    from audio.backbone import hub_reachable
+    from shared.checkpoints import hub_reachable
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert hub_reachable() is False

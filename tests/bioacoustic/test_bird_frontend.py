@@ -7,7 +7,7 @@ import soundfile as sf
 import torch
 from torchaudio.compliance import kaldi
 
-from audio.bird_frontend import (BirdFbankConfig, clip_features, event_window, fbank_birdmae, read_clip,
+from audio.birds.frontend import (BirdFbankConfig, clip_features, event_window, fbank_birdmae, read_clip,
                                  sliding_windows)
 from audio.features import AudioError
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from audio import birdmae
+from audio.birds import birdmae
 from shared import backbones
 
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from audio.bird_synthetic import SyntheticBirdsDataModule, window_labels, write_synthetic_birds
-from audio.birdset import TASKS, BirdSetDataModule
+from audio.birds.synthetic import SyntheticBirdsDataModule, window_labels, write_synthetic_birds
+from audio.birds.birdset import TASKS, BirdSetDataModule
 
 
 def test_window_labels_need_a_tenth_of_a_second_inside():
@@ -107,7 +107,7 @@ def test_recipes_parse_and_name_their_test_set(task):
 
     import yaml
 
-    from audio.probe import parser
+    from audio.birds.probe import parser
 
     recipe = Path(__file__).resolve().parents[2] / "domains" / "bioacoustic" / f"{task.lower()}.yaml"
     cfg = parser().parse_args(["--config", str(recipe)])

@@ -11,7 +11,7 @@ RECORDINGS = SHARED_DATA / "fsdd" / "recordings"
 @pytest.mark.real
 @pytest.mark.skipif(not RECORDINGS.is_dir(), reason=f"{RECORDINGS} is absent")
 def test_fsdd_soundscapes_hold_out_speakers(tmp_path):
-    from audio.bird_synthetic import FSDDSoundscapesDataModule
+    from audio.birds.synthetic import FSDDSoundscapesDataModule
 
     dm = FSDDSoundscapesDataModule(recordings=str(RECORDINGS), root=str(tmp_path / "mix"), soundscapes=3, few_shot=2)
     dm.setup()

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from audio.probe import cmap, make_heads, optimizer, scores, top1
+from audio.birds.probe import cmap, make_heads, optimizer, scores, top1
 from shared.heads import PrototypicalHead, Tokens
 
 
@@ -45,7 +45,7 @@ def test_prototypes_get_their_own_learning_rate():
 
 
 def test_similarity_maps_pool_to_the_head_similarities():
-    from audio.explain import similarity_maps
+    from audio.birds.explain import similarity_maps
 
     torch.manual_seed(0)
     head = PrototypicalHead(16, 3, 4)
@@ -56,8 +56,8 @@ def test_similarity_maps_pool_to_the_head_similarities():
 
 
 def test_demo_end_to_end_cache_then_explain(tmp_path, capsys):
-    from audio.bird_synthetic import write_synthetic_birds
-    from audio import explain, probe
+    from audio.birds.synthetic import write_synthetic_birds
+    from audio.birds import explain, probe
     from shared.cli import mark_demo_folder
 
     root = tmp_path / "birds"
@@ -93,7 +93,7 @@ def test_explanation_locates_the_matching_patch_in_time_and_frequency():
     """A prototype equal to the token of time patch 10, mel patch 3 fires there: 1.6-1.76 s, mel bins 48-63."""
     from types import SimpleNamespace
 
-    from audio.explain import explain
+    from audio.birds.explain import explain
 
     d = 8
     x = torch.zeros(1 + 32 * 8, d)
@@ -118,7 +118,7 @@ def test_explanation_locates_the_matching_patch_in_time_and_frequency():
 
 
 def test_bird_report_puts_probe_kinds_side_by_side(tmp_path):
-    from audio import bird_report
+    from audio.birds import report as bird_report
 
     for i, (kind, shots, value) in enumerate([("linear", None, 0.2), ("prototypical", None, 0.4),
                                               ("prototypical", None, 0.6), ("linear", 5, 0.1)]):

@@ -1,4 +1,4 @@
-"""medical.datasets: every data module on fixtures written in its dataset's real on-disk layout."""
+"""medical.data: every data module on fixtures written in its dataset's real on-disk layout."""
 from __future__ import annotations
 
 import csv
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medical.datasets import (
+from medical.data import (
     CHEXPERT_LABELS, CXR14_LABELS, ChestXray14DataModule, CheXpertDataModule, DatasetLayoutError,
     DecathlonDataModule, ImageFolderDataModule, LungMaskDataModule, MedMNISTDataModule, masked_bce,
 )
@@ -550,7 +550,7 @@ def test_chexpert_uncertain_labels_are_never_scored(tmp_path, med):
 
 
 def test_chexpert_competition_labels(chexpert_root):
-    from medical.datasets import CHEXPERT_COMPETITION
+    from medical.data import CHEXPERT_COMPETITION
 
     dm = CheXpertDataModule(chexpert_root, labels="competition", img_size=S, batch_size=4)
     assert dm.labels == ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
@@ -568,7 +568,7 @@ def test_chexpert_competition_labels(chexpert_root):
 def test_chexpert_labels_without_positives_are_left_out_and_reported(chexpert_root, caplog):
     from shared.module import PerClassScore
 
-    with caplog.at_level("WARNING", logger="medical.datasets"):
+    with caplog.at_level("WARNING", logger="medical.data"):
         dm = CheXpertDataModule(chexpert_root, uncertainty="ignore")
     val = dm.splits["val"].targets  # 2 patients x 2 views: some observations never positive
     undefined = [o for j, o in enumerate(dm.labels) if not ((val[:, j] == 1).any() and (val[:, j] == 0).any())]
@@ -600,7 +600,7 @@ def kermany(root: Path, med, patients: dict[str, int]) -> Path:
 
 def test_imagefolder_splits_by_patient_with_a_group_pattern(tmp_path, med, caplog):
     root = kermany(tmp_path / "chest_xray", med, {"NORMAL": 10, "PNEUMONIA": 10})
-    with caplog.at_level("WARNING", logger="medical.datasets"):
+    with caplog.at_level("WARNING", logger="medical.data"):
         by_image = ImageFolderDataModule(root)
     assert "30 of 60 file names look grouped by patient (e.g. person10_bacteria_1.jpeg)" in caplog.text
     pid = lambda p: p.name.split("_")[0] if p.name.startswith("person") else p.name.split("-")[1]  # noqa: E731

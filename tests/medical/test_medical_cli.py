@@ -141,7 +141,7 @@ def test_real_pneumoniamnist_linear_probe_beats_chance(tmp_path):
         pytest.skip("../shared/data is not present (a user's clone)")
     torch.manual_seed(0)
     rows = probe.run(["--config", str(RECIPES / "probe_demo.yaml"),
-                      "--data", "medical.datasets.MedMNISTDataModule", "--data.root", str(npz),
+                      "--data", "medical.data.medmnist.MedMNISTDataModule", "--data.root", str(npz),
                       "--data.flag", "pneumoniamnist", "--data.img_size", "56", "--data.batch_size", "128",
                       "--backbone_kwargs", "{img_size: 56, patch_size: 14, embed_dim: 64, depth: 4, num_heads: 4}",
                       "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "probe")])

@@ -257,16 +257,16 @@ def test_dinov2_without_pretrained_weights_is_seeded_and_rebuilt_by_from_bundle(
 def test_dinov2_offline_without_cache_fails_fast_in_one_line(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    import audio.backbone
+    import shared.checkpoints
 
-    monkeypatch.setattr(audio.backbone, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(shared.checkpoints, "hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
-    with pytest.raises(audio.backbone.CheckpointUnavailable) as e:
+    with pytest.raises(shared.checkpoints.CheckpointUnavailable) as e:
         backbones.create("dinov2", size="s", img_size=28)
     msg = str(e.value)
     assert "\n" not in msg and "'timm/vit_small_patch14_dinov2.lvd142m'" in msg
     assert "download it once while online" in msg and "--model.backbone_kwargs.weights" in msg
-    with pytest.raises(audio.backbone.CheckpointUnavailable, match="nowhere.safetensors: not found"):
+    with pytest.raises(shared.checkpoints.CheckpointUnavailable, match="nowhere.safetensors: not found"):
         backbones.create("dinov2", size="s", img_size=28, weights=str(tmp_path / "nowhere.safetensors"))
 
 

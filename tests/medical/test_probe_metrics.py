@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from medical.datasets import MedMNISTDataModule
+from medical.data import MedMNISTDataModule
 from medical.probes import _score, auroc, train_linear_grid
 
 

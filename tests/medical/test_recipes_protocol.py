@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from medical.datasets import CheXpertDataModule
+from medical.data import CheXpertDataModule
 from medical.segmentation import SegmentationModule
 from medical.train import MedicalClassificationModule
 

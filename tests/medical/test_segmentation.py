@@ -299,7 +299,7 @@ def test_module_validates_arguments():
 
 # --- issue 13: split-level Dice, penalised misses, native resolution and units ---------------------
 def _decathlon_slices(tmp_path, med, img_size=16):
-    from medical.datasets import DecathlonDataModule
+    from medical.data import DecathlonDataModule
 
     dm = DecathlonDataModule(med.write_decathlon(tmp_path / "Task09_Spleen"), img_size=img_size, batch_size=4)
     dm.setup("test")

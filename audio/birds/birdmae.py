@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.backbones import register_backbone
+from shared.checkpoints import CheckpointUnavailable, hub_reachable
 
 PATCH = 16
 FRAMES, MELS = 512, 128  # 5.12 s at 10 ms hop x 128 mel bins
@@ -43,10 +44,6 @@ SIZES = {  # embed_dim, depth, num_heads (the hub configs)
 HUB_IDS = {"base": "DBD-research-group/Bird-MAE-Base", "large": "DBD-research-group/Bird-MAE-Large",
            "huge": "DBD-research-group/Bird-MAE-Huge"}
 DROP_PREFIXES = ("decoder", "mask_token", "head.", "fc_norm.", "projectors.", "predictors.")
-
-
-class CheckpointUnavailable(ValueError):
-    """A Bird-MAE checkpoint is neither on disk nor downloadable now (one line, names it)."""
 
 
 def build(embed_dim: int, depth: int, num_heads: int, frames: int = FRAMES, mels: int = MELS,
@@ -113,8 +110,6 @@ def _load_state(checkpoint: str | os.PathLike) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors raises its own error type for a bad header
             raise CheckpointUnavailable(f"Bird-MAE checkpoint {p}: not a readable safetensors file ({e})") from None
     from huggingface_hub import hf_hub_download
-
-    from audio.backbone import hub_reachable
 
     try:
         return load_file(hf_hub_download(str(checkpoint), "model.safetensors", local_files_only=True))

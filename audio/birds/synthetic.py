@@ -1,4 +1,4 @@
-"""Bird-like data in the BirdSet csv layout (`audio.birdset`), for the offline demo, the tests and
+"""Bird-like data in the BirdSet csv layout (`audio.birds.birdset`), for the offline demo, the tests and
 the real-audio tier.
 
 - `write_synthetic_birds(root)`: each "species" is a call shape in its own frequency band (up-chirp,
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from audio.birdset import DataNotFound, write_csv_layout
+from audio.birds.birdset import DataNotFound, write_csv_layout
 
 SR = 32_000
 SPECIES = ["upchirp", "downchirp", "trill", "whistle", "warble", "twonote"]
@@ -183,7 +183,7 @@ def write_fsdd_soundscapes(recordings: str | os.PathLike, root: str | os.PathLik
     return root
 
 
-from audio.birdset import BirdSetDataModule  # noqa: E402  (below the writers it wraps)
+from audio.birds.birdset import BirdSetDataModule  # noqa: E402  (below the writers it wraps)
 
 DEMO_NOTE = "synthetic bird calls (focal clips + multi-label soundscapes, BirdSet csv layout)"
 FSDD_NOTE = "FSDD soundscapes mixed from held-out speakers (BirdSet csv layout)"

@@ -1,4 +1,4 @@
-"""`python -m audio.bird_report RUNS`: cmAP per test set with the probe kinds side by side.
+"""`python -m audio.birds.report RUNS`: cmAP per test set with the probe kinds side by side.
 
 Reads every `metrics.json` that `audio.probe` wrote under RUNS (method `<kind>_probe`), one row per
 (test set, few-shot size) and one column per probe kind; writes `bird-report-<metric>.md` and a
@@ -34,7 +34,7 @@ def table(rows: list[dict], metric: str = "test/cmap") -> tuple[list[str], dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m audio.bird_report", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m audio.birds.report", description=__doc__.splitlines()[0])
     ap.add_argument("runs", help="folder searched recursively for metrics.json")
     ap.add_argument("--metric", default="test/cmap")
     args = ap.parse_args(argv)

@@ -26,7 +26,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from audio.bird_frontend import BirdFbankConfig, clip_features, event_window, read_clip, fbank_birdmae
+from audio.birds.frontend import BirdFbankConfig, clip_features, event_window, read_clip, fbank_birdmae
 from audio.features import AudioError
 
 # the eight BirdSet test sets and their class counts (Rauch et al. 2025; BirdSet)

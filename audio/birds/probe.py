@@ -1,0 +1,304 @@
+"""`python -m audio.probe`: Bird-MAE's frozen-backbone probes (linear, attentive, prototypical)
+trained together on cached backbone tokens, evaluated multi-label on soundscape windows.
+
+The backbone runs once per window (tokens cached on disk, keyed by its fingerprint, the frontend
+and the dataset); every epoch after that reads the cache, and all probe kinds train in the same
+pass over it (augmentation is off: a cached token is the same in every epoch).
+
+    python -m audio.probe                                             # offline demo (synthetic birds)
+    python -m audio.probe --config domains/bioacoustic/hsn.yaml --data.root /data/birdset/HSN
+    python -m audio.probe --config domains/bioacoustic/fsdd.yaml     # real audio: FSDD soundscapes
+
+Writes OUTPUT_DIR/<kind>/metrics.json (test/cmap, test/auroc, test/top1), OUTPUT_DIR/<kind>/adapter
+(a bundle `audio.explain` reads) and OUTPUT_DIR/results.md.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
+from torch import nn
+from torchmetrics.functional.classification import multilabel_average_precision
+
+from shared import backbones
+from shared.cli import friendly, parse_tool_args, write_json_atomic
+from shared.data import FeatureCache, dataset_digest, extract_features
+from shared.heads import AttentiveHead, LinearHead, PrototypicalHead, Tokens, asymmetric_loss
+from shared.module import cosine_with_warmup, macro_over_defined
+
+RECIPES = Path(__file__).resolve().parents[2] / "domains" / "bioacoustic"
+DEMO = RECIPES / "demo.yaml"
+KINDS = ("linear", "attentive", "prototypical")
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def cmap(scores: torch.Tensor, target: torch.Tensor) -> float:
+    """Class-wise mean average precision: per-class AP (torchmetrics) averaged over the classes with
+    at least one positive window (BirdSet's cmAP; a class never present has no defined AP)."""
+    ap = multilabel_average_precision(scores.float(), target.int(), num_labels=target.shape[1], average=None)
+    has_pos = target.sum(0) > 0
+    return float(ap[has_pos].mean()) if has_pos.any() else float("nan")
+
+
+def top1(scores: torch.Tensor, target: torch.Tensor) -> float:
+    """Share of the windows with at least one label whose highest-scoring class is one of them."""
+    keep = target.sum(1) > 0
+    if not keep.any():
+        return float("nan")
+    best = scores[keep].argmax(1)
+    return float(target[keep].gather(1, best[:, None]).float().mean())
+
+
+def scores(logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    p = logits.sigmoid()
+    return {"test/cmap": cmap(p, target), "test/auroc": macro_over_defined(p, target.long(), "auroc")[0],
+            "test/top1": top1(p, target)}
+
+
+# ----------------------------------------------------------------------------------------------- probes
+def make_heads(kinds, dim: int, num_classes: int, prototypes_per_class: int = 20, focal: bool = True,
+               upsample: int = 2) -> nn.ModuleDict:
+    heads = {}
+    for kind in kinds:
+        if kind == "linear":  # LayerNorm + Linear on the mean of the patch tokens
+            heads[kind] = LinearHead(dim, num_classes, pool="patch_mean", norm=True)
+        elif kind == "attentive":
+            heads[kind] = AttentiveHead(dim, num_classes, num_heads=8)
+        elif kind == "prototypical":
+            heads[kind] = PrototypicalHead(dim, num_classes, prototypes_per_class, focal=focal, upsample=upsample)
+        else:
+            raise ValueError(f"unknown probe kind {kind!r}; known: {', '.join(KINDS)}")
+    return nn.ModuleDict(heads)
+
+
+def head_loss(head: nn.Module, logits: torch.Tensor, y: torch.Tensor, ortho_weight: float) -> torch.Tensor:
+    loss = asymmetric_loss(logits, y)
+    if isinstance(head, PrototypicalHead) and ortho_weight:
+        loss = loss + ortho_weight * head.orthogonality_loss()
+    return loss
+
+
+def optimizer(heads: nn.ModuleDict, lr: float, prototype_lr: float, weight_decay: float, betas=(0.9, 0.95)):
+    """AdamW (Bird-MAE): prototypes at their own lr, every other head tensor at `lr`."""
+    protos = [p for n, p in heads.named_parameters() if n.endswith("prototypes")]
+    others = [p for n, p in heads.named_parameters() if not n.endswith("prototypes")]
+    groups = [{"params": others, "lr": lr}] + ([{"params": protos, "lr": prototype_lr}] if protos else [])
+    return torch.optim.AdamW(groups, betas=tuple(betas), weight_decay=weight_decay)
+
+
+def train_epoch(heads, opt, sched, batches, ortho_weight: float, clip: float) -> float:
+    """One pass: every head steps on every batch; returns the summed loss (mean over batches)."""
+    heads.train()
+    total, n = 0.0, 0
+    for tokens, y in batches:
+        loss_sum = 0.0
+        opt.zero_grad(set_to_none=True)
+        for head in heads.values():
+            loss = head_loss(head, head(tokens), y, ortho_weight)
+            loss.backward()  # heads share nothing: their gradients are independent
+            loss_sum += float(loss.detach())
+        for head in heads.values():  # clip each probe on its own, as if trained alone
+            torch.nn.utils.clip_grad_norm_(head.parameters(), clip)
+        opt.step()
+        sched.step()
+        total, n = total + loss_sum, n + 1
+    return total / max(n, 1)
+
+
+def cached_batches(tokens: torch.Tensor, y: torch.Tensor, num_prefix: int, grid, batch_size: int,
+                   generator: torch.Generator):
+    order = torch.randperm(len(y), generator=generator)
+    for i in range(0, len(y), batch_size):
+        idx = order[i:i + batch_size]
+        yield Tokens(tokens[idx], num_prefix, grid), y[idx]
+
+
+def recompute_batches(model, loader, device, num_prefix: int, grid):
+    """What a run without the cache does every epoch: decode, fbank and the backbone forward."""
+    anat = backbones.anatomy(model)
+    for x, y in loader:
+        with torch.inference_mode():
+            t = anat.forward_tokens(x.to(device)).x.cpu()
+        yield Tokens(t.clone(), num_prefix, grid), y
+
+
+@torch.no_grad()
+def predict(heads, tokens: torch.Tensor, num_prefix: int, grid, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    heads.eval()
+    out = {k: [] for k in heads}
+    for i in range(0, len(tokens), batch_size):
+        t = Tokens(tokens[i:i + batch_size], num_prefix, grid)
+        for k, h in heads.items():
+            out[k].append(h(t))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def parser() -> ArgumentParser:
+    p = ArgumentParser(description="Bird-MAE probes (linear, attentive, prototypical) on cached backbone tokens",
+                       exit_on_error=False,
+                       usage="python -m audio.probe --config RECIPE.yaml [--KEY VALUE ...]\n"
+                             "       python -m audio.probe            (no arguments: the offline demo, synthetic birds)\n\n"
+                             "  recipes: domains/bioacoustic/{demo,fsdd,hsn,nbp,nes,per,pow,sne,ssw,uhh}.yaml\n"
+                             "  writes OUTPUT_DIR/<kind>/{metrics.json,adapter/} and OUTPUT_DIR/results.md")
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_argument("--seed_everything", type=int, default=0)
+    p.add_argument("--output_dir", default="runs/bioacoustic/probe")
+    p.add_argument("--backbone", default="bird-mae")
+    p.add_argument("--backbone_kwargs", type=dict[str, Any], default={})
+    p.add_argument("--probes", type=list[str], default=list(KINDS))
+    p.add_argument("--prototypes_per_class", type=int, default=20)
+    p.add_argument("--focal_similarity", type=bool, default=True)
+    p.add_argument("--upsample", type=int, default=2)
+    p.add_argument("--ortho_weight", type=float, default=1.0)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--prototype_lr", type=float, default=0.04)
+    p.add_argument("--weight_decay", type=float, default=3e-4)
+    p.add_argument("--betas", type=list[float], default=[0.9, 0.95])
+    p.add_argument("--warmup_fraction", type=float, default=0.067)
+    p.add_argument("--grad_clip", type=float, default=2.0)
+    p.add_argument("--time_recompute", type=bool, default=True,
+                   help="also time one epoch that recomputes the backbone instead of reading the cache")
+    p.add_argument("--cache_dir", default="~/.cache/peft-suite/features")
+    p.add_argument("--accelerator", default="auto", help="where features are extracted: auto, cpu, gpu / cuda")
+    p.add_argument("--num_threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default); 1 suits tiny models on a busy CPU")
+    p.add_subclass_arguments(L.LightningDataModule, "data")
+    return p
+
+
+def _device(accelerator: str) -> torch.device:
+    a = str(accelerator).lower()
+    if a in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--accelerator {accelerator}: no CUDA device is available (use auto or cpu)")
+    if a not in ("auto", "cpu", "gpu", "cuda"):
+        raise ValueError(f"--accelerator must be auto, cpu, gpu or cuda; got {accelerator!r}")
+    return torch.device("cuda" if a != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def results_table(rows: dict[str, dict]) -> str:
+    lines = ["| probe | cmAP | AUROC | top-1 | trainable params | epoch on cache (s) | epoch recomputing (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for kind, r in rows.items():
+        rec = r.get("epoch_s_recompute")
+        lines.append(f"| {kind} | {100 * r['test/cmap']:.1f} | {100 * r['test/auroc']:.1f} | {100 * r['test/top1']:.1f} "
+                     f"| {r['trainable_params']:,} | {r['epoch_s_cached']:.3f} | {'-' if rec is None else f'{rec:.2f}'} |")
+    return "\n".join(lines)
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else argv
+    p = parser()
+    cfg = parse_tool_args(p, argv, DEMO)
+    for k in cfg.probes:
+        if k not in KINDS:
+            raise ValueError(f"--probes: unknown probe kind {k!r}; known: {', '.join(KINDS)}")
+    t_start = time.perf_counter()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    L.seed_everything(cfg.seed_everything, verbose=False)
+    data = (p.instantiate(cfg) if hasattr(p, "instantiate") else p.instantiate_classes(cfg)).data
+    data.setup("fit")
+    print(data.describe() if hasattr(data, "describe") else type(data).__name__)
+    model = backbones.create(cfg.backbone, **cfg.backbone_kwargs).eval()
+    if cfg.backbone.startswith("tiny"):
+        print(f"backbone: {cfg.backbone}, the Bird-MAE architecture with RANDOM weights (no pretrained knowledge)")
+    device = _device(cfg.accelerator)
+    model.to(device)
+    anat = backbones.anatomy(model)
+    cache = FeatureCache(Path(cfg.cache_dir).expanduser())
+    from shared.peft import fingerprint
+
+    fp = fingerprint(model)
+    dataset_id = json.dumps(cfg.data.as_dict(), sort_keys=True, default=str)
+    feats, t_extract = {}, time.perf_counter()
+    for split in ("train", "test"):
+        items = getattr(getattr(data, "splits", {}).get(split), "items", [])
+        digest = dataset_digest(sorted({it.path for it in items}))  # files changed in place: a new key
+        key = cache.key(fp, data.preprocessing, f"{dataset_id}:{split}:{digest}", extractor="birdmae_tokens")
+        loader = data.feature_loader(split)
+        feats[split] = cache.get_or_compute(key, lambda: extract_features(
+            lambda x: anat.forward_tokens(x).x, loader, device=device))
+    t_extract = time.perf_counter() - t_extract
+    print(f"tokens: {'read from the cache' if not cache.misses else f'computed on {device} and cached'} "
+          f"({t_extract:.1f} s) in {cache.root}")
+    train_tokens, y_train = feats["train"]["features"].float(), feats["train"]["labels"].float()
+    test_tokens, y_test = feats["test"]["features"].float(), feats["test"]["labels"].float()
+    num_prefix, grid = anat.num_prefix_tokens, tuple(anat.grid())
+    dim, c = train_tokens.shape[-1], y_train.shape[1]
+
+    torch.manual_seed(cfg.seed_everything)
+    heads = make_heads(cfg.probes, dim, c, cfg.prototypes_per_class, cfg.focal_similarity, cfg.upsample)
+    opt = optimizer(heads, cfg.lr, cfg.prototype_lr, cfg.weight_decay, cfg.betas)
+    steps_per_epoch = math.ceil(len(y_train) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    warmup = round(cfg.warmup_fraction * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, total, warmup))
+    g = torch.Generator().manual_seed(cfg.seed_everything)
+    epoch_times = []
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        loss = train_epoch(heads, opt, sched, cached_batches(train_tokens, y_train, num_prefix, grid,
+                                                             cfg.batch_size, g), cfg.ortho_weight, cfg.grad_clip)
+        epoch_times.append(time.perf_counter() - t0)
+        if epoch == 0 or (epoch + 1) % max(1, cfg.epochs // 5) == 0 or epoch + 1 == cfg.epochs:
+            print(f"epoch {epoch + 1}/{cfg.epochs}: summed probe loss {loss:.4f} ({epoch_times[-1]:.3f} s on the cache)")
+    recompute_s = None
+    if cfg.time_recompute:  # the same step on copies, fed by the backbone instead of the cache
+        h2, t0 = copy.deepcopy(heads), time.perf_counter()
+        o2 = optimizer(h2, cfg.lr, cfg.prototype_lr, cfg.weight_decay, cfg.betas)
+        s2 = torch.optim.lr_scheduler.LambdaLR(o2, lambda s: 1.0)
+        train_epoch(h2, o2, s2, recompute_batches(model, data.train_dataloader(), device, num_prefix, grid),
+                    cfg.ortho_weight, cfg.grad_clip)
+        recompute_s = time.perf_counter() - t0
+    logits = predict(heads, test_tokens, num_prefix, grid)
+
+    from shared import peft
+
+    model.cpu()
+    peft.attach(model, [], backbone_id=cfg.backbone)
+    out = Path(cfg.output_dir)
+    recipe = {k: v for k, v in cfg.as_dict().items() if k not in ("config", "output_dir")}
+    rows = {}
+    cached_s = sum(epoch_times) / len(epoch_times) if epoch_times else float("nan")
+    for kind, head in heads.items():
+        row = {"method": f"{kind}_probe", **scores(logits[kind], y_test),
+               "trainable_params": sum(p.numel() for p in head.parameters()),
+               "total_params": sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in head.parameters()),
+               "epoch_s_cached": cached_s, "epoch_s_recompute": recompute_s, "extract_s": t_extract,
+               "backbone": cfg.backbone, "dataset": getattr(data, "name", type(data).__name__), "fold": None,
+               "few_shot": getattr(data, "few_shot", None), "run": f"{out.name}_{kind}", "config": recipe}
+        clf = peft.Classifier(model, head.cpu().eval(), labels=data.labels)
+        peft.save(clf, out / kind / "adapter", labels=data.labels, metrics={k: v for k, v in row.items() if k.startswith("test/")},
+                  preprocessing=data.preprocessing, backbone_id=cfg.backbone, backbone_kwargs=dict(cfg.backbone_kwargs),
+                  extra={"task": "multilabel", "domain": "bioacoustic"})
+        write_json_atomic(out / kind / "metrics.json", row)
+        rows[kind] = row
+    table = results_table(rows)
+    wall = time.perf_counter() - t_start
+    from shared.fs import atomic_write
+
+    atomic_write(out / "results.md", f"# {rows[next(iter(rows))]['dataset']}: probes on {cfg.backbone}\n\n{table}\n\n"
+                                     f"wall time {wall:.1f} s (feature extraction {t_extract:.1f} s)\n")
+    print(table)
+    print(f"wall time {wall:.1f} s; metrics in {out}/<kind>/metrics.json, table in {out / 'results.md'}; explain a clip: "
+          f"python -m audio.explain --adapter {out / 'prototypical' / 'adapter'} CLIP.wav")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return run(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(friendly(main))
