@@ -47,6 +47,7 @@ say = functools.partial(print, flush=True)  # progress shows at once, also throu
 from shared.cli import friendly
 from shared.fs import atomic_write
 from text import generative as G
+from text import prompts
 from text.data import (DataError, Doc, Entity, keep_label_fraction, read_annotations, read_jsonl, read_public_entities,
                        reader_profile, split_docs)
 from text.words import find_all, split_words
@@ -175,11 +176,11 @@ def parse_baselines(value: str) -> list[str]:
     if value.strip().lower() in ("", "none"):
         return []
     if value.strip().lower() == "all":
-        return list(G.BASELINES)
+        return list(prompts.BASELINES)
     names = [b.strip() for b in value.split(",") if b.strip()]
-    bad = [b for b in names if b not in G.BASELINES]
+    bad = [b for b in names if b not in prompts.BASELINES]
     if bad:
-        raise ValueError(f"--baselines: unknown {bad}; choose from {', '.join(G.BASELINES)} (or all / none)")
+        raise ValueError(f"--baselines: unknown {bad}; choose from {', '.join(prompts.BASELINES)} (or all / none)")
     return names
 
 
@@ -221,7 +222,7 @@ def auc(scores: list[float], golds: list[bool]) -> float | None:
     return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
 
 
-def evaluate(scores: list[float], test: list[G.Query]) -> dict[str, Any]:
+def evaluate(scores: list[float], test: list[prompts.Query]) -> dict[str, Any]:
     """F1 of the jargon class at margin > 0 (overall, per reader, macro) and the threshold-free AUC."""
     from text.tagger import decision_metrics
 
@@ -254,14 +255,14 @@ def safe_name(reader: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", reader) or "_"
 
 
-def split_queries(args) -> tuple[list[G.Query], list[G.Query], dict[str, Any]]:
+def split_queries(args) -> tuple[list[prompts.Query], list[prompts.Query], dict[str, Any]]:
     """(train queries, held-out test queries, data description) as the run makes them."""
     docs, info = load_docs(args)
     info["n_abstracts"] = n_abs = len({d.doc_id for d in docs})
     split = split_docs(docs, "abstract", test=test_spec(args.test_abstracts, n_abs), val=0, seed=args.seed)
     if args.label_fraction < 1:
         keep_label_fraction(split["train"], args.label_fraction, args.seed)
-    return G.queries_of(split["train"]), G.queries_of(split["test"]), info
+    return prompts.queries_of(split["train"]), prompts.queries_of(split["test"]), info
 
 
 def run(args) -> dict[str, Any]:
@@ -304,7 +305,7 @@ def run(args) -> dict[str, Any]:
                           "trainable_note": "- (reference)"}
     for kind in baselines:
         t = time.perf_counter()
-        scores[kind] = score(G.with_baseline(test, kind, train, seed=args.seed), args.eval_batch_size)
+        scores[kind] = score(prompts.with_baseline(test, kind, train, seed=args.seed), args.eval_batch_size)
         results[kind] = {**evaluate(scores[kind], test), "wall_s": time.perf_counter() - t, "trainable": 0,
                          "trainable_note": "0 (prompting)"}
         say(f"  {kind}: F1 {results[kind]['f1']:.3f}, macro {results[kind]['macro_f1']:.3f} "
@@ -443,7 +444,7 @@ def parser() -> argparse.ArgumentParser:
                                                           "jobs; 0 keeps torch's default)")
     o = ap.add_argument_group("baselines and output")
     o.add_argument("--baselines", default="all", help=f"comma-separated prompting baselines scored before training: "
-                                                      f"{', '.join(G.BASELINES)}; 'all' (default) or 'none'")
+                                                      f"{', '.join(prompts.BASELINES)}; 'all' (default) or 'none'")
     o.add_argument("--output-dir", default="runs/text_personalise/demo",
                    help="where metrics.json, scores.json and adapters/ go (runs/text_personalise/demo)")
     return ap

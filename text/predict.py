@@ -25,6 +25,7 @@ from typing import Any
 
 from shared import peft
 from shared.cli import friendly
+from shared.hub import resolve_adapter
 from text import module as _registers  # noqa: F401  (hf-encoder backbone, token head)
 from text.data import target_name
 from text.tagger import WindowEncoder, build_tokenizer, num_tags, span_score, tag_spans, word_outputs
@@ -97,6 +98,7 @@ class GenerativeJargon:
 
     def __init__(self, adapter: str | Path):
         from text import generative as G
+        from text import prompts
 
         self.G = G
         root = Path(adapter)
@@ -161,11 +163,11 @@ class GenerativeJargon:
         bundle, who, line = self.resolve(reader, profile)
         words = [w.text for w in split_words(text)]
         if terms is None:
-            terms = self.G.candidate_terms(text)
+            terms = self.prompts.candidate_terms(text)
         for t in terms:
             if not find_all(words, [w.text for w in split_words(t)]):
                 raise ValueError(f"term {t!r} does not occur in the abstract")
-        queries = [self.G.Query(who, line, text.strip(), t) for t in terms]
+        queries = [self.prompts.Query(who, line, text.strip(), t) for t in terms]
         margins = self.scorer(bundle).score_shared([(q, True) for q in queries])
         return [{"term": t, "score": m, "jargon": m > threshold} for t, m in zip(terms, margins)]
 
@@ -204,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         if not p.is_file():
             raise ValueError(f"{p}: file not found")
         text = p.read_text(encoding="utf-8")
+    args.adapter = resolve_adapter(args.adapter)  # a folder, catalogue name or reference; a typo names the closest
     if is_generative(args.adapter):
         threshold = 0.0 if args.threshold is None else args.threshold
         rows = GenerativeJargon(args.adapter).score(text, args.reader, args.terms, args.profile, threshold)

@@ -477,16 +477,17 @@ readers runs in one forward and equals one-reader-at-a-time."""),
     ("code", """from shared import backbones
 from text import backbone as _
 from text import generative as G
+from text import prompts
 from text.data import read_annotations, split_docs
 
 docs, _readers = read_annotations(WORK / "data" / "annotations.csv")
 docs = [d for d in docs if d.reader in ("r1", "r4")][:16]
 split = split_docs(docs, "abstract", test=0.25, val=0)
-train_q, test_q = G.queries_of(split["train"]), G.queries_of(split["test"])[:8]
+train_q, test_q = prompts.queries_of(split["train"]), prompts.queries_of(split["test"])[:8]
 lm = backbones.create("tiny-llama-lm", seed=0).eval()
 G.attach_lora(lm, r=4, alpha=8)
 scorer = G.YesNoScorer(lm, G.ByteTokenizer())
-print(G.prompt(test_q[0])[-160:])
+print(prompts.prompt(test_q[0])[-160:])
 bank = G.personalise(scorer, train_q, shared_steps=3, reader_steps=3, lr=1e-2, batch_size=4)
 mixed = G.score_readers(scorer, bank, test_q, batch_size=8)
 one = []

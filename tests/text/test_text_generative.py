@@ -8,6 +8,7 @@ import torch
 from shared import backbones
 from text import backbone as _  # noqa: F401  registers tiny-llama-lm
 from text import generative as G
+from text import prompts
 from text.data import read_annotations, split_docs
 
 from .fixtures import write_annotations
@@ -20,17 +21,17 @@ def setup(tmp_path_factory):
     model = backbones.create("tiny-llama-lm", seed=0).eval()
     G.attach_lora(model, r=4, alpha=8)
     scorer = G.YesNoScorer(model, G.ByteTokenizer())
-    return scorer, G.queries_of(sp["train"]), G.queries_of(sp["test"])
+    return scorer, prompts.queries_of(sp["train"]), prompts.queries_of(sp["test"])
 
 
 def test_prompt_holds_abstract_entity_and_reader(setup):
     _, train, _ = setup
     q = train[0]
-    p = G.prompt(q)
+    p = prompts.prompt(q)
     assert p.startswith(f"Abstract: {q.abstract}\nReader: reader 1; background biology")
     assert p.endswith(f'Question: is the term "{q.entity}" jargon for this reader, that is, would they need it explained '
                       "to understand the abstract? Answer yes or no.\nAnswer:")
-    assert "Reader:" not in G.prompt(q, with_reader=False)
+    assert "Reader:" not in prompts.prompt(q, with_reader=False)
     assert G.answer_ids(G.ByteTokenizer()) == ([3 + ord(" ")], 3 + ord("y"), 3 + ord("n"))
 
 
@@ -49,14 +50,14 @@ def test_constrained_score_is_the_log_prob_difference(setup):
 def test_baselines_add_the_right_context(setup):
     _, train, test = setup
     q = test[0]
-    got = {k: G.with_baseline([q], k, train)[0] for k in G.BASELINES}
+    got = {k: prompts.with_baseline([q], k, train)[0] for k in prompts.BASELINES}
     assert got["vanilla"] == (q, False) and got["metadata"][0].context == "" and got["metadata"][1]
     assert got["profile"][0].context.startswith("Terms this reader knew: ")
     assert "a reader with a similar background" in got["nearest_annotator"][0].context
     assert got["nearest_abstract"][0].context.startswith("A related abstract this reader read: ")
-    assert G.nearest_annotators({"a": train[:9], "b": train[9:]}) == {"a": "b", "b": "a"}
+    assert prompts.nearest_annotators({"a": train[:9], "b": train[9:]}) == {"a": "b", "b": "a"}
     with pytest.raises(ValueError, match="unknown baseline 'gpt'"):
-        G.with_baseline([q], "gpt", train)
+        prompts.with_baseline([q], "gpt", train)
 
 
 def test_reader_adapters_switch_and_mixed_batch_equals_one_at_a_time(setup):
@@ -93,7 +94,7 @@ def test_training_fits_the_yes_no_labels(setup):
 def test_long_prompt_is_windowed_around_the_entity(setup):
     scorer, train, _ = setup
     q = train[0]
-    long = G.Query(q.reader, q.profile, "filler words here. " * 200 + q.abstract + " more text." * 50, q.entity, q.gold)
+    long = prompts.Query(q.reader, q.profile, "filler words here. " * 200 + q.abstract + " more text." * 50, q.entity, q.gold)
     small = G.YesNoScorer(scorer.model, scorer.tok, max_length=400)
     ids = small.ids(long)
     assert len(ids) <= 400

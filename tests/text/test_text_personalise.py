@@ -13,6 +13,7 @@ import torch
 
 from shared.cli import friendly
 from text import generative as G
+from text import prompts
 from text import personalise as P
 from text.data import DataError
 from text.predict import main as predict_main
@@ -107,7 +108,7 @@ def test_predict_with_a_generative_bundle_and_reader(run, capsys):
     q = next(q for q in test if q.reader == "r2")
     terms = [e.entity for e in test if e.reader == "r2" and e.doc_id == q.doc_id][:3]
     scorer, _ = G.load_bundle(out / "adapters" / "readers" / "r2")
-    want = scorer.score_shared([(G.Query("r2", q.profile, q.abstract, t), True) for t in terms])
+    want = scorer.score_shared([(prompts.Query("r2", q.profile, q.abstract, t), True) for t in terms])
     args = ["--reader", "r2", "--all"] + [a for t in terms for a in ("--term", t)] + [q.abstract]
     for adapter in (out, out / "adapters" / "readers" / "r2"):  # the run folder, or the reader's bundle
         assert predict_main(["--adapter", str(adapter)] + args) == 0
@@ -118,7 +119,7 @@ def test_predict_with_a_generative_bundle_and_reader(run, capsys):
     # without --term: the content-word candidates of the text
     assert predict_main(["--adapter", str(out), "--reader", "r2", "--all", q.abstract]) == 0
     lines = capsys.readouterr().out.splitlines()
-    cands = G.candidate_terms(q.abstract)
+    cands = prompts.candidate_terms(q.abstract)
     assert lines[0].split(" terms")[0].endswith(f"of {len(cands)}") and [ln.split("\t")[2] for ln in lines[1:]] == cands
     assert len(cands) >= 5 and all(c in q.abstract for c in cands)
     # a new reader described by --profile is answered by the shared adapter
@@ -214,5 +215,5 @@ def test_shared_prefix_scoring_and_training_equal_the_full_prompts(run):
 def test_candidate_terms_without_a_tagger():
     text = ("We study the ribosome and apoptosis using a data set. Dynamic no-arbitrage arguments constrain "
             "the risk-neutral drift over an 11-year period.")
-    assert G.candidate_terms(text) == ["ribosome", "apoptosis", "data set", "Dynamic no-arbitrage arguments",
+    assert prompts.candidate_terms(text) == ["ribosome", "apoptosis", "data set", "Dynamic no-arbitrage arguments",
                                        "constrain", "risk-neutral drift", "11-year period"]

@@ -51,6 +51,7 @@ def test_smollm2_reader_adapters_on_public_entities():
 
     from shared.backbones import anatomy
     from text import generative as G
+    from text import prompts
     from text.personalise import simulated_docs
     from text.tagger import decision_metrics
 
@@ -63,7 +64,7 @@ def test_smollm2_reader_adapters_on_public_entities():
         docs, _ = simulated_docs(PUBLIC, 2)
         for d in docs:
             d.entities = d.entities[:4]
-        queries = G.queries_of(docs)
+        queries = prompts.queries_of(docs)
         test_ids = list(dict.fromkeys(d.doc_id for d in docs))[-3:]
         train = [q for q in queries if q.doc_id not in test_ids]
         test = [q for q in queries if q.doc_id in test_ids]
@@ -75,7 +76,7 @@ def test_smollm2_reader_adapters_on_public_entities():
         G.attach_lora(model, r=8, alpha=16)
         with torch.no_grad():
             assert torch.equal(model(**base_batch).logits, before)  # LoRA is the identity at init
-        vanilla = decision_metrics(G.decisions(scorer.score_shared(G.with_baseline(test, "vanilla", train)), test))
+        vanilla = decision_metrics(G.decisions(scorer.score_shared(prompts.with_baseline(test, "vanilla", train)), test))
         torch.manual_seed(0)
         bank = G.personalise(scorer, train, shared_steps=4, reader_steps=2, lr=5e-3, batch_size=4, shared_prefix=True)
         tuned_scores = G.score_by_reader(scorer, bank, test)
