@@ -100,7 +100,7 @@ class GenerativeJargon:
         from text import generative as G
         from text import prompts
 
-        self.G = G
+        self.G, self.prompts = G, prompts
         root = Path(adapter)
         self.bundles: dict[str, Path] = {}  # reader -> bundle folder
         self.profiles: dict[str, str] = {}
