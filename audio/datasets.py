@@ -28,7 +28,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from shared.data import balanced_sampler, eval_sampler, few_shot_indices, split_by_group
+from shared.data import balanced_sampler, few_shot_indices, split_by_group
 
 from .features import TARGET_FRAMES, AudioError, FbankCache, FbankConfig, SpecAugment
 
@@ -129,10 +129,8 @@ class AudioDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool = False):
         ds = ClipDataset(self.splits[split], self.frontend, self.augment if train else None)
-        if train:
-            sampler = balanced_sampler([y for _, y in ds.items], self.seed) if self.balanced_sampler else None
-        else:
-            sampler = eval_sampler(ds)  # no repeated samples under DDP
+        # evaluation: sequential; under DDP each process's share comes from Lightning (shared.distributed)
+        sampler = balanced_sampler([y for _, y in ds.items], self.seed) if train and self.balanced_sampler else None
         return DataLoader(ds, batch_size=self.batch_size, shuffle=train and sampler is None, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 

@@ -6,6 +6,9 @@
   chunk size beyond the end of the file (libsndfile's own header log), a FLAC that ends before
   its STREAMINFO sample count, an Ogg (Vorbis / Opus) stream that ends without its end-of-stream
   page. `allow_truncated=True` reads what is there instead (`audio.predict --allow-truncated`).
+- `check_silence(wave, source)`: the one silence rule of every prediction path (AST and Bird-MAE):
+  a waveform whose every sample is below `SILENCE_PEAK` in magnitude is refused, naming the file,
+  unless allowed (`audio.predict --allow-silent`), when it is predicted with a warning.
 - `fbank_ast(wave)`: kaldi fbank (25 ms hanning, 10 ms hop, 128 mel) padded / trimmed to the
   dataset's frame count, normalised with AudioSet's mean and std as AST expects.
 - `SpecAugment`: frequency and time masking (torchaudio), for training only.
@@ -36,6 +39,25 @@ TARGET_FRAMES = {"esc50": 500, "us8k": 400, "speech_commands": 100, "fsc": 400, 
 
 class AudioError(ValueError):
     """An audio file cannot be used; the message names the file and the reason."""
+
+
+# Below this peak magnitude (about -80 dBFS) a recording holds no signal: 16-bit PCM's smallest step
+# is 3.1e-5, so digital silence with +-1 LSB dither is silent too, and any audible sound is far above.
+SILENCE_PEAK = 1e-4
+
+
+def check_silence(wave: torch.Tensor, source: str, allow_silent: bool = False, where: str = "",
+                  hint: str = "") -> str | None:
+    """None for a waveform with signal. A silent one (every |sample| < SILENCE_PEAK) raises
+    `AudioError` naming `source` (and `where`, e.g. a window), or, with `allow_silent`, returns the
+    warning to show: a model's answer for silence is not about the sound."""
+    peak = float(wave.abs().max()) if wave.numel() else 0.0
+    if peak >= SILENCE_PEAK:
+        return None
+    what = f"{source}: silent audio{where} (peak |sample| {peak:.2g}, below {SILENCE_PEAK:g})"
+    if not allow_silent:
+        raise AudioError(what + hint)
+    return what + "; predicted anyway (allowed), the result says nothing about the sound"
 
 
 # libsndfile's header log writes "data : 32000 (should be 15978)" when a chunk's declared size
@@ -196,6 +218,10 @@ class FbankCache:
         return feats
 
 
-def features(path: str | os.PathLike, cfg: FbankConfig = FbankConfig(), allow_truncated: bool = False) -> torch.Tensor:
-    """Read one file and compute its AST features (no cache)."""
-    return fbank_ast(read_audio(path, cfg.sample_rate, allow_truncated), cfg, source=str(path))
+def features(path: str | os.PathLike, cfg: FbankConfig = FbankConfig(), allow_truncated: bool = False,
+             allow_silent: bool = False) -> torch.Tensor:
+    """Read one file and compute its AST features (no cache); a silent file raises unless `allow_silent`
+    (`check_silence`)."""
+    wave = read_audio(path, cfg.sample_rate, allow_truncated)
+    check_silence(wave, str(path), allow_silent)
+    return fbank_ast(wave, cfg, source=str(path))

@@ -2,8 +2,9 @@
 
 Loads only what the bundle names: its backbone (hub id / local folder / registered test model)
 and the trained tensors; the frontend settings come from the bundle too. Files that cannot be
-used (unreadable, truncated, a folder) are reported one line each and the others are still
-predicted; the exit code is then 2.
+used (unreadable, truncated, silent, a folder) are reported one line each, as they come, and the
+others are still predicted; each file's result is printed as soon as it is done. The exit code
+is then 2.
 """
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import sys
 
 import torch
 
-from audio.features import AudioError, FbankConfig, features
+from audio.features import AudioError, FbankConfig, check_silence, fbank_ast, read_audio
 from shared import peft
 from shared.cli import positive_int, print_top
+from shared.hub import resolve_adapter
 
 EPILOG = """\
 output: per file, its path, then one line per class: "  <probability>  <label>" (softmax).
@@ -42,25 +44,43 @@ def frontend_config(meta: dict, where: str = "adapter.json") -> FbankConfig:
         raise peft.BundleError(f"{where}: preprocessing has settings this version does not know ({e})") from None
 
 
-def predict(model, cfg: FbankConfig, paths: list[str], top_k: int = 5, errors: list[str] | None = None,
-            allow_truncated: bool = False):
-    """[(file, [(label, probability), ...])] for the files that could be used; the others' messages
-    go to `errors` (raised when `errors` is None)."""
+def iter_predict(model, cfg: FbankConfig, paths: list[str], top_k: int = 5, allow_truncated: bool = False,
+                 allow_silent: bool = False, warn=None):
+    """Yield, file by file as each is done, (file, [(label, probability), ...]) or, for a file that
+    cannot be used, its `AudioError`. A silent file (`audio.features.check_silence`) is an error
+    unless `allow_silent`: then it is predicted and `warn(message)` is called first (default: one
+    `warning:` line on stderr)."""
+    warn = warn or (lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
     model.eval()
     labels = model.labels or [str(i) for i in range(model.head.num_classes)]
-    out = []
     for p in paths:
         try:
-            x = features(p, cfg, allow_truncated=allow_truncated).unsqueeze(0)  # (1, T, F)
+            wave = read_audio(p, cfg.sample_rate, allow_truncated)
+            silent = check_silence(wave, str(p), allow_silent, hint=" (pass --allow-silent to predict it anyway)")
+            x = fbank_ast(wave, cfg, source=str(p)).unsqueeze(0)  # (1, T, F)
         except AudioError as e:
-            if errors is None:
-                raise
-            errors.append(str(e))
+            yield e
             continue
+        if silent:
+            warn(silent)
         with torch.inference_mode():
             probs = model(x).softmax(-1)[0]
         scores, idx = probs.topk(min(top_k, len(labels)))
-        out.append((p, [(labels[i], s.item()) for s, i in zip(scores, idx.tolist())]))
+        yield p, [(labels[i], s.item()) for s, i in zip(scores, idx.tolist())]
+
+
+def predict(model, cfg: FbankConfig, paths: list[str], top_k: int = 5, errors: list[str] | None = None,
+            allow_truncated: bool = False, allow_silent: bool = False):
+    """[(file, [(label, probability), ...])] for the files that could be used; the others' messages
+    go to `errors` (raised when `errors` is None)."""
+    out = []
+    for item in iter_predict(model, cfg, paths, top_k, allow_truncated, allow_silent):
+        if isinstance(item, AudioError):
+            if errors is None:
+                raise item
+            errors.append(str(item))
+        else:
+            out.append(item)
     return out
 
 
@@ -75,6 +95,8 @@ def parser() -> argparse.ArgumentParser:
                     help="print the K most probable classes per file (default 5)")
     ap.add_argument("--allow-truncated", action="store_true",
                     help="use the samples present in a truncated file (its header declares more) instead of refusing it")
+    ap.add_argument("--allow-silent", action="store_true",
+                    help="predict a silent file (every sample below 1e-4) with a warning instead of refusing it")
     ap.add_argument("files", nargs="+", metavar="FILE",
                     help="audio files libsndfile reads (wav, flac, ogg, ...; any rate and channel count)")
     return ap
@@ -85,10 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     errors: list[str] = []
 
     def results():
-        meta = peft.read_meta(args.adapter)
+        adapter = resolve_adapter(args.adapter)  # a folder, catalogue name or reference; a typo names the closest
+        meta = peft.read_meta(adapter)
         cfg = frontend_config(meta, f"{args.adapter} (adapter.json)")
-        model = peft.from_bundle(args.adapter)
-        yield from predict(model, cfg, args.files, args.top_k, errors, args.allow_truncated)
+        model = peft.from_bundle(adapter)
+        yield from iter_predict(model, cfg, args.files, args.top_k, args.allow_truncated, args.allow_silent)
 
     return print_top(results(), errors, (peft.BundleError, AudioError))
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ImageReadError", "SUPPORTED_EXTENSIONS", "read_image", "read_mask", "check_same_shape", "image_kind"]
+__all__ = ["ImageReadError", "SUPPORTED_EXTENSIONS", "read_image", "read_mask", "check_same_shape", "image_kind",
+           "dicom_tags"]
 
 PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DICOM_EXTENSIONS = (".dcm", ".dicom")
@@ -127,6 +128,21 @@ def read_spacing(path: str | Path) -> tuple[float, ...] | None:
     except Exception as err:
         raise ImageReadError(f"{path}: cannot read the voxel spacing ({type(err).__name__}: {err})") from err
     return None
+
+
+def dicom_tags(path: str | Path, names: tuple[str, ...] = ("Modality", "BodyPartExamined")) -> dict[str, str]:
+    """{tag name: value} of the `names` a DICOM file has (the header only; empty values left out);
+    {} for a file of another format or one pydicom cannot parse (read_image reports those)."""
+    path = Path(path)
+    if image_kind(path) != "dicom":
+        return {}
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - read_image names the file and the reason
+        return {}
+    return {n: str(ds.get(n)).strip() for n in names if str(ds.get(n) or "").strip()}
 
 
 def _read_npy(path: Path, mask: bool) -> np.ndarray:

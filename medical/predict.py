@@ -4,12 +4,15 @@ Classification bundles (from `medical.train` or `medical.probe`) print class pro
 images, or 3D volumes aggregated over slices); segmentation bundles (`medical.segment`) write
 each predicted mask into `--out` at the INPUT's resolution: PNG for 2D, NIfTI for 3D (with the
 input's affine when the input is NIfTI). Only the bundle is needed: it names its backbone,
-preprocessing and labels. Files that cannot be read are reported (one line each) and the others
-are still predicted; the exit code is then 2.
+preprocessing and labels. Each file's result is printed as soon as it is done; files that cannot
+be read are reported as they come (one line each on stderr) and the others are still predicted;
+the exit code is then 2. A DICOM whose Modality / BodyPartExamined differs from the images the
+bundle was trained on (its `input` field) is predicted with a one-line warning naming the file.
 """
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -17,11 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medical.io import ImageReadError, read_image
+from medical.io import ImageReadError, dicom_tags, read_image
 from medical.transforms import to_model_input, volume_to_slices
 from medical.volumes import classify
 from shared import peft
-from shared.cli import positive_int, print_top
+from shared.cli import positive_int, stream_results
+from shared.hub import resolve_adapter
 
 PIPELINE = "medical.transforms.to_model_input"
 EPILOG = """\
@@ -87,15 +91,40 @@ def load_classifier(bundle: Path):
     return model, logits
 
 
-def classify_files(bundle: Path, files: list[str], top_k: int = 5, errors: list[str] | None = None):
-    """[(file, [(label, probability), ...])] for the files that could be read; the others' messages go
-    to `errors` (raised when `errors` is None)."""
+def input_warning(meta: dict, path: str) -> str | None:
+    """One line when a DICOM file's Modality / BodyPartExamined is not what the bundle was trained on
+    (its `input` model-card field, e.g. {"modality": "CR/DX", "body_part": "CHEST"}; "/" separates
+    the values it accepts); None when they match, are not recorded, or the file is not DICOM."""
+    want = meta.get("input") or (meta.get("preprocessing") or {}).get("input") or {}
+    if not want:
+        return None
+    tags = dicom_tags(path)
+    problems = []
+    for tag, key in (("Modality", "modality"), ("BodyPartExamined", "body_part")):
+        allowed = {v.strip().upper() for v in re.split(r"[/,]", str(want.get(key) or "")) if v.strip()}
+        got = tags.get(tag)
+        if allowed and got and got.upper() not in allowed:
+            problems.append(f"{tag} {got}")
+    if not problems:
+        return None
+    trained = " ".join(str(want[k]) for k in ("modality", "body_part") if want.get(k))
+    return (f"{path}: DICOM {', '.join(problems)}, but this adapter was trained on {trained} images; "
+            f"its prediction for this file is not meaningful")
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def iter_classify(bundle: Path, files: list[str], top_k: int = 5, warn=_warn):
+    """Yield, file by file as each is done, (file, [(label, probability), ...]) or, for a file that
+    cannot be read, its `ImageReadError`. A DICOM whose modality / body part differs from what the
+    bundle was trained on is still classified, after `warn(input_warning(...))`."""
     model, logits_of = load_classifier(bundle)
     meta = model.bundle_meta
     pre = meta.get("preprocessing") or {}
     multilabel = bool(meta.get("multilabel"))
     labels = model.labels or [str(i) for i in range(model.head.num_classes)]
-    out = []
     for f in files:
         try:
             x, is_volume, _ = _inputs(_read(f), pre, f)
@@ -105,16 +134,34 @@ def classify_files(bundle: Path, files: list[str], top_k: int = 5, errors: list[
                 raise ImageReadError(f"{f}: a 3D volume, but this bundle classifies 2D images "
                                      f"(give one slice as PNG/DICOM, or use a bundle trained on volumes)")
         except ImageReadError as e:
-            if errors is None:
-                raise
-            errors.append(str(e))
+            yield e
             continue
+        mismatch = input_warning(meta, f)
+        if mismatch:
+            warn(mismatch)
         with torch.inference_mode():
             logits = logits_of(x)[0]
         probs = logits.sigmoid() if multilabel else logits.softmax(-1)
         order = probs.argsort(descending=True)[:top_k]
-        out.append((f, [(labels[i], probs[i].item()) for i in order.tolist()]))
+        yield f, [(labels[i], probs[i].item()) for i in order.tolist()]
+
+
+def _collect(items, errors: list[str] | None) -> list:
+    out = []
+    for item in items:
+        if isinstance(item, ImageReadError):
+            if errors is None:
+                raise item
+            errors.append(str(item))
+        else:
+            out.append(item)
     return out
+
+
+def classify_files(bundle: Path, files: list[str], top_k: int = 5, errors: list[str] | None = None):
+    """[(file, [(label, probability), ...])] for the files that could be read; the others' messages go
+    to `errors` (raised when `errors` is None)."""
+    return _collect(iter_classify(bundle, files, top_k), errors)
 
 
 def segment_at(backbone, decoder, slices: torch.Tensor, size: tuple[int, int], batch: int = 16) -> np.ndarray:
@@ -134,21 +181,23 @@ def segment_at(backbone, decoder, slices: torch.Tensor, size: tuple[int, int], b
     return torch.cat(out).numpy().astype(np.uint8)
 
 
-def segment_files(bundle: Path, files: list[str], out_dir: Path, errors: list[str] | None = None) -> list[Path]:
+def iter_segment(bundle: Path, files: list[str], out_dir: Path, warn=_warn):
+    """Yield, file by file as each is written, the path of its predicted mask or, for a file that
+    cannot be read, its `ImageReadError`."""
     from medical.segmentation import load_segmenter
 
     backbone, decoder, meta = load_segmenter(bundle)
     pre = meta.get("preprocessing") or {}
-    written = []
     for f in files:
         try:
             img = _read(f)
             x, is_volume, axis = _inputs(img, pre, f)
         except ImageReadError as e:
-            if errors is None:
-                raise
-            errors.append(str(e))
+            yield e
             continue
+        mismatch = input_warning(meta, f)
+        if mismatch:
+            warn(mismatch)
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = Path(f).name.split(".")[0]
         if is_volume:
@@ -166,7 +215,14 @@ def segment_files(bundle: Path, files: list[str], out_dir: Path, errors: list[st
             path = out_dir / f"{stem}_mask.png"
             scale = 255 // max(1, len(meta.get("labels") or []) - 1, 1)  # visible grey levels per class
             _save_atomic(path, lambda tmp: Image.fromarray(mask * scale).save(tmp, format="PNG"))
-        written.append(path)
+        yield path
+
+
+def segment_files(bundle: Path, files: list[str], out_dir: Path, errors: list[str] | None = None) -> list[Path]:
+    """The masks written for the files that could be read (each printed as "mask written to <path>");
+    the others' messages go to `errors` (raised when `errors` is None)."""
+    written = _collect(iter_segment(bundle, files, out_dir), errors)
+    for path in written:
         print(f"mask written to {path}")
     return written
 
@@ -176,6 +232,17 @@ def _save_atomic(path: Path, write) -> None:
 
     with atomic_path(path, suffix="".join(path.suffixes)) as tmp:  # nibabel reads .nii.gz from the name
         write(tmp)
+
+
+def show(item) -> None:
+    """Print one result as it comes: a mask's path, or a file's classes."""
+    if isinstance(item, Path):
+        print(f"mask written to {item}")
+        return
+    name, top = item
+    print(name)
+    for label, score in top:
+        print(f"  {score:6.3f}  {label}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -199,14 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     errors: list[str] = []
 
     def results():
-        meta = peft.read_meta(args.adapter)
+        adapter = resolve_adapter(args.adapter)  # a folder, catalogue name or reference; a typo names the closest
+        meta = peft.read_meta(adapter)
         check_bundle(meta, f"{args.adapter} (adapter.json)")
         if meta.get("task") == "segmentation":
-            segment_files(args.adapter, args.files, args.out, errors)
+            yield from iter_segment(adapter, args.files, args.out)
         else:
-            yield from classify_files(args.adapter, args.files, args.top_k, errors)
+            yield from iter_classify(adapter, args.files, args.top_k)
 
-    return print_top(results(), errors, (peft.BundleError, ImageReadError))
+    return stream_results(results(), show, errors, (peft.BundleError, ImageReadError))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,6 +23,7 @@ from medical.probes import KS, LRS, cached_features, describe, knn_auroc, knn_gr
 from shared import backbones
 from shared.cli import arg_value, friendly, is_demo, parse_tool_args, prepare_demo_data, write_json_atomic
 from shared.data import FeatureCache
+from shared.distributed import is_main, launched
 
 RECIPES = Path(__file__).resolve().parent.parent / "domains" / "medical"
 DEMO = RECIPES / "probe_demo.yaml"
@@ -92,22 +93,32 @@ def save_probe_bundle(model, head: torch.nn.Module, feature: str, blocks: int, p
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Under `torchrun --nproc_per_node N` every process extracts its share of the features and
+    process 0 alone trains the probes, scores them and writes (the others return {})."""
     argv = sys.argv[1:] if argv is None else argv
     p = parser()
     cfg = parse_tool_args(p, argv, DEMO)
-    L.seed_everything(cfg.seed_everything)
+    with launched():
+        return _run(p, cfg)
+
+
+def _run(p: ArgumentParser, cfg) -> dict[str, Any]:
+    L.seed_everything(cfg.seed_everything, verbose=is_main())
     init = p.instantiate_classes(cfg)
     data = init.data
     data.setup("fit")
     model = backbones.create(cfg.backbone, **cfg.backbone_kwargs).eval()
     device = select_device(cfg.accelerator)
     model.to(device)
-    print(f"extracting features on {device}")
+    if is_main():
+        print(f"extracting features on {device}")
     loaders = {"train": data.train_dataloader(), "val": data.val_dataloader(), "test": data.test_dataloader()}
     cache = FeatureCache(Path(cfg.cache_dir).expanduser())
     # the whole data config (class, root, flag, seed, few_shot, split fractions, label policy)
     dataset_id = json.dumps(cfg.data.as_dict(), sort_keys=True, default=str)
     feats = cached_features(model, loaders, cache, getattr(data, "preprocessing", {}), dataset_id, cfg.blocks)
+    if feats is None:  # another process than 0 under torchrun: its share of the features was gathered
+        return {}
     model.cpu()
     multilabel = bool(getattr(data, "multilabel", False))
     rows = {}

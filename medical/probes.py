@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from shared.data import FeatureCache, extract_features
+from shared.data import FeatureCache, extract_features_once
 from shared.heads import KNNClassifier
 from shared.peft import fingerprint
 
@@ -36,16 +36,19 @@ def variants(feats: dict[str, torch.Tensor], n: int = 4) -> dict[str, torch.Tens
 
 def cached_features(model: nn.Module, loaders: dict[str, Iterable], cache: FeatureCache,
                     preprocessing: dict, dataset: str, n: int = 4) -> dict[str, dict[str, torch.Tensor]]:
-    """{split: {feature name: (N, d), "labels": ...}}, computed once and cached on disk."""
+    """{split: {feature name: (N, d), "labels": ...}}, computed once and cached on disk: every sample
+    of each split once, in dataset order. Under `torchrun` every process extracts its share and
+    process 0 gets the features (the others get None: `shared.data.extract_features_once`)."""
     model.eval()
     fp = fingerprint(model)
     out = {}
     for split, loader in loaders.items():
-        key = cache.key(fp, preprocessing, f"{dataset}:{split}", extractor=f"dinov2_probe_last{n}")
+        # "ordered": one row per sample in dataset order (entries before it came from the training
+        # loader's own sampler, shuffled or class-balanced with repeats)
+        key = cache.key(fp, preprocessing, f"{dataset}:{split}", extractor=f"dinov2_probe_last{n}:ordered")
         device = next(model.parameters()).device  # the caller chose it (medical.probe: GPU when available)
-        out[split] = cache.get_or_compute(key, lambda: extract_features(lambda x: probe_features(model, x, n), loader,
-                                                                        device=device))
-    return out
+        out[split] = extract_features_once(lambda x: probe_features(model, x, n), loader, device, cache, key)
+    return out if all(v is not None for v in out.values()) else None
 
 
 def knn_grid(train: dict, test: dict, feature: str = "cls_1", ks=KS, temperature: float = 0.07) -> dict[int, float]:

@@ -48,12 +48,13 @@ from monai.losses import DiceCELoss
 from monai.metrics import Cumulative, DiceMetric
 from monai.metrics.hausdorff_distance import compute_hausdorff_distance
 from monai.networks.utils import one_hot
-from safetensors.torch import save_file
 from torch import nn
 from torchmetrics.segmentation import DiceScore
 
 from shared import backbones, peft
-from shared.artifacts import BundleError, read_checked_tensors, resolve, sha256_file, trained_tensors
+from shared.artifacts import (BundleError, bundle_tensors, read_checked_tensors, resolve, save_tensors, sha256_file,
+                              trained_tensors)
+from shared.distributed import full_tensor, is_main
 from shared.fs import replace_dir
 from shared.heads import Tokens
 from shared.module import PeftModule
@@ -351,11 +352,15 @@ def save_segmenter(backbone: nn.Module, decoder: nn.Module, path: str | os.PathL
     if labels is not None and len(labels) != decoder.num_classes:
         raise BundleError(f"{len(labels)} labels given but the decoder predicts {decoder.num_classes} classes")
     path = Path(path)
+    # sharded (FSDP2): every process gathers the decoder, then the backbone's tensors; process 0 writes
+    tensors = {k: full_tensor(v.detach()).cpu().contiguous() for k, v in decoder.state_dict().items()}
+    if not is_main():
+        bundle_tensors(backbone)
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
-        save_file(tensors, str(stage / DECODER_FILE), metadata={"format": "peft-suite-decoder"})
+        save_tensors(tensors, stage / DECODER_FILE, metadata={"format": "peft-suite-decoder"})
         info = {"config": decoder.config(), "file": DECODER_FILE, "sha256": sha256_file(stage / DECODER_FILE),
                 "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                             for k, v in tensors.items()}}
@@ -479,6 +484,11 @@ class SegmentationModule(PeftModule):
     def _shared_step(self, batch, stage: str):
         x, y = self._unpack(batch)
         logits = self(x)  # (B, C, H, W)
+        if stage != "train":  # the distributed sampler's padding counts in no loss or metric
+            n = self.real(len(x))
+            if n == 0:
+                return None
+            x, y, logits = x[:n], y[:n], logits[:n]
         loss = self.loss_fn(logits, y)
         if stage == "train" and (extra := peft.regularization(self.model)) is not None:
             loss = loss + extra  # e.g. AdaLoRA's orthogonality penalty

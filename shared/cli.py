@@ -2,8 +2,10 @@
 
 `python -m audio.train --config domains/audio/esc50_adapter.yaml --data.root ...`: every CLI
 flag is a recipe key. A run trains, tests the best-validation checkpoint, saves the adapter
-bundle and a metrics row, and only then moves its outputs into `--output_dir`: a failed run
-never overwrites a previous run's results.
+bundle and a metrics row, and only then moves its outputs into `--output_dir`: a failed or
+stopped run never overwrites a previous run's results. The output folder is locked for the
+run; SIGTERM / SIGINT stop it (exit 143 / 130) and `--resume` continues it from the `last.ckpt`
+its staging folder keeps (`shared.lifecycle`; docs/operations.md).
 """
 from __future__ import annotations
 
@@ -11,42 +13,46 @@ import argparse
 import json
 import logging
 import os
+import random
 import re
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.cli import LightningCLI
 
-from shared.fs import atomic_write, replace_dir
+from shared.distributed import is_sharded, whole
+from shared.fs import atomic_write
+from shared.lifecycle import LAST, STAGE_ENV, OutputRun, RunStopped, deferred_stop, stop_signals, stopped_message
 from shared.module import ClassificationModule
 
 
-STAGE_ENV = "PEFT_SUITE_STAGE_DIR"
-
-
 class PeftCLI(LightningCLI):
+    claim: OutputRun | None = None  # the output claim of the run being set up (read by `run` on failure)
+
     def add_arguments_to_parser(self, parser):
+        from jsonargparse import ActionYesNo
+
         parser.add_argument("--output_dir", default="runs/demo", help="where the bundle, metrics and logs go")
         parser.add_argument("--run_name", default="", help="name of this run in the results table")
+        parser.add_argument("--resume", action=ActionYesNo, default=False,
+                            help="continue the stopped run of this --output_dir from the last.ckpt its staging folder "
+                                 "kept (same recipe and flags as the stopped run); an error when there is none")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.labels", "model.labels", apply_on="instantiate")
         parser.link_arguments("data.preprocessing", "model.preprocessing", apply_on="instantiate")
 
     def before_instantiate_classes(self):
-        # Everything the run writes goes to a staging folder next to output_dir first. DDP
-        # workers re-run this CLI; they inherit the launcher's staging folder through the env.
-        out = Path(self.config["output_dir"])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        stage = os.environ.get(STAGE_ENV) or tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent)
-        os.environ[STAGE_ENV] = stage
-        self.stage = Path(stage)
-        self.config["trainer"]["default_root_dir"] = stage
+        # Everything the run writes goes to a staging folder next to output_dir first, under the output
+        # folder's lock. DDP workers re-run this CLI; they inherit the launcher's staging folder (STAGE_ENV).
+        claim = OutputRun(self.config["output_dir"], resume=bool(self.config.get("resume")))
+        PeftCLI.claim = claim
+        self.stage = claim.open()
+        self.config["trainer"]["default_root_dir"] = str(self.stage)
 
 
 def arg_value(argv: list[str], *names: str) -> str | None:
@@ -90,7 +96,7 @@ def recipe_of(cfg) -> dict[str, Any]:
     """The run's resolved recipe (what `--print_config` shows), without where it was written: the
     report groups runs whose recipes differ only in fold / seed."""
     d = cfg.as_dict() if hasattr(cfg, "as_dict") else dict(cfg)
-    d = {k: v for k, v in d.items() if k not in ("config", "output_dir", "run_name")}
+    d = {k: v for k, v in d.items() if k not in ("config", "output_dir", "run_name", "resume")}
     if isinstance(d.get("trainer"), dict):
         d["trainer"] = {k: v for k, v in d["trainer"].items() if k != "default_root_dir"}
     return json.loads(json.dumps(d, default=str))
@@ -110,8 +116,9 @@ class ConfigError(ValueError):
 
 def prog_name() -> str:
     """How the user started us: `python -m audio.train` rather than `.../audio/train.py`."""
-    p = Path(sys.argv[0])
-    return f"python -m {p.parent.name}.{p.stem}" if p.suffix == ".py" and p.parent.name else p.name
+    from shared.lifecycle import program
+
+    return program()
 
 
 def _key_lines(path: Path) -> dict[str, int]:
@@ -177,7 +184,8 @@ def config_error_message(message: str, argv: list[str], defaults: list[str]) -> 
 _DROPPED = ("💡 Tip:", "Restoring states from", "Loading `train_dataloader` to estimate",
             "The following callbacks returned in `LightningModule.configure_callbacks`", "TPU available",
             "GPU available", "HPU available", "Seed set to", "LOCAL_RANK:",
-            "Loaded model weights from the checkpoint at", "`Trainer.fit` stopped: `max_epochs")
+            "Loaded model weights from the checkpoint at", "`Trainer.fit` stopped: `max_epochs",
+            "Received SIGTERM:")  # our own line says what a stop does
 
 
 class _DropLightningChatter(logging.Filter):
@@ -191,7 +199,8 @@ def quiet_lightning() -> None:
     folder), the tensorboardX notice and deprecation warnings raised inside libraries we call; our own
     lines say what matters (device, progress, where the results went)."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                 "lightning.fabric.utilities.seed", "lightning.pytorch.accelerators.cuda"):
+                 "lightning.fabric.utilities.seed", "lightning.pytorch.accelerators.cuda",
+                 "lightning.pytorch.trainer.connectors.signal_connector"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropLightningChatter) for f in logger.filters):
             logger.addFilter(_DropLightningChatter())
@@ -199,6 +208,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(lightning|torch|torchmetrics|jsonargparse|timm|transformers)\b")
     warnings.filterwarnings("ignore", message=r".*does not have many workers which may be a bottleneck.*")
+    # a resumed run logs on into its stopped run's folders (CSVLogger appends; it does not delete)
+    warnings.filterwarnings("ignore", message=r".*(Experiment logs|Checkpoint) directory .* exists and is not empty.*")
     warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval.*")
     # run(args=[...]) from Python (tests, notebooks) while the interpreter has its own argv
     warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended to run from within Python.*")
@@ -211,21 +222,104 @@ class EpochLine(L.Callback):
     def __init__(self, log_file: Path, echo: bool):
         self.log_file, self.echo, self.t0 = Path(log_file), echo, time.time()
 
+    def on_train_start(self, trainer, pl_module):
+        if trainer.is_global_zero and trainer.ckpt_path:
+            self._write(f"resumed after epoch {trainer.current_epoch}/{trainer.max_epochs} from {Path(trainer.ckpt_path).name}")
+
     def on_train_epoch_start(self, trainer, pl_module):
         self.t0 = time.time()
 
-    def on_train_epoch_end(self, trainer, pl_module):  # runs after the epoch's validation
-        if not trainer.is_global_zero:
-            return
-        m = {k: v for k, v in trainer.callback_metrics.items()
-             if k.startswith(("train/", "val/")) and not k.endswith("_dropped")}
-        vals = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(m.items()) if getattr(v, "numel", lambda: 1)() == 1)
-        line = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {vals} ({time.time() - self.t0:.1f} s)"
+    def _write(self, line: str) -> None:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "a") as fh:
             fh.write(line + "\n")
         if self.echo:
             print(line, flush=True)
+
+    def on_train_epoch_end(self, trainer, pl_module):  # runs after the epoch's validation
+        if not trainer.is_global_zero:  # DDP: rank 0 alone writes and prints
+            return
+        m = {k: v for k, v in trainer.callback_metrics.items()
+             if k.startswith(("train/", "val/")) and not k.endswith("_dropped")}
+        vals = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(m.items()) if getattr(v, "numel", lambda: 1)() == 1)
+        self._write(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {vals} ({time.time() - self.t0:.1f} s)")
+
+
+class RngState(L.Callback):
+    """Keeps the random generators' states (torch, CUDA, numpy, python) in every checkpoint and puts them
+    back when a run resumes, so the resumed run draws the same shuffles and dropout masks as an
+    uninterrupted one. They are restored as the checkpoint is loaded: a resumed fit loop opens its first
+    epoch's data iterator (which draws the shuffle seed) before any epoch hook runs."""
+
+    def state_dict(self) -> dict:
+        import numpy as np
+        import torch
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "gauss": float(gauss)},
+                "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        import numpy as np
+        import torch
+
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"]))
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+
+
+class LastCheckpoint(Checkpoint):
+    """`last.ckpt` in the staging folder at the end of every training epoch: what `--resume` continues from.
+    It runs after every other checkpoint callback (attach it last: `with_last_checkpoint`), so the state it
+    saves includes their choice of the best epoch."""
+
+    def __init__(self, dirpath: str | os.PathLike):
+        self.path = Path(dirpath) / LAST
+        self.epoch: int | None = None  # the last epoch saved (1-based)
+
+    def on_train_epoch_end(self, trainer, pl_module):  # after the epoch's validation
+        if trainer.sanity_checking:
+            return
+        trainer.save_checkpoint(self.path, weights_only=False)  # every rank calls it; rank 0 writes (atomically)
+        self.epoch = trainer.current_epoch + 1
+
+
+def with_last_checkpoint(model, stage: Path) -> LastCheckpoint:
+    """Append a LastCheckpoint to the model's own callbacks: model callbacks come after the Trainer's, so
+    it saves after the model's best-checkpoint callback has updated its state for the epoch."""
+    own = model.configure_callbacks
+    last = LastCheckpoint(stage)
+
+    def configure_callbacks():
+        cbs = own() or []
+        return [*(cbs if isinstance(cbs, (list, tuple)) else [cbs]), last]
+
+    model.configure_callbacks = configure_callbacks
+    return last
+
+
+def keep_logger_version(trainer, stage: Path) -> None:
+    """A resumed run logs on into the stopped run's logger folder (`lightning_logs/version_N` in the staging
+    folder), where its best checkpoint lives, instead of opening version N+1."""
+    for logger in trainer.loggers:
+        save_dir = getattr(logger, "save_dir", None)
+        if save_dir is None or getattr(logger, "_version", "unset") is not None:
+            continue
+        try:
+            Path(save_dir).resolve().relative_to(stage.resolve())
+        except ValueError:
+            continue
+        root = Path(save_dir) / (getattr(logger, "name", "") or "")
+        versions = [int(d.name.split("_", 1)[1]) for d in root.glob("version_*") if d.name.split("_", 1)[1].isdigit()]
+        if versions:
+            logger._version = max(versions)
 
 
 def run(model_class=ClassificationModule, default_config: str | Path | None = None,
@@ -234,68 +328,88 @@ def run(model_class=ClassificationModule, default_config: str | Path | None = No
 
     `describe(model, datamodule)` may print domain-specific notes (or raise) before training;
     `evaluate(model, datamodule) -> dict` adds metrics computed after testing (e.g. per volume).
-    Returns the metrics row that was written.
+    Returns the metrics row that was written. Stopped by SIGTERM / SIGINT: raises RunStopped (its message
+    says how to resume); the previous contents of --output_dir stay as they were.
     """
     defaults = [str(default_config)] if default_config else []
     argv = sys.argv[1:] if args is None else list(args)
     quiet_lightning()
     check_recipes(argv)
-    try:
-        cli = PeftCLI(model_class, L.LightningDataModule, subclass_mode_data=True, run=False, args=args,
-                      parser_kwargs={"default_config_files": defaults, "exit_on_error": False,
-                                     **({"usage": usage} if usage else {})},
-                      save_config_callback=None, auto_configure_optimizers=False,
-                      trainer_defaults={"max_epochs": 5, "accelerator": "auto", "devices": 1,
-                                        "log_every_n_steps": 5, "num_sanity_val_steps": 0,
-                                        "enable_progress_bar": sys.stdout.isatty()})
-    except BaseException as e:  # e.g. a bad recipe value: remove the staging folder this run made
-        stage = os.environ.pop(STAGE_ENV, None)
-        if stage and os.environ.get("LOCAL_RANK", "0") == "0":
-            shutil.rmtree(stage, ignore_errors=True)
-        if isinstance(e, argparse.ArgumentError) and not os.environ.get("PEFT_SUITE_TRACEBACK"):
-            raise ConfigError(config_error_message(str(e), argv, defaults)) from None
-        raise
+    PeftCLI.claim = None
+    with stop_signals():
+        try:
+            cli = PeftCLI(model_class, L.LightningDataModule, subclass_mode_data=True, run=False, args=args,
+                          parser_kwargs={"default_config_files": defaults, "exit_on_error": False,
+                                         **({"usage": usage} if usage else {})},
+                          save_config_callback=None, auto_configure_optimizers=False,
+                          trainer_defaults={"max_epochs": 5, "accelerator": "auto", "devices": 1,
+                                            "log_every_n_steps": 5, "num_sanity_val_steps": 0,
+                                            "enable_progress_bar": sys.stdout.isatty()})
+        except BaseException as e:  # e.g. a bad recipe value: remove the staging folder this run made
+            claim, PeftCLI.claim = PeftCLI.claim, None
+            if claim is not None:
+                claim.close(e)
+            if isinstance(e, argparse.ArgumentError) and not os.environ.get("PEFT_SUITE_TRACEBACK"):
+                raise ConfigError(config_error_message(str(e), argv, defaults)) from None
+            raise
+        claim, PeftCLI.claim = cli.claim, None
+        try:
+            row = _fit_test_save(cli, claim, evaluate, describe)
+        except BaseException as e:
+            claim.close(e)  # a stopped run keeps its staging folder for --resume; a failed one's goes
+            raise
+        claim.close()
+        return row
+
+
+def _fit_test_save(cli, claim: OutputRun, evaluate, describe) -> dict[str, Any]:
     cfg = cli.config
     out = Path(cfg["output_dir"])
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
     stage = cli.stage
-    trainer.callbacks.append(EpochLine(stage / "train.log", echo=not trainer.progress_bar_callback))
+    trainer.callbacks.extend([EpochLine(stage / "train.log", echo=not trainer.progress_bar_callback), RngState()])
+    with_last_checkpoint(model, stage)
+    if claim.resume_from is not None:
+        keep_logger_version(trainer, stage)
     if trainer.is_global_zero:
         print(f"device: {trainer.strategy.root_device}" + (" (a GPU is available: --trainer.accelerator gpu)"
               if trainer.strategy.root_device.type == "cpu" and _cuda_available() else ""))
-    try:
-        if describe:
-            describe(model, data)
-        s = model.param_summary()
+    if describe:
+        describe(model, data)
+    s = model.param_summary()
+    if trainer.is_global_zero:
         print(f"trainable parameters: {s['trainable']:,} of {s['total']:,} ({s['trainable_percent']:.3f}%) "
               f"by method: {s['by_method']}")
-        t0 = time.time()
-        trainer.fit(model, datamodule=data)
-        ckpt = "best" if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path else None
+    t0 = time.time()
+    with deferred_stop(trainer):
+        trainer.fit(model, datamodule=data, ckpt_path=claim.resume_from)
+    best = next((c for c in trainer.checkpoint_callbacks if not isinstance(c, LastCheckpoint)
+                 and getattr(c, "best_model_path", None)), None)
+    ckpt = best.best_model_path if best is not None else None
+    with deferred_stop(trainer):
         tested = trainer.test(model, datamodule=data, ckpt_path=ckpt, verbose=False)
-        metrics = _json_safe(tested[0] if tested else {})
-        if evaluate and trainer.is_global_zero:
+    metrics = _json_safe(tested[0] if tested else {})
+    sharded = is_sharded(model)  # FSDP2: every forward and the bundle's gathering need every process
+    if evaluate and (trainer.is_global_zero or sharded):
+        with whole(model.model):
             metrics.update(_json_safe(evaluate(model, data)))
-        row = {"run": cfg["run_name"] or out.name, "backbone": model.hparams.backbone,
-               "dataset": getattr(data, "name", type(data).__name__), "fold": getattr(data, "test_fold", None),
-               "few_shot": getattr(data, "few_shot", None), "protocol": getattr(data, "protocol", None),
-               "monitor": model.monitor if ckpt else None,  # the metric that chose the tested checkpoint
-               "units": getattr(model, "metric_units", None),  # e.g. {"test/hd95": "px (model input)"}
-               "method": method_label(attached_methods(model)),
-               "trainable_params": s["trainable"], "total_params": s["total"], **metrics,
-               "best_checkpoint": Path(trainer.checkpoint_callback.best_model_path).name if ckpt else None,
-               "train_seconds": round(time.time() - t0, 1), "config": recipe_of(cfg)}
-        if trainer.is_global_zero:
-            model.save_bundle(stage / "adapter", metrics=metrics)
-            write_json_atomic(stage / "metrics.json", row)
-            replace_dir(stage, out)
-    except BaseException:
-        if trainer.is_global_zero:
-            shutil.rmtree(stage, ignore_errors=True)
-        raise
-    finally:
-        os.environ.pop(STAGE_ENV, None)
+    # which metric definitions the numbers follow ("reference" or the option; docs/metrics.md)
+    definition = {"definition": data.metric_definition} if getattr(data, "metric_definition", None) else {}
+    row = {"run": cfg["run_name"] or out.name, "backbone": model.hparams.backbone,
+           "dataset": getattr(data, "name", type(data).__name__), "fold": getattr(data, "test_fold", None),
+           "few_shot": getattr(data, "few_shot", None), "protocol": getattr(data, "protocol", None),
+           **definition,
+           "monitor": model.monitor if ckpt else None,  # the metric that chose the tested checkpoint
+           "units": getattr(model, "metric_units", None),  # e.g. {"test/hd95": "px (model input)"}
+           "method": method_label(attached_methods(model)),
+           "trainable_params": s["trainable"], "total_params": s["total"], **metrics,
+           "best_checkpoint": Path(ckpt).name if ckpt else None,
+           "train_seconds": round(time.time() - t0, 1), "config": recipe_of(cfg)}
+    if trainer.is_global_zero or sharded:  # under torch.distributed process 0 writes
+        model.save_bundle(stage / "adapter", metrics={**metrics, **definition})
     if trainer.is_global_zero:
+        write_json_atomic(stage / "metrics.json", row)
+        claim.publish()
         print("test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
         print(f"adapter bundle saved to {out / 'adapter'}")
         logs = [out / "train.log"] if (out / "train.log").is_file() else []
@@ -379,10 +493,16 @@ def domain_usage(demo_config: str | Path, demo_note: str) -> str:
 
 
 def friendly(entry, *args, **kwargs) -> int:
-    """Run a CLI entry; our errors (ValueError subclasses that name the file or field) print as one
-    line instead of a traceback. Exit code 2 on such an error."""
+    """Run a CLI entry and return its exit status: 0 done; 2 for our errors (ValueError subclasses that name
+    the file or field: bad input, a bad recipe, a busy output folder), printed as one line instead of a
+    traceback; 143 / 130 when SIGTERM / SIGINT stopped the run (one line says what was kept and how to
+    resume); an unexpected error raises (a traceback, status 1)."""
     try:
-        entry(*args, **kwargs)
+        with stop_signals():
+            entry(*args, **kwargs)
+    except RunStopped as e:
+        print(stopped_message(e), file=sys.stderr, flush=True)
+        return e.exit_code
     except (ValueError, KeyError) as e:
         if os.environ.get("PEFT_SUITE_TRACEBACK"):
             raise
@@ -437,18 +557,88 @@ def parse_tool_args(parser, argv: list[str], demo_config: str | Path):
         raise ConfigError(config_error_message(str(e), argv, defaults)) from None
 
 
-def print_top(results, errors: list[str], stop: tuple[type[Exception], ...]) -> int:
-    """The shared tail of the predict CLIs: print `name` then `  score  label` lines for each
-    (name, [(label, score), ...]) the iterable yields, then the per-file errors; exit status 2 when an
-    error of a `stop` type ends the run or any file failed, else 0."""
+def unique_stems(paths, stem=lambda p: p.stem) -> list[str]:
+    """One output name stem per input path, never the same twice in a call (compared ignoring case,
+    as macOS / Windows file systems do): `stem(path)` where that is unique, else prefixed with as
+    many parent folder names as make it unique (a/photo.jpg, b/photo.png -> a_photo, b_photo), and
+    a counter as a last resort (the same file given twice: photo, photo-2)."""
+    paths = [Path(p) for p in paths]
+    base = [stem(p) for p in paths]
+    out = list(base)
+    groups: dict[str, list[int]] = {}
+    for i, b in enumerate(base):
+        groups.setdefault(b.lower(), []).append(i)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        files = {paths[i].resolve(): base[i] for i in members}  # file -> its stem as given (a link keeps its name)
+        if len(files) < 2:
+            continue  # one file given several times: the counter below
+        parents = {f: [q.name for q in reversed(f.parents) if q.name] for f in files}
+        for depth in range(1, max(len(ps) for ps in parents.values()) + 1):
+            names = {f: "_".join(ps[-depth:] + [files[f]]) for f, ps in parents.items()}
+            if len({n.lower() for n in names.values()}) == len(names):
+                break
+        for i in members:
+            out[i] = names[paths[i].resolve()]
+    taken: set[str] = set()
+    for i, n in enumerate(out):  # still equal (the same file twice), or equal to another file's stem
+        name, k = n, 1
+        while name.lower() in taken:
+            k += 1
+            name = f"{n}-{k}"
+        taken.add(name.lower())
+        out[i] = name
+    return out
+
+
+def stream_results(items, show, errors: list[str] | None = None,
+                   stop: tuple[type[Exception], ...] = ()) -> int:
+    """The shared loop of the predict CLIs: each item the iterable yields is handled as soon as it
+    comes, so a long run shows its results as it goes and a crash loses none of those already made.
+    An item that is an exception is one file's error: `error: <message>` on stderr at once; any other
+    item goes to `show(item)` (which prints it). Messages appended to `errors` meanwhile are printed
+    after each item. Both streams are flushed after every item (stdout may be a pipe or a file).
+    Exit status: 2 when an error of a `stop` type ends the run or any file failed, else 0."""
+    failed = 0
+    seen = 0
+
+    def drain() -> int:
+        nonlocal seen
+        new = list(errors[seen:]) if errors is not None else []
+        seen += len(new)
+        for e in new:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return len(new)
+
     try:
-        for name, top in results:
-            print(name)
-            for label, score in top:
-                print(f"  {score:6.3f}  {label}")
+        for item in items:
+            if isinstance(item, Exception):
+                sys.stdout.flush()  # the lines before it come first, as they were made
+                print(f"error: {item}", file=sys.stderr, flush=True)
+                failed += 1
+            else:
+                show(item)
+                sys.stdout.flush()
+            failed += drain()
     except stop as e:
-        print(f"error: {e}", file=sys.stderr)
+        failed += drain()
+        sys.stdout.flush()
+        print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    for e in errors:
-        print(f"error: {e}", file=sys.stderr)
-    return 2 if errors else 0
+    failed += drain()
+    return 2 if failed else 0
+
+
+def print_top(results, errors: list[str] | None, stop: tuple[type[Exception], ...]) -> int:
+    """The shared tail of the predict CLIs: print `name` then `  score  label` lines for each
+    (name, [(label, score), ...]) the iterable yields, as soon as it is yielded; a yielded exception
+    is one file's error (printed on stderr at once, see `stream_results`); exit status 2 when an
+    error of a `stop` type ends the run or any file failed, else 0."""
+    def show(item):
+        name, top = item
+        print(name)
+        for label, score in top:
+            print(f"  {score:6.3f}  {label}")
+
+    return stream_results(results, show, errors, stop)

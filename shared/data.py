@@ -27,7 +27,7 @@ __all__ = [
     "SyntheticDataModule",
     "synthetic_example",
     "dataset_digest",
-    "eval_sampler",
+    "extract_features_once",
     "balanced_sampler",
     "pos_weight",
     "extract_features",
@@ -37,20 +37,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- samplers
-
-
-def eval_sampler(dataset: Any) -> torch.utils.data.Sampler | None:
-    """The sampler of a validation / test loader: under torch.distributed with several processes,
-    each process gets its own share of the samples and none is repeated (Lightning's default
-    `DistributedSampler` pads the last share with repeated samples, so metrics would count them
-    twice); otherwise None (sequential order). Lightning leaves a `DistributedSampler` in place."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-
-        return UnrepeatedDistributedSampler(dataset, shuffle=False)
-    return None
 
 
 def balanced_sampler(labels: Sequence[int] | np.ndarray, seed: int = 0) -> torch.utils.data.WeightedRandomSampler:
@@ -311,6 +297,11 @@ class FeatureCache:
     def get_or_compute(
         self, key: str, compute: Callable[[], Mapping[str, torch.Tensor]]
     ) -> dict[str, torch.Tensor]:
+        tensors = self.load(key)
+        return tensors if tensors is not None else self.store(key, compute())
+
+    def load(self, key: str) -> dict[str, torch.Tensor] | None:
+        """The entry under `key` (a hit), or None (a miss: absent, or unreadable and then deleted)."""
         path = self.path(key)
         if path.exists():
             try:
@@ -320,14 +311,65 @@ class FeatureCache:
             except Exception as err:  # safetensors raises its own error type for bad headers
                 warnings.warn(f"feature cache entry {path} is unreadable ({err}); recomputing")
                 path.unlink(missing_ok=True)
-
         self.misses += 1
+        return None
+
+    def store(self, key: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Write `tensors` under `key` (atomically); returns them as a later `load` gives them."""
         # safetensors needs contiguous CPU tensors; returning these same tensors keeps
         # a miss and a later hit indistinguishable to the caller.
-        tensors = {k: v.detach().cpu().contiguous() for k, v in compute().items()}
-        with atomic_path(path) as tmp:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        with atomic_path(self.path(key)) as tmp:
             save_file(tensors, str(tmp))
         return tensors
+
+
+def extract_features_once(
+    model_fn: Callable[[Any], torch.Tensor | dict[str, torch.Tensor]],
+    loader: Any,
+    device: str | torch.device = "cpu",
+    cache: FeatureCache | None = None,
+    key: str | None = None,
+) -> dict[str, torch.Tensor] | None:
+    """`extract_features` of every sample of `loader.dataset` exactly once, in dataset order
+    (whatever the loader's own sampler: a shuffled or class-balanced training loader would repeat
+    and reorder samples), read from / written to `cache` under `key` when given.
+
+    Under torch.distributed with several processes (a probe started by `torchrun`) each process
+    extracts its share (`shared.distributed.shard_indices`), process 0 gathers the rows back in
+    dataset order, writes the cache and returns them; the other processes return None. Every
+    process must call it. The loader's batch size, collate function and workers are kept."""
+    from torch.utils.data import DataLoader
+
+    from shared.distributed import gather_rows, shard_indices, world
+
+    rank, size = world()
+    if cache is not None and key is None:
+        raise ValueError("extract_features_once: a cache needs a key")
+    if rank == 0 and cache is not None:
+        cached = cache.load(key)
+    else:
+        cached = None
+    if size > 1:
+        import torch.distributed as dist
+
+        hit = [cached is not None]
+        dist.broadcast_object_list(hit, src=0)  # every process skips the extraction, or none
+        if hit[0]:
+            return cached if rank == 0 else None
+    elif cached is not None:
+        return cached
+    dataset = loader.dataset
+    indices = shard_indices(len(dataset), rank, size)
+    rows: dict[str, torch.Tensor] = {}
+    if indices:
+        share = DataLoader(dataset, batch_size=loader.batch_size or 1, sampler=indices, collate_fn=loader.collate_fn,
+                           num_workers=loader.num_workers)
+        rows = extract_features(model_fn, share, device)
+    merged = gather_rows(indices, rows)
+    if rank != 0:
+        return None
+    return cache.store(key, merged) if cache is not None else merged
 
 
 # --------------------------------------------------------------------------- synthetic data
@@ -393,9 +435,9 @@ class SyntheticDataModule(L.LightningDataModule):
             self.splits[name] = torch.utils.data.TensorDataset(x, y)
 
     def _loader(self, split: str, shuffle: bool = False):
-        sampler = None if shuffle else eval_sampler(self.splits[split])
+        # evaluation: sequential; under DDP each process's share comes from Lightning (shared.distributed)
         return torch.utils.data.DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle,
-                                           sampler=sampler, num_workers=self.num_workers)
+                                           num_workers=self.num_workers)
 
     def train_dataloader(self):
         return self._loader("train", shuffle=True)

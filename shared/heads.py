@@ -160,6 +160,9 @@ class AttentiveHead(nn.Module):
                 "num_heads": self.num_heads, "num_queries": self.num_queries}
 
 
+PATCH_LAYOUTS = ("grid", "birdmae_reshape")
+
+
 class PrototypicalHead(nn.Module):
     """Bird-MAE prototypical probe.
 
@@ -167,34 +170,62 @@ class PrototypicalHead(nn.Module):
     is specific to a location rather than the clip-level summary), upsampled bilinearly. Each
     class owns `prototypes_per_class` prototype vectors (rows c*P .. c*P + P - 1 of
     `prototypes`); a prototype's score is the ReLU'd cosine similarity at its best-matching
-    location. A class logit is a non-negative weighted sum of its own prototypes' scores plus a
-    bias, so evidence for a class can only come from that class's prototypes.
+    location, divided by `cosine_scale`. A class logit is a non-negative weighted sum of its own
+    prototypes' scores plus a bias, so evidence for a class can only come from that class's
+    prototypes.
+
+    `cosine_scale`: Bird-MAE divides every cosine by 1.01 (its PPNet `cos_activation`), so a
+    perfect match scores 0.990; 1.0 gives the plain cosine (what this head did before).
+    `patch_layout`: how the patch sequence becomes a map before the x2 bilinear upsampling.
+    "grid" (default) is the true patch grid (`Tokens.grid`, Bird-MAE: 32 time x 8 mel), so
+    interpolation mixes neighbours in time and frequency. "birdmae_reshape" is Bird-MAE's
+    `reshape(B, D, 8, 32)` of the time-major sequence: each row then holds 4 consecutive time
+    steps x 8 mel patches, so the upsampling blends patches that are not neighbours (mel patch 7
+    of one time step with mel patch 0 of the next). The layout only matters through the
+    upsampling (the max pool is global); it is offered to reproduce the reference, not because
+    it is right.
     """
 
     kind = "prototypical"
 
     def __init__(self, dim: int, num_classes: int, prototypes_per_class: int = 20, focal: bool = True,
-                 upsample: int = 2):
+                 upsample: int = 2, cosine_scale: float = 1.01, patch_layout: str = "grid"):
         super().__init__()
+        if patch_layout not in PATCH_LAYOUTS:
+            raise ValueError(f"patch_layout must be one of {PATCH_LAYOUTS}, got {patch_layout!r}")
+        if not cosine_scale > 0:
+            raise ValueError(f"cosine_scale must be > 0, got {cosine_scale!r}")
         self.dim, self.num_classes, self.prototypes_per_class = dim, num_classes, prototypes_per_class
         self.focal, self.upsample = focal, upsample
+        self.cosine_scale, self.patch_layout = float(cosine_scale), patch_layout
         self.prototypes = nn.Parameter(torch.rand(num_classes * prototypes_per_class, dim))  # (C*P, D), U(0,1)
         # Init weight 1 / bias -2: a class fires only once ~2 of its prototypes match well.
         self.weight = nn.Parameter(torch.ones(num_classes, prototypes_per_class))  # (C, P)
         self.bias = nn.Parameter(torch.full((num_classes,), -2.0))  # (C,)
 
-    def similarity_maps(self, tokens: Tokens, eps: float = 1e-8) -> torch.Tensor:
-        """ReLU'd cosine similarity of every prototype at every (upsampled) location:
-        (B, C, P, H', W'). Its spatial max is `similarities`; explanations read where it peaks."""
+    def feature_map(self, tokens: Tokens) -> torch.Tensor:
+        """The (B, D, H, W) map the prototypes are matched on, before upsampling: (H, W) is the patch
+        grid, or (W, H) for "birdmae_reshape" (then not a time x frequency grid)."""
         if self.focal and tokens.num_prefix > 0:
             patches = tokens.patches - tokens.x[:, :1]  # (B, HW, D) minus CLS (B, 1, D)
             tokens = Tokens(patches, 0, tokens.grid)
-        fmap = tokens.patch_map()  # (B, D, H, W)
+        fmap = tokens.patch_map()  # (B, D, H, W), checks the grid
+        if self.patch_layout == "birdmae_reshape":
+            b, d, h, w = fmap.shape
+            # the reference's reshape of the (B, D, HW) sequence into W rows of H: not a transpose
+            fmap = tokens.patches.transpose(1, 2).reshape(b, d, w, h)
+        return fmap
+
+    def similarity_maps(self, tokens: Tokens, eps: float = 1e-8) -> torch.Tensor:
+        """ReLU'd, scaled cosine similarity of every prototype at every (upsampled) location:
+        (B, C, P, H', W'). Its spatial max is `similarities`; explanations read where it peaks
+        (in time x frequency only with patch_layout "grid")."""
+        fmap = self.feature_map(tokens)
         if self.upsample != 1:
             fmap = F.interpolate(fmap, scale_factor=self.upsample, mode="bilinear", align_corners=False)
         f = F.normalize(fmap, dim=1, eps=eps)  # (B, D, H', W')
         p = F.normalize(self.prototypes, dim=1, eps=eps)  # (C*P, D)
-        sim = torch.einsum("bdhw,kd->bkhw", f, p).relu()  # (B, C*P, H', W')
+        sim = (torch.einsum("bdhw,kd->bkhw", f, p) / self.cosine_scale).relu()  # (B, C*P, H', W')
         return sim.view(sim.shape[0], self.num_classes, self.prototypes_per_class, *sim.shape[-2:])
 
     def similarities(self, tokens: Tokens, eps: float = 1e-8) -> torch.Tensor:
@@ -221,10 +252,16 @@ class PrototypicalHead(nn.Module):
 
     def config(self) -> dict:
         return {"kind": self.kind, "dim": self.dim, "num_classes": self.num_classes,
-                "prototypes_per_class": self.prototypes_per_class, "focal": self.focal, "upsample": self.upsample}
+                "prototypes_per_class": self.prototypes_per_class, "focal": self.focal, "upsample": self.upsample,
+                "cosine_scale": self.cosine_scale, "patch_layout": self.patch_layout}
 
 
 HEADS: dict[str, type[nn.Module]] = {"linear": LinearHead, "attentive": AttentiveHead, "prototypical": PrototypicalHead}
+
+
+# What a config saved before a field existed meant: a bundle keeps computing what it was trained with
+# (prototypical heads before `cosine_scale` used the plain cosine).
+LEGACY_DEFAULTS: dict[str, dict] = {"prototypical": {"cosine_scale": 1.0, "patch_layout": "grid"}}
 
 
 def build_head(config: dict) -> nn.Module:
@@ -233,7 +270,7 @@ def build_head(config: dict) -> nn.Module:
     kind = kwargs.pop("kind", None)
     if kind not in HEADS:
         raise ValueError(f"unknown head kind {kind!r}; known: {sorted(HEADS)}")
-    return HEADS[kind](**kwargs)
+    return HEADS[kind](**{**LEGACY_DEFAULTS.get(kind, {}), **kwargs})
 
 
 def _as_tensor(a) -> torch.Tensor:
@@ -302,16 +339,26 @@ class KNNClassifier:
         return {kk: v.argmax(1) for kk, v in p.items()} if isinstance(p, dict) else p.argmax(1)
 
 
+ASL_REDUCTIONS = ("mean", "batchmean", "sum")
+
+
 def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_neg: float = 4.0, gamma_pos: float = 1.0,
-                    clip: float = 0.05, eps: float = 1e-8) -> torch.Tensor:
+                    clip: float = 0.05, eps: float = 1e-8, reduction: str = "mean") -> torch.Tensor:
     """Asymmetric multi-label loss (Ridnik et al. 2021), as Bird-MAE trains its probes.
 
     loss = -[y (1-p)^gamma_pos log p + (1-y) p_m^gamma_neg log(1-p_m)], p = sigmoid(logits),
-    p_m = max(p - clip, 0): easy negatives (p < clip) are discarded entirely. Reduction: sum over
-    classes, mean over the batch (the reference returns the sum over everything, which would tie
-    the effective lr to the batch size). log p uses logsigmoid, so it is exact for large |logits|;
-    eps only guards log(1 - p_m).
+    p_m = max(p - clip, 0): easy negatives (p < clip) are discarded entirely.
+
+    reduction: "mean" (default, Bird-MAE's `AsymmetricLossMultiLabel(reduction="mean")`): the mean
+    over all B x C elements; "batchmean": summed over the classes, averaged over the batch, exactly
+    C times "mean" (what this function returned before; it changes the loss's balance against the
+    orthogonality loss and what gradient clipping does); "sum": over everything (the reference's
+    other option, which ties the effective learning rate to the batch size).
+    log p uses logsigmoid, exact for large |logits| (the reference clamps p at eps, the same for
+    logits above log(eps) = -18.4); eps only guards log(1 - p_m).
     """
+    if reduction not in ASL_REDUCTIONS:
+        raise ValueError(f"asymmetric_loss: reduction must be one of {ASL_REDUCTIONS}, got {reduction!r}")
     targets = targets.to(logits.dtype)  # (B, C)
     p = torch.sigmoid(logits)
     pos = targets * (1 - p).pow(gamma_pos) * F.logsigmoid(logits)
@@ -321,4 +368,9 @@ def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_neg: floa
     else:
         p_m, log_not_p_m = p, F.logsigmoid(-logits)  # log(1 - sigmoid(x)) = logsigmoid(-x)
     neg = (1 - targets) * p_m.pow(gamma_neg) * log_not_p_m
-    return -(pos + neg).sum(-1).mean()
+    loss = -(pos + neg)  # (B, C)
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "batchmean":
+        return loss.sum(-1).mean()
+    return loss.sum()

@@ -17,17 +17,31 @@ A *reference* is accepted wherever a bundle is (`peft.load`, `peft.from_bundle`,
 
 Every file a bundle lists with a sha256 (its tensors, a segmentation decoder) is checked before
 the folder is returned; a file that does not match is deleted from the cache and the reference
-is refused with one BundleError. Bundles are data only (safetensors + json): nothing is executed.
+is refused with one BundleError. A catalogue entry pins its bundle's `adapter.json` by sha256 and
+its folder lies inside the repository. Bundles are data only (safetensors + json): nothing is
+executed.
+
+Downloads give up after `PEFT_SUITE_DOWNLOAD_ATTEMPTS` requests for one file (default 5; a
+dropped transfer is resumed with a Range request, each one an attempt) or when one reference has
+taken `PEFT_SUITE_DOWNLOAD_TIMEOUT` seconds (default 600), with one line naming the URL, the
+attempts and the last error. Partial downloads left by a killed process are removed by the next
+download: in our URL cache those whose process is gone, in either cache those untouched for
+`STALE_HOURS` (24 h).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import contextvars
+import difflib
+import functools
 import json
 import os
 import re
 import shutil
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +54,11 @@ HF_RE = re.compile(r"^hf:/+(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?P<sub>(?:/[\w.-
 URL_RE = re.compile(r"^(?P<scheme>https?):/+(?P<rest>[^#]+)(?:#(?P<frag>.*))?$")
 SHA_RE = re.compile(r"^sha256=(?P<sha>[0-9a-f]{64})$")
 REQUIRED = ("name", "reference", "task", "backbone", "metrics", "licence")
+OPTIONAL = ("data", "method", "sha256")
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+ATTEMPTS_ENV, TIMEOUT_ENV = "PEFT_SUITE_DOWNLOAD_ATTEMPTS", "PEFT_SUITE_DOWNLOAD_TIMEOUT"
+DEFAULT_ATTEMPTS, DEFAULT_TIMEOUT = 5, 600.0
+STALE_HOURS = 24.0
 
 
 def cache_root() -> Path:
@@ -81,7 +100,60 @@ def resolve(ref: str | os.PathLike) -> Path:
     if path.exists() or os.sep in s or "/" in s:
         return path
     entry = find_entry(s, missing_ok=True)
-    return resolve(entry.reference) if entry is not None else path
+    if entry is None:
+        find_entry(s)  # raises: neither a folder nor a catalogue name, with the closest names
+    return resolve_entry(entry)
+
+
+def resolve_adapter(ref: str | os.PathLike) -> Path:
+    """The folder an `--adapter` argument names (any reference, see `resolve`), or one BundleError
+    line: a name that is neither a folder nor a catalogue name gets the closest catalogue names."""
+    folder = resolve(ref)
+    if not folder.exists():
+        raise BundleError(f"{os.fspath(ref)}: no such folder{_suggest(Path(os.fspath(ref)).name)}")
+    return folder
+
+
+def _suggest(name: str) -> str:
+    try:
+        names = [e.name for e in catalogue()]
+    except BundleError:  # a broken catalogue is reported where it is read
+        return ""
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def resolve_entry(entry: Entry) -> Path:
+    """A catalogue entry's folder, checked: a local one against the entry's sha256 of its
+    `adapter.json` (which pins every other file of the bundle), and every file the json pins."""
+    from shared.artifacts import read_meta_file
+
+    where = f"{entry.source}: adapters[{entry.index}] ({entry.name!r})"
+    folder = resolve(entry.reference)
+    meta_file = folder / META
+    if not is_remote(entry.reference) and not entry.sha256:
+        meta = read_meta_file(meta_file)  # a missing bundle says so first
+        raise BundleError(f"{where}: a local reference needs the sha256 of its {META} "
+                          f"(sha256: {sha256_file(meta_file)})")
+    meta = read_meta_file(meta_file)
+    if entry.sha256:
+        got = sha256_file(meta_file)
+        if got != entry.sha256:
+            raise BundleError(f"{where}: {meta_file} does not match the catalogue's sha256 (got {got[:12]}…, "
+                              f"want {entry.sha256[:12]}…): modified or replaced bundle")
+    verify(folder, meta, where)
+    return folder
+
+
+def verify(folder: Path, meta: dict[str, Any], where: str) -> None:
+    """Every file the bundle's json pins must match its sha256 (nothing is removed: a local folder)."""
+    for name, want in _bundle_files(folder, meta).items():
+        f = folder / name
+        got = sha256_file(f) if f.is_file() else None
+        if got != want:
+            raise BundleError(f"{where}: {f} does not match the sha256 in its {META} "
+                              f"({'missing' if got is None else 'got ' + got[:12] + '…'}, want {want[:12]}…): "
+                              f"truncated or modified file")
 
 
 def _bundle_files(folder: Path, meta: dict[str, Any]) -> dict[str, str]:
@@ -114,6 +186,168 @@ def _evict_hf(f: Path) -> None:
     f.unlink(missing_ok=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# download limits: a retry cap per file and a deadline per reference, on huggingface_hub's client
+# ---------------------------------------------------------------------------------------------
+class DownloadAborted(Exception):
+    """A download ran out of attempts or time (not an httpx error: huggingface_hub does not retry it)."""
+
+
+@dataclass
+class _Limits:
+    attempts: int
+    deadline: float
+    seconds: float
+    requests: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    answered: dict[str, bool] = field(default_factory=dict)
+
+    def give_up(self, url: str, why: str) -> DownloadAborted:
+        last = self.errors.get(url) or "none"
+        return DownloadAborted(f"{url}: {why} after {self.requests.get(url, 0)} attempt(s) (last error: {last})")
+
+
+_LIMITS: contextvars.ContextVar[_Limits | None] = contextvars.ContextVar("peft_suite_download_limits", default=None)
+
+
+def _env_number(name: str, default: float, kind=float) -> float:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise BundleError(f"{name}={raw!r}: expected a positive {'integer' if kind is int else 'number'}")
+    return value
+
+
+def _url_key(request) -> str:
+    return str(request.url.copy_with(query=None))
+
+
+def _on_request(request) -> None:
+    lim = _LIMITS.get()
+    if lim is None:
+        return
+    url = _url_key(request)
+    if time.monotonic() > lim.deadline:
+        raise lim.give_up(url, f"deadline of {lim.seconds:g} s ({TIMEOUT_ENV}) passed")
+    if request.method != "GET":
+        return
+    if lim.answered.get(url) is False:  # the last attempt never got a response
+        lim.errors[url] = "no response (connection refused, reset or timed out)"
+    if lim.requests.get(url, 0) >= lim.attempts:
+        raise lim.give_up(url, f"gave up ({lim.attempts} attempts allowed, {ATTEMPTS_ENV})")
+    lim.requests[url] = lim.requests.get(url, 0) + 1
+    lim.answered[url] = False
+
+
+def _on_response(response) -> None:
+    lim = _LIMITS.get()
+    if lim is None:
+        return
+    url = _url_key(response.request)
+    lim.answered[url] = True
+    if response.status_code >= 400:
+        lim.errors[url] = f"HTTP {response.status_code}"
+    response.stream = _limited_stream_class()(response.stream, lim, url)
+
+
+@functools.cache
+def _limited_stream_class():
+    try:  # the HTTP library huggingface_hub uses: httpx2 (huggingface_hub 2.x) or httpx (1.x)
+        from httpx2 import SyncByteStream
+    except ImportError:
+        from httpx import SyncByteStream
+
+    class LimitedStream(SyncByteStream):
+        """A response body that stops at the deadline and remembers why a transfer broke off."""
+
+        def __init__(self, inner, lim: _Limits, url: str):
+            self.inner, self.lim, self.url = inner, lim, url
+
+        def __iter__(self):
+            try:
+                for chunk in self.inner:
+                    if time.monotonic() > self.lim.deadline:
+                        raise self.lim.give_up(self.url, f"deadline of {self.lim.seconds:g} s ({TIMEOUT_ENV}) passed")
+                    yield chunk
+            except DownloadAborted:
+                raise
+            except Exception as e:  # noqa: BLE001 - recorded, then huggingface_hub decides whether to resume
+                self.lim.errors[self.url] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                raise
+
+        def close(self):
+            self.inner.close()
+
+    return LimitedStream
+
+
+@contextlib.contextmanager
+def download_limits():
+    """Apply the attempt cap and the deadline to every request huggingface_hub makes in this block
+    (this thread only; hooks on its shared client, inactive outside such a block)."""
+    from huggingface_hub import get_session
+
+    seconds = _env_number(TIMEOUT_ENV, DEFAULT_TIMEOUT)
+    lim = _Limits(int(_env_number(ATTEMPTS_ENV, DEFAULT_ATTEMPTS, int)), time.monotonic() + seconds, seconds)
+    client = get_session()
+    hooks = client.event_hooks
+    if _on_request not in hooks["request"]:
+        client.event_hooks = {"request": [*hooks["request"], _on_request],
+                              "response": [*hooks["response"], _on_response]}
+    token = _LIMITS.set(lim)
+    try:
+        yield lim
+    finally:
+        _LIMITS.reset(token)
+
+
+def _remove_stale(folder: Path, pattern: str, pid_of=None) -> list[Path]:
+    """Remove partial downloads matching `pattern` in `folder` whose process is gone (`pid_of(name)`
+    gives the pid recorded in the name, if any) or that were not written for STALE_HOURS."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for p in folder.glob(pattern):
+        try:
+            age = now - p.lstat().st_mtime
+        except FileNotFoundError:
+            continue
+        pid = pid_of(p.name) if pid_of else None
+        if age > STALE_HOURS * 3600 or (pid is not None and not _alive(pid)):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+_PART_RE = re.compile(r"^\.[0-9a-f]{16}\.p(?P<pid>\d+)\.")
+
+
+def _pid_in_name(name: str) -> int | None:
+    m = _PART_RE.match(name)
+    return int(m["pid"]) if m else None
+
+
 def _resolve_hf(ref: str, repo: str, sub: str, rev: str | None) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
@@ -140,20 +374,29 @@ def _resolve_hf(ref: str, repo: str, sub: str, rev: str | None) -> Path:
         except EntryNotFoundError:
             raise BundleError(f"{ref}: no {name} in {repo!r}{'/' + sub if sub else ''} at {revision!r} "
                               f"(not an adapter bundle)") from None
+        except DownloadAborted as e:
+            raise BundleError(f"{ref}: download of {name} failed: {e}; the partial file stays in the cache for a "
+                              f"later resume") from None
         except HfHubHTTPError as e:
             raise BundleError(f"{ref}: download failed: {str(e).splitlines()[0]}") from None
         except OSError as e:  # size mismatch after retries, disk full, ...
             raise BundleError(f"{ref}: download of {name} failed ({str(e).splitlines()[0]}); nothing was kept") from None
 
-    meta_file = get(META, rev or "main")
-    folder = meta_file.parent
-    # Later files come from the same commit as the json, even if the branch moves meanwhile.
-    commit = _commit_of(meta_file, sub)
-    from shared.artifacts import read_meta_file
+    if not offline:
+        from huggingface_hub import constants
 
-    meta = read_meta_file(meta_file)
-    for name in _bundle_files(folder, meta):
-        get(name, commit)
+        cache = Path(kw["cache_dir"] or constants.HF_HUB_CACHE)
+        _remove_stale(cache / f"models--{repo.replace('/', '--')}" / "blobs", "*.incomplete")
+    with download_limits() if not offline else contextlib.nullcontext():
+        meta_file = get(META, rev or "main")
+        folder = meta_file.parent
+        # Later files come from the same commit as the json, even if the branch moves meanwhile.
+        commit = _commit_of(meta_file, sub)
+        from shared.artifacts import read_meta_file
+
+        meta = read_meta_file(meta_file)
+        for name in _bundle_files(folder, meta):
+            get(name, commit)
     _verify(folder, meta, ref, _evict_hf)
     return folder
 
@@ -177,13 +420,20 @@ def _resolve_url(url: str, sha: str) -> Path:
     if _offline():
         raise BundleError(f"{url}: not in the local cache ({dest}) and HF_HUB_OFFLINE is set; download it once while online")
     root.mkdir(parents=True, exist_ok=True)
-    fd, part = tempfile.mkstemp(dir=root, prefix=f".{sha[:16]}.", suffix=".zip.incomplete")
+    # Partial files carry their process id: one whose process was killed is removed by the next download.
+    _remove_stale(root, ".*.incomplete", _pid_in_name)
+    _remove_stale(root, ".*.unpack", _pid_in_name)
+    prefix = f".{sha[:16]}.p{os.getpid()}."
+    fd, part = tempfile.mkstemp(dir=root, prefix=prefix, suffix=".zip.incomplete")
     part = Path(part)
     stage = None
     try:
         with os.fdopen(fd, "wb") as f:
             try:
-                http_get(url, f)  # resumes with a Range request when the connection drops mid-transfer
+                with download_limits():
+                    http_get(url, f)  # resumes with a Range request when the connection drops mid-transfer
+            except DownloadAborted as e:
+                raise BundleError(f"download failed: {e}; nothing was kept") from None
             except Exception as e:  # noqa: BLE001 - every transport failure becomes one clear error
                 raise BundleError(f"{url}: download failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                                   f"nothing was kept") from None
@@ -191,7 +441,7 @@ def _resolve_url(url: str, sha: str) -> Path:
         if got != sha:
             raise BundleError(f"{url}: sha256 mismatch (got {got}, the reference pins {sha}): truncated or tampered "
                               f"download refused, nothing was kept")
-        stage = Path(tempfile.mkdtemp(dir=root, prefix=f".{sha[:16]}.", suffix=".unpack"))
+        stage = Path(tempfile.mkdtemp(dir=root, prefix=prefix, suffix=".unpack"))
         _unzip(part, stage, url)
         _verify(stage, read_meta_file(stage / META), url, lambda f: None)
         if dest.exists():  # another process finished first
@@ -241,6 +491,8 @@ class Entry:
     data: str = ""
     method: str = ""
     source: Path = field(default=Path("."), compare=False)
+    sha256: str = ""        # of the bundle's adapter.json; required for a local reference
+    index: int = field(default=0, compare=False)
 
 
 def domains_dir() -> Path:
@@ -276,9 +528,11 @@ def catalogue(domain: str | None = None) -> list[Entry]:
             missing = [k for k in REQUIRED if not item.get(k)]
             if missing:
                 raise BundleError(f"{where}: missing field(s) {missing}")
-            unknown = sorted(set(item) - set(REQUIRED) - {"data", "method"})
+            unknown = sorted(set(item) - set(REQUIRED) - set(OPTIONAL))
             if unknown:
                 raise BundleError(f"{where}: unknown field(s) {unknown}")
+            if "sha256" in item and not HEX64.match(str(item["sha256"])):
+                raise BundleError(f"{where}: 'sha256' must be 64 lower-case hex digits (the sha256 of the bundle's {META})")
             if not isinstance(item["metrics"], dict) or not all(isinstance(v, (int, float)) for v in item["metrics"].values()):
                 raise BundleError(f"{where}: 'metrics' must map metric names to numbers")
             name = str(item["name"])
@@ -286,23 +540,38 @@ def catalogue(domain: str | None = None) -> list[Entry]:
                 raise BundleError(f"{where}: name {name!r} is already used in {seen[name]}")
             seen[name] = f
             ref = str(item["reference"])
-            if not is_remote(ref) and not Path(ref).is_absolute():
-                ref = str(root.parent / ref)
+            if not is_remote(ref):
+                ref = str(_inside_repo(ref, root.parent, f"{where} ({name!r})"))
             entries.append(Entry(name, f.parent.name, ref, str(item["task"]), str(item["backbone"]),
                                  dict(item["metrics"]), str(item["licence"]), str(item.get("data", "")),
-                                 str(item.get("method", "")), f))
+                                 str(item.get("method", "")), f, str(item.get("sha256", "")), i))
     return entries
 
 
+def _inside_repo(ref: str, repo: Path, where: str) -> Path:
+    """A local catalogue reference as a folder inside the repository (no absolute path, no `..` out)."""
+    if Path(ref).is_absolute() or Path(ref).expanduser() != Path(ref) or re.match(r"^[A-Za-z]:", ref):
+        raise BundleError(f"{where}: reference {ref!r} is an absolute path; a local reference is a folder relative "
+                          f"to the repository root (or use hf://… / https://…#sha256=…)")
+    path = repo / ref
+    if not path.resolve().is_relative_to(repo.resolve()):
+        raise BundleError(f"{where}: reference {ref!r} points outside the repository ({repo}); a local reference "
+                          f"is a folder inside it")
+    return path
+
+
 def find_entry(name: str, missing_ok: bool = False) -> Entry | None:
-    for e in catalogue():
+    entries = catalogue()
+    for e in entries:
         if e.name == name:
             return e
     if missing_ok:
         return None
-    names = [e.name for e in catalogue()]
+    names = [e.name for e in entries]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"known: {', '.join(names) or 'none'}"
     raise BundleError(f"{name!r} is neither a bundle folder, a reference (hf://, https://…#sha256=) nor a "
-                      f"catalogue name (known: {', '.join(names) or 'none'})")
+                      f"catalogue name ({hint}; python -m shared.hub list)")
 
 
 def table(entries: list[Entry]) -> str:
@@ -455,11 +724,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "download":
             entry = find_entry(args.name, missing_ok=True)
             if entry is None and not is_remote(args.name):
-                find_entry(args.name)  # raises, listing the names
-            folder = resolve(entry.reference if entry else args.name)
-            from shared.artifacts import read_meta
+                find_entry(args.name)  # raises, naming the closest catalogue names
+            folder = resolve_entry(entry) if entry else resolve(args.name)
+            from shared.artifacts import read_meta_file
 
-            read_meta(folder)
+            verify(folder, read_meta_file(folder / META), args.name)  # every pinned file, local ones too
             print(folder)
         else:
             print(push(args.bundle, args.repo_id, args.private, args.revision, args.dry_run, args.licence, args.data))

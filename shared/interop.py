@@ -58,7 +58,7 @@ def export_peft(bundle: str | os.PathLike, out: str | os.PathLike, base_model: s
     """Write `out/adapter_config.json` + `out/adapter_model.safetensors` (+ the head); atomic."""
     import tempfile
 
-    from safetensors.torch import save_file
+    from shared.artifacts import save_tensors
 
     folder = resolve(bundle)
     meta = read_meta(folder)
@@ -74,9 +74,9 @@ def export_peft(bundle: str | os.PathLike, out: str | os.PathLike, base_model: s
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         config.save_pretrained(str(stage))
-        save_file(adapter, str(stage / PEFT_WEIGHTS), metadata={"format": "pt"})
+        save_tensors(adapter, stage / PEFT_WEIGHTS, metadata={"format": "pt"})
         if head:
-            save_file(head, str(stage / "peft_suite_head.safetensors"), metadata={"format": "pt"})
+            save_tensors(head, stage / "peft_suite_head.safetensors", metadata={"format": "pt"})
             (stage / "peft_suite_head.json").write_text(json.dumps(
                 {"head": meta.get("head"), "labels": meta.get("labels"), "preprocessing": meta.get("preprocessing"),
                  "backbone": meta["backbone"]}, indent=2))

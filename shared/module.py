@@ -17,6 +17,7 @@ from torchmetrics.functional.classification import binary_auroc, binary_average_
 from torchmetrics.utilities import dim_zero_cat
 
 from shared import backbones, peft
+from shared.distributed import EvalShare, fully_shard_model
 from shared.heads import asymmetric_loss, build_head
 
 
@@ -90,6 +91,29 @@ class PerClassScore(Metric):
         return macro_over_defined(dim_zero_cat(self.preds), dim_zero_cat(self.target), self.kind)[1]
 
 
+def shard_for_strategy(module: L.LightningModule, model: torch.nn.Module) -> None:
+    """`configure_model` of our LightningModules: under Lightning's `ModelParallelStrategy`, shard
+    `model` with FSDP2 over the data-parallel mesh (`shared.distributed.fully_shard_model`); other
+    strategies (single device, DDP) keep it whole."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if not isinstance(module.trainer.strategy, ModelParallelStrategy):
+        return
+    mesh = module.device_mesh
+    if mesh["tensor_parallel"].size() > 1:
+        n = mesh.size()
+        raise ValueError(f"ModelParallelStrategy: our models shard by data parallelism (FSDP2) only, but the mesh "
+                         f"gives tensor_parallel_size={mesh['tensor_parallel'].size()}: set "
+                         f"--trainer.strategy.data_parallel_size {n} --trainer.strategy.tensor_parallel_size 1")
+    fully_shard_model(model, mesh=mesh["data_parallel"])
+
+
+def sharded_state(state_dict: dict[str, Any]) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(v, DTensor) for v in state_dict.values())
+
+
 class PeftModule(L.LightningModule):
     """Conventions every PEFT task module shares: AdamW over the trainable tensors (optionally
     grouped by `lr_groups`), a per-step cosine schedule with warm-up, testing on the best
@@ -121,12 +145,27 @@ class PeftModule(L.LightningModule):
     def test_step(self, batch, batch_idx):
         self._shared_step(batch, "test")
 
+    def on_validation_epoch_start(self):
+        self.eval_share = EvalShare()
+        self.eval_share.start(self.trainer)
+
+    def on_test_epoch_start(self):
+        self.on_validation_epoch_start()
+
+    def real(self, n: int) -> int:
+        """How many leading samples of this evaluation batch of n are real: under DDP / FSDP the
+        distributed sampler pads the split with repeats after them, which no loss or metric counts."""
+        share = getattr(self, "eval_share", None)
+        return n if share is None else share.keep(n)
+
     def on_validation_epoch_end(self):
         self._log_metrics("val")
 
     def on_test_epoch_end(self):
         self._log_metrics("test")
 
+    def configure_model(self):
+        shard_for_strategy(self, self.model)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -159,6 +198,10 @@ class PeftModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         # Only what was trained (adapters, heads, decoders, method buffers), not the frozen backbone.
+        # A sharded checkpoint (ModelParallelStrategy: one file per process) keeps everything: reading
+        # it back plans over every tensor of the model.
+        if sharded_state(checkpoint["state_dict"]):
+            return
         keep = {f"model.{k}" for k in self.trained_tensor_names()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                     if k in keep or k.startswith("metrics.")}
@@ -298,6 +341,11 @@ class ClassificationModule(PeftModule):
     def _shared_step(self, batch, stage: str):
         x, y = batch
         logits = self(x)
+        if stage != "train":  # the distributed sampler's padding counts in no loss or metric
+            n = self.real(len(y))
+            if n == 0:
+                return None
+            logits, y = logits[:n], y[:n]
         loss = self.loss(logits, y)
         if stage == "train":
             if self.hparams.orthogonality_weight and hasattr(self.model.head, "orthogonality_loss"):
@@ -338,10 +386,23 @@ class ClassificationModule(PeftModule):
         """Fields a bundle needs for prediction beyond the core's (task, label semantics)."""
         return {"task": "classification", "multilabel": self.multilabel}
 
+    def bundle_domain(self) -> str | None:
+        """The application the bundle is for: the package of the data it was trained on (audio,
+        medical, ...); None (then `peft.save` takes the backbone's domain) outside a Trainer or
+        for shared data."""
+        from shared.artifacts import domain_of_module
+
+        try:
+            data = self.trainer.datamodule
+        except RuntimeError:  # not attached to a Trainer
+            return None
+        return domain_of_module(type(data).__module__) if data is not None else None
+
     def save_bundle(self, path, metrics: dict[str, Any] | None = None):
         return peft.save(self.model, path, labels=self.hparams.labels, metrics=metrics,
                          preprocessing=self.hparams.preprocessing, backbone_id=self.hparams.backbone,
-                         backbone_kwargs=self.hparams.backbone_kwargs, extra=self.bundle_extra())
+                         backbone_kwargs=self.hparams.backbone_kwargs, extra=self.bundle_extra(),
+                         domain=self.bundle_domain())
 
 
 def peft_tensor_names(model) -> list[str]:

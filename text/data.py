@@ -351,19 +351,23 @@ def read_acter_file(path: Path, domain: str) -> list[Doc]:
     return docs
 
 
-def acter_gold_terms(root: str | Path, domain: str, named_entities: bool = False) -> dict[str, str]:
-    """The domain's unique term list {term key: Specific_Term | Common_Term | OOD_Term | Named_Entity}."""
-    name = f"{domain}_en_terms{'_nes' if named_entities else ''}.tsv"
+def acter_gold_terms(root: str | Path, domain: str, named_entities: bool = False, tokenised: bool = False,
+                     key=term_key) -> dict[str, str]:
+    """The domain's unique term list {key(term): Specific_Term | Common_Term | OOD_Term | Named_Entity}:
+    `{domain}_en_terms[_nes].tsv`, or with `tokenised` the `..._tokenised_terms[_nes].tsv` version
+    (the terms that align with the tokens of the sequential annotations, tokens joined by spaces)."""
+    name = f"{domain}_en{'_tokenised' if tokenised else ''}_terms{'_nes' if named_entities else ''}.tsv"
     path = acter_dir(root, domain) / "unique_annotation_lists" / name
     if not path.is_file():
-        raise DataError(f"{path}: not found")
+        raise DataError(f"{path}: not found" + (" (ACTER 1.5 has it; for an older ACTER use data.term_match: "
+                                                "original_list)" if tokenised else ""))
     out = {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():
             parts = line.split("\t")
             if len(parts) != 2:
                 raise DataError(f"{path} line {n}: expected 'term<TAB>label'")
-            out[term_key(parts[0])] = parts[1].strip()
+            out[key(parts[0])] = parts[1].strip()
     return out
 
 
@@ -380,6 +384,7 @@ def spans_of(tags: list[int]) -> list[tuple[int, int]]:
     return spans
 
 
-def doc_terms(doc: Doc, tags: list[int] | None = None) -> set[str]:
+def doc_terms(doc: Doc, tags: list[int] | None = None, key=term_key) -> set[str]:
+    """The unique terms of `tags` (default: the doc's gold tags): each span's words joined by spaces, then `key`."""
     tags = doc.tags if tags is None else tags
-    return {term_key(" ".join(doc.words[s:t])) for s, t in spans_of(tags)}
+    return {key(" ".join(doc.words[s:t])) for s, t in spans_of(tags)}

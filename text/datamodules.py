@@ -10,7 +10,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from text import data as D
-from text.tagger import Window, WindowEncoder, build_tokenizer, collate
+from text.tagger import TERM_MATCH, Window, WindowEncoder, build_tokenizer, collate, term_keyer
 
 
 class TextDataModule(L.LightningDataModule):
@@ -101,6 +101,11 @@ class JargonDataModule(TextDataModule):
         return f"jargon-{Path(self.root).stem}"
 
     @property
+    def metric_definition(self) -> str:
+        """"reference" (the study: jargon = familiarity <= 1), or the threshold used instead."""
+        return "reference" if float(self.threshold) == 1 else f"jargon_threshold={self.threshold:g}"
+
+    @property
     def protocol(self) -> str:
         names = "/".join(D.target_name(c) for c in self.extra_columns)
         extra = f"; extra targets {names}" if names else ""
@@ -154,15 +159,23 @@ class ActerDataModule(TextDataModule):
         max_train_sentences / max_test_sentences: seeded subsamples for short CPU runs (0 = all). With
             all test sentences the gold list is the domain's unique term list (TermEval); with a
             subsample, the terms annotated in those sentences.
+        term_match: how predicted terms meet the gold list (docs/metrics.md): "reference" (TermEval:
+            exact lowercased, ACTER-normalised strings, against the tokenised unique list, the one
+            that matches the tokens the tagger labels), "original_list" (the same match against the
+            untokenised list TermEval 2020 scored), "term_key" (this suite's former match:
+            punctuation split off, untokenised list).
     """
 
     task = "terms"
 
     def __init__(self, root: str = "../shared/data/acter", test_domain: str = "htfl",
                  train_domains: list[str] | None = None, named_entities: bool = False, val_fraction: float = 0.1,
-                 max_train_sentences: int = 0, max_test_sentences: int = 0, **kw):
+                 max_train_sentences: int = 0, max_test_sentences: int = 0, term_match: str = "reference", **kw):
         kw.setdefault("reader_prefix", False)
+        if term_match not in TERM_MATCH:
+            raise D.DataError(f"data.term_match must be one of {list(TERM_MATCH)}, got {term_match!r}")
         super().__init__(**kw)
+        self.term_match, self.term_key = term_match, term_keyer(term_match)
         self.root, self.test_domain, self.named_entities = root, test_domain, named_entities
         self.train_domains = list(train_domains or [d for d in D.ACTER_DOMAINS if d != test_domain])
         if test_domain in self.train_domains:
@@ -178,6 +191,10 @@ class ActerDataModule(TextDataModule):
     def protocol(self) -> str:
         return f"termeval: train {'+'.join(self.train_domains)}, test {self.test_domain}" + \
             (" (with NEs)" if self.named_entities else "")
+
+    @property
+    def metric_definition(self) -> str:
+        return "reference" if self.term_match == "reference" else f"term_match={self.term_match}"
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -198,12 +215,13 @@ class ActerDataModule(TextDataModule):
             val = rng.sample(val, max(1, self.max_train // 5))
         if self.max_test and len(test) > self.max_test:
             test = rng.sample(test, self.max_test)
-            self.gold = set().union(*(D.doc_terms(d) for d in test))
+            self.gold = set().union(*(D.doc_terms(d, key=self.term_key) for d in test))
         else:
-            self.gold = set(D.acter_gold_terms(self.root, self.test_domain, self.named_entities))
+            self.gold = set(D.acter_gold_terms(self.root, self.test_domain, self.named_entities,
+                                               tokenised=self.term_match == "reference", key=self.term_key))
         self.splits = {"train": train, "val": val, "test": test}
 
     def gold_terms(self, stage: str) -> set[str]:
         if stage == "test":
             return self.gold
-        return set().union(*(D.doc_terms(d) for d in self.docs(stage)))
+        return set().union(*(D.doc_terms(d, key=self.term_key) for d in self.docs(stage)))

@@ -98,17 +98,23 @@ class TaggerModule(PeftModule):
     def _shared_step(self, batch, stage: str):
         inputs, labels, *extra = batch
         logits = self(inputs)  # (B, N, 3 [+ K])
+        if stage != "train":  # the distributed sampler's padding windows count in no loss
+            n = self.real(len(labels))
+            if n == 0:
+                return None
+            logits, labels, extra = logits[:n], labels[:n], [e[:n] for e in extra]
         loss, bce = self.loss(logits, labels, extra[0] if extra else None)
-        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=len(labels))
+        sync = stage != "train"  # validation / test losses: over every process's windows
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=len(labels), sync_dist=sync)
         if bce is not None:
-            self.log(f"{stage}/extra_loss", bce, batch_size=len(labels))
+            self.log(f"{stage}/extra_loss", bce, batch_size=len(labels), sync_dist=sync)
         return loss
 
     def evaluate(self, stage: str) -> dict[str, float]:
         data = self.trainer.datamodule
         stage = stage if data.docs(stage) else "test"
         if data.task == "terms":
-            terms, _ = extract_terms(self.model, data.encoder, data.docs(stage))
+            terms, _ = extract_terms(self.model, data.encoder, data.docs(stage), key=data.term_key)
             return term_metrics(terms, data.gold_terms(stage))
         docs = data.docs(stage)
         c = self.hparams.num_classes

@@ -24,7 +24,8 @@ readers from field families (a reader knows every term of an abstract in their f
 familiarity 5, and finds every other term jargon, familiarity 1). Without --data: the synthetic
 corpus of `text.synthetic` (SIMULATED readers), written to <output-dir>/demo_annotations.csv.
 
-Writes <output-dir>/metrics.json (per method: F1 of the jargon class at margin > 0 overall, per
+Writes <output-dir>/metrics.json (`definition`: "reference" when jargon = familiarity <= 1, the
+study's; per method: F1 of the jargon class at margin > 0 overall, per
 reader and macro over readers, the margins' ROC AUC overall / per reader / macro, wall seconds,
 trainable parameters; and the "all yes" reference: every term marked as jargon), <output-dir>/scores.json (every test query's
 yes-no margin per method), and the bundles <output-dir>/adapters/shared and
@@ -342,13 +343,15 @@ def run(args) -> dict[str, Any]:
                               "trainable": n_lora * n_readers,
                               "trainable_note": f"{n_lora:,} x {n_readers} readers"}
 
+    # the study's labels: jargon = familiarity <= 1 ("reference"); another --threshold is named
+    definition = "reference" if float(args.threshold) == 1 else f"jargon_threshold={args.threshold:g}"
     # bundles: the shared adapter and each reader's, loadable by text.predict
     prep = {"tokenizer": spec, "max_length": scorer.max_length, "threshold": 0.0, "prompt": "study-yes-no",
             "simulated_readers": info["simulated"]}
     bundles = {"shared": str(out / "adapters" / "shared"), "readers": {}}
     bank.use(G.SHARED)
     G.save_bundle(model, bundles["shared"], G.SHARED, info["readers"], prep, args.backbone, bb_kwargs,
-                  {k: v for k, v in results["shared_lora"].items() if k != "trainable_note"})
+                  {**{k: v for k, v in results["shared_lora"].items() if k != "trainable_note"}, "definition": definition})
     names: dict[str, str] = {}
     for r in sorted(s for s in bank.states if s != G.SHARED):
         name = safe_name(r)
@@ -358,7 +361,7 @@ def run(args) -> dict[str, Any]:
         bank.use(r)
         bundles["readers"][r] = str(out / "adapters" / "readers" / name)
         G.save_bundle(model, bundles["readers"][r], r, {r: info["readers"][r]}, prep, args.backbone, bb_kwargs,
-                      {"f1": results["reader_lora"]["f1_reader"].get(r)})
+                      {"f1": results["reader_lora"]["f1_reader"].get(r), "definition": definition})
 
     wall = time.perf_counter() - t_start
     names_row = {"all_yes": "all yes", "vanilla": "vanilla", "metadata": "metadata", "profile": "profile",
@@ -378,6 +381,7 @@ def run(args) -> dict[str, Any]:
                      "batch_size": args.batch_size, "group_size": args.group_size, "shared_prefix": args.shared_prefix, "seed": args.seed,
                      "shared_s": log["shared_s"], "readers_s": log["readers_s"], "reader_s": log["reader_s"],
                      "shared_losses": log["shared_losses"], "reader_losses": log["reader_losses"]},
+        "definition": definition,  # docs/metrics.md: which definition the F1 follows
         "results": {k: {kk: vv for kk, vv in v.items() if kk != "trainable_note"} for k, v in results.items()},
         "wall_s": wall,
         "bundles": bundles,

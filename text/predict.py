@@ -6,7 +6,14 @@ as jargon for a reader (or as terms, for an ACTER-trained tagger), with their sc
 
 Tagger bundles (python -m text.train): without --term the tagger finds the spans itself; with --term
 it decides each given term (each must occur in the text). A text longer than the model's context is
-windowed, never truncated.
+windowed, never truncated. A hyphenated compound ("difference-in-differences", "state-level") is
+one word of a span, and a span of function words only ("in", "of the") is never reported. A
+term-extraction bundle (ACTER, preprocessing.task "terms") prints "term" where a jargon bundle
+prints "jargon".
+
+The text is the last argument, or @FILE for a UTF-8 file's contents (a folder, a missing file or
+another encoding is refused, naming it); text that is the name of an existing file is taken as
+text, with a warning ("did you mean @FILE?").
 
 Generative bundles (python -m text.personalise): --adapter is the run's output folder (its readers'
 bundles under adapters/readers/) or one bundle; the reader's LoRA answers the study's yes / no
@@ -28,7 +35,7 @@ from shared.cli import friendly
 from shared.hub import resolve_adapter
 from text import module as _registers  # noqa: F401  (hf-encoder backbone, token head)
 from text.data import target_name
-from text.tagger import WindowEncoder, build_tokenizer, num_tags, span_score, tag_spans, word_outputs
+from text.tagger import WindowEncoder, build_tokenizer, decode_terms, num_tags, span_score, word_outputs
 from text.words import find_all, split_words
 
 
@@ -45,6 +52,8 @@ class JargonTagger:
         self.encoder = WindowEncoder(build_tokenizer(self.prep.get("tokenizer")), self.prep.get("max_length", 128),
                                      self.prep.get("overlap", 16), self.prep.get("reader_prefix", False))
         self.readers: dict[str, str] = self.prep.get("readers") or {}
+        # what a marked span is: a term (a term-extraction bundle, e.g. ACTER) or jargon for a reader
+        self.marks = "terms" if self.prep.get("task") == "terms" else "jargon"
 
     @property
     def personalised(self) -> bool:
@@ -69,13 +78,14 @@ class JargonTagger:
             profile: str | None = None, threshold: float = 0.5) -> list[dict[str, Any]]:
         if not text or not text.strip():
             raise ValueError("empty abstract: nothing to tag")
-        words = [w.text for w in split_words(text)]
+        tokens = split_words(text)
+        words = [w.text for w in tokens]
         prof = self.profile(reader, profile)
         outputs = word_outputs(self.model, self.encoder, [(words, prof)])[0]
         c = num_tags(self.model)
         probs, extra = outputs[:, :c], outputs[:, c:]
         if terms is None:
-            rows = [{**s, "jargon": s["score"] >= threshold} for s in tag_spans(words, probs)]
+            rows = [{**s, "jargon": s["score"] >= threshold} for s in decode_terms(tokens, probs)]
         else:
             rows = []
             for t in terms:
@@ -185,6 +195,51 @@ def is_generative(adapter: str | Path) -> bool:
         return False  # the tagger path reports the problem
 
 
+def abstract_text(arg: str) -> str:
+    """The abstract the command line gives: the text itself, or with @FILE the contents of a UTF-8
+    file. A bad @FILE raises ValueError naming it (missing, a folder, not UTF-8, unreadable); text
+    that is the name of an existing file is still taken as the text, with a one-line warning."""
+    if arg.startswith("@"):
+        p = Path(arg[1:])
+        if p.is_dir():
+            raise ValueError(f"{p}: is a folder; @FILE reads the abstract from one text file")
+        if not p.is_file():
+            raise ValueError(f"{p}: file not found (@FILE reads the abstract from that file)")
+        try:
+            return p.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason}); save the file as UTF-8") from None
+        except OSError as e:
+            raise ValueError(f"{p}: cannot read ({e.strerror or e})") from None
+    if arg.strip() and "\n" not in arg and len(arg) < 4096:
+        try:
+            exists = Path(arg.strip()).exists()
+        except (OSError, ValueError):  # e.g. a name too long for the file system: text
+            exists = False
+        if exists:
+            print(f"warning: {arg.strip()!r} is the name of an existing {'folder' if Path(arg.strip()).is_dir() else 'file'}, "
+                  f"taken here as the abstract's text (did you mean @{arg.strip()}?)", file=sys.stderr, flush=True)
+    return arg
+
+
+def quiet_transformers() -> None:
+    """No transformers load report (e.g. the unused pooler of a sentence encoder) or progress bars in
+    predict's output: the bundle's own checks (backbone fingerprint, tensor names) already refuse a
+    wrong model."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m text.predict", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -200,12 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--all", action="store_true", help="print every candidate, not only those marked as jargon")
     ap.add_argument("text", help="the abstract (quote it), or @FILE to read it from a file")
     args = ap.parse_args(argv)
-    text = args.text
-    if text.startswith("@"):
-        p = Path(text[1:])
-        if not p.is_file():
-            raise ValueError(f"{p}: file not found")
-        text = p.read_text(encoding="utf-8")
+    text = abstract_text(args.text)
+    quiet_transformers()
     args.adapter = resolve_adapter(args.adapter)  # a folder, catalogue name or reference; a typo names the closest
     if is_generative(args.adapter):
         threshold = 0.0 if args.threshold is None else args.threshold
@@ -223,10 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = tagger.tag(text, args.reader, args.terms, args.profile, args.threshold)
     shown = [r for r in rows if args.all or r["jargon"]]
     who = f" for reader {args.reader}" if args.reader else ""
-    print(f"{len([r for r in rows if r['jargon']])} of {len(rows)} terms marked as jargon{who} (score >= {args.threshold}):")
+    n = len([r for r in rows if r["jargon"]])
+    if tagger.marks == "terms":  # a term extractor: what it marks are terms, nobody's jargon
+        print(f"{n} of {len(rows)} candidate spans marked as terms (score >= {args.threshold}):")
+    else:
+        print(f"{n} of {len(rows)} terms marked as jargon{who} (score >= {args.threshold}):")
+    mark = "term" if tagger.marks == "terms" else "jargon"
     for r in shown:
         wants = "".join(f"\t{t} {p:.2f}" for t, p in r.get("extra", {}).items())  # extra targets, if trained
-        print(f"{r['score']:.3f}\t{'jargon' if r['jargon'] else '-'}\t{r['term']}{wants}")
+        print(f"{r['score']:.3f}\t{mark if r['jargon'] else '-'}\t{r['term']}{wants}")
     return 0
 
 

@@ -4,6 +4,10 @@
   `report-test-f1.png` (F1 against trainable parameters), through `shared.report`;
 - per reader (personalised runs): `report-readers.md`, one row per run, one column per reader, and
   the macro F1 over readers.
+
+Both name the metric definition each run followed (`definition` in metrics.json: "reference", or
+the option, e.g. `term_match=term_key`; docs/metrics.md); runs of different definitions are never
+averaged into one row.
 """
 from __future__ import annotations
 
@@ -22,10 +26,10 @@ def reader_table(rows: list[dict]) -> str:
     if not rows:
         return ""
     readers = sorted({k[len(PREFIX):] for r in rows for k in r if k.startswith(PREFIX)})
-    head = ["run", "dataset", "method"] + readers + ["macro F1", "micro F1"]
+    head = ["run", "dataset", "method", "metric definition"] + readers + ["macro F1", "micro F1"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (str(r.get("dataset")), str(r.get("run")))):
-        cells = [str(r.get("run")), str(r.get("dataset")), str(r.get("method"))]
+        cells = [str(r.get("run")), str(r.get("dataset")), str(r.get("method")), str(r.get("definition") or "unrecorded")]
         cells += [f"{100 * r[PREFIX + who]:.1f}" if PREFIX + who in r else "" for who in readers]
         cells += [f"{100 * r[k]:.1f}" if isinstance(r.get(k), (int, float)) else "" for k in ("test/macro_f1", "test/f1")]
         lines.append("| " + " | ".join(cells) + " |")

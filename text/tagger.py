@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,6 +263,8 @@ def entity_score(probs: np.ndarray, spans: list[tuple[int, int]]) -> float:
 
 
 def prf(tp: int, fp: int, fn: int) -> dict[str, float]:
+    """Precision, recall, F1 of the positive class; a 0 / 0 ratio is 0 (sklearn's `zero_division=0`,
+    its default result), so a reader with no jargon held out and none predicted scores F1 0."""
     p = tp / (tp + fp) if tp + fp else 0.0
     r = tp / (tp + fn) if tp + fn else 0.0
     return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
@@ -315,7 +318,9 @@ def extra_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def decision_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Jargon-class precision / recall / F1 over all decisions (micro), per reader, and macro F1."""
+    """Jargon-class precision / recall / F1 over all (reader, abstract, entity) decisions (micro),
+    F1 per reader (`f1_reader/<r>`), their unweighted mean over the readers (`macro_f1`), and
+    accuracy. Rows: `entity_decisions` (gold: familiarity <= the data's threshold, the study's 1)."""
     def count(rs):
         tp = sum(r["pred"] and r["gold"] for r in rs)
         fp = sum(r["pred"] and not r["gold"] for r in rs)
@@ -332,17 +337,54 @@ def decision_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def extract_terms(model, encoder, docs: list[Doc]) -> tuple[set[str], list[list[int]]]:
-    """TermEval: the set of unique terms the model tags in `docs` (term keys), and the word tags."""
+def extract_terms(model, encoder, docs: list[Doc], key=term_key) -> tuple[set[str], list[list[int]]]:
+    """TermEval: the set of unique terms the model tags in `docs` (each tagged word span joined by
+    spaces, then `key`: `termeval_key` for the reference match, `term_key` for ours), and the tags."""
     probs = word_probs(model, encoder, [(d.words, d.profile) for d in docs])
     tags = [decode(p) for p in probs]
     terms = set()
     for d, t in zip(docs, tags):
-        terms |= doc_terms(d, t)
+        terms |= doc_terms(d, t, key=key)
     return terms, tags
 
 
+# ACTER 1.5's normalisation (its README, section 5.6), applied to its texts and term lists alike.
+_ACTER_PAIRS = (",,", "''", "\u2018\u2019", "\u2019\u2019")  # two-character double quotes -> '"'
+_ACTER_CHARS = {**{c: "-" for c in "\u2212\u2010"}, **{c: '"' for c in "\u201c\u201d\u201e"},
+                **{c: "'" for c in "`\u00b4\u2019\u2018"}, "\u0130": "I",
+                **{c: "" for c in "\uf8ee\uf8f9\uf8f0\uf8fb\u009c"}}
+TERM_MATCH = ("reference", "original_list", "term_key")
+
+
+def acter_normalise(text: str) -> str:
+    """NFC, ACTER's dashes and quotes unified (hyphen, minus sign, U+2010 -> "-"; curly / low double
+    quotes and ",,", "''" -> '"'; curly single quotes, backtick, acute -> "'"), "İ" -> "I", and the
+    five private-use / control characters ACTER removes."""
+    text = unicodedata.normalize("NFC", text)
+    for pair in _ACTER_PAIRS:
+        text = text.replace(pair, '"')
+    return "".join(_ACTER_CHARS.get(c, c) for c in text)
+
+
+def termeval_key(term: str) -> str:
+    """TermEval's comparison of terms: ACTER-normalised, lowercased (`str.lower`, as ACTER's lists),
+    runs of whitespace as one space; otherwise the exact string (so "heart-failure" and
+    "heart - failure" differ, unlike `term_key`)."""
+    return " ".join(acter_normalise(term).lower().split())
+
+
+def term_keyer(definition: str = "reference"):
+    """The function that turns a term into what is compared: `termeval_key` ("reference",
+    "original_list") or `term_key` ("term_key": punctuation split off, so the spacing around it
+    does not matter; this suite's former match)."""
+    if definition not in TERM_MATCH:
+        raise ValueError(f"term match must be one of {TERM_MATCH}, got {definition!r}")
+    return term_key if definition == "term_key" else termeval_key
+
+
 def term_metrics(predicted: set[str], gold: set[str]) -> dict[str, float]:
+    """TermEval 2020: precision / recall / F1 of the set of unique predicted terms against the set
+    of unique gold terms (both already keyed the same way, `term_keyer`)."""
     tp = len(predicted & gold)
     return {**prf(tp, len(predicted - gold), len(gold - predicted)),
             "n_predicted": float(len(predicted)), "n_gold": float(len(gold))}
@@ -354,7 +396,48 @@ def tag_spans(words: list[str], probs: np.ndarray) -> list[dict[str, Any]]:
             for s, t in spans_of(decode(probs))]
 
 
+def decode_terms(words: list, probs: np.ndarray) -> list[dict[str, Any]]:
+    """The terms text.predict reports for one text: the tagger's BIO spans (argmax), in text order, as
+    {term (its surface text), start, end (word indices), score}, with three rules on top:
+
+    - a hyphenated compound is one word: the model sees "state", "-", "level" (the word split it was
+      trained with), and a span that covers any piece of a compound grows to the whole compound;
+      spans joined through one merge ("difference-in-differences", not "difference", "in",
+      "differences"; "state-level panel", not "state", "level panel");
+    - punctuation at either end of a span is left out, and a span made only of function words and
+      punctuation (`text.words.is_stop`) is never a term;
+    - the score is the mean P(B or I) over the span's letter / digit words (the compound's pieces,
+      not its hyphens, which a tagger marks O).
+
+    `words`: `text.words.Word`s (text and character offsets), one per row of `probs`."""
+    from text.words import compounds, is_stop, surface
+
+    whole = {}
+    for a, b in compounds(words):
+        for k in range(a, b):
+            whole[k] = (a, b)
+    spans = []
+    for s, t in spans_of(decode(probs)):
+        s, t = whole.get(s, (s, t))[0], whole.get(t - 1, (s, t))[1]
+        if spans and s < spans[-1][1]:  # overlaps the previous one (through a compound): one span
+            spans[-1] = (spans[-1][0], max(t, spans[-1][1]))
+        else:
+            spans.append((s, t))
+    rows = []
+    for s, t in spans:
+        while s < t and s not in whole and not any(c.isalnum() for c in words[s].text):
+            s += 1
+        while t > s and t - 1 not in whole and not any(c.isalnum() for c in words[t - 1].text):
+            t -= 1
+        if s == t or all(is_stop(w.text) for w in words[s:t]):
+            continue
+        content = [k for k in range(s, t) if any(c.isalnum() for c in words[k].text)]
+        score = float((probs[content, B] + probs[content, I]).mean())
+        rows.append({"term": surface(words[s:t]), "start": s, "end": t, "score": score})
+    return rows
+
+
 __all__ = ["HashTokenizer", "HFTokenizer", "build_tokenizer", "WindowEncoder", "Window", "collate", "TokenHead",
            "word_probs", "word_outputs", "entity_decisions", "extra_decisions", "extra_metrics", "decision_metrics",
-           "extract_terms", "term_metrics", "tag_spans",
+           "extract_terms", "term_metrics", "tag_spans", "decode_terms", "acter_normalise", "termeval_key", "term_keyer", "TERM_MATCH",
            "entity_score", "span_score", "term_key", "O", "B", "I"]

@@ -5,7 +5,10 @@
   (21 classes, 255 ignored), `human_parts/<id>.mat` (PASCAL-Part `anno` struct: objects with
   `class`, `mask`, `parts` with `part_name` / `mask`; grouped into 6 parts + background),
   `sal_distill/<id>.png` (foreground > 127), `normals_distill/<id>.png` (RGB = (n + 1) / 2 * 255),
-  `ImageSets/Context/{train,val}.txt`.
+  `ImageSets/Context/{train,val}.txt`. Normals count only where the full PASCAL-Context label
+  (`pascal-context/trainval/<id>.mat`, `LabelMap`) is a class NYUD-v2 also has, as the benchmark
+  scores them (`tasks.NORMALS_CONTEXT_CLASSES`; elsewhere the label vector is 0: unlabelled);
+  without a `pascal-context/trainval/` folder every pixel counts (`normals_mask` False, warned).
 - NYUD-v2 multi-task (`layout: nyud`): `images/<id>.(jpg|png)`, `segmentation/<id>.png` (1..40,
   0 = unlabelled -> ignored), `depth/<id>.npy` (metres, 0 = invalid), `normals/<id>.npy` (H, W, 3),
   `edge/<id>.npy` (0 / 1), `gt_sets/{train,val}.txt`.
@@ -21,6 +24,7 @@ classes and unreadable files raise one error naming the file.
 from __future__ import annotations
 
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 import lightning as L
 
-from .tasks import HUMAN_PARTS, IGNORE, PERSON, Task, make_task
+from .tasks import HUMAN_PARTS, IGNORE, NORMALS_CONTEXT_CLASSES, PERSON, Task, make_task
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).reshape(3, 1, 1)  # ImageNet, as the Swin checkpoints expect
 STD = torch.tensor([0.229, 0.224, 0.225]).reshape(3, 1, 1)
@@ -90,6 +94,19 @@ def read_human_parts(path: Path, shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
+def read_context_labels(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """The full (459-class) PASCAL-Context label map `LabelMap` of `path` (.mat), (H, W)."""
+    from scipy.io import loadmat
+
+    try:
+        labels = np.asarray(loadmat(path)["LabelMap"])
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{path}: not a PASCAL-Context label map with a LabelMap field ({e})") from None
+    if labels.shape != tuple(shape):
+        raise DataError(f"{path}: LabelMap is {labels.shape[0]}x{labels.shape[1]}, its image is {shape[0]}x{shape[1]}")
+    return labels
+
+
 def _ids(path: Path) -> list[str]:
     if not path.is_file():
         raise DataError(f"{path}: split list not found")
@@ -133,6 +150,19 @@ class MultiTaskDense(torch.utils.data.Dataset):
             raise DataError(f"{self.root}: split {split!r} is empty")
         self.missing = {t: 0 for t in self.tasks}
         self.present = [{t: self.label_path(i, t) is not None for t in self.tasks} for i in self.ids]
+        # PASCAL-Context normals: scored only on the NYUD-v2 classes of the full label map (None: not applicable)
+        self.normals_mask = None
+        if layout == "pascal_context" and "normals" in self.tasks:
+            self.normals_mask = self.context_dir.is_dir()
+            if not self.normals_mask:
+                warnings.warn(f"{self.context_dir}: not found, so normals are scored on every pixel, not only on "
+                              "the NYUD-v2 classes as the multi-task benchmark does", stacklevel=2)
+            for stem, has in zip(self.ids, self.present):
+                if self.normals_mask and has["normals"] and not (self.context_dir / f"{stem}.mat").is_file():
+                    if missing == "error":
+                        raise DataError(f"{self.context_dir / f'{stem}.mat'}: not found (the label map that selects "
+                                        "the pixels the normals of this image are scored on)")
+                    has["normals"] = False  # counted as a missing normals label below
         for stem, has in zip(self.ids, self.present):
             for t, ok in has.items():
                 if not ok:
@@ -170,6 +200,11 @@ class MultiTaskDense(torch.utils.data.Dataset):
         if self.layout == "nyud":
             return self.root / {"semseg": "segmentation", "depth": "depth", "normals": "normals", "edges": "edge"}[task]
         return self.root / task
+
+    @property
+    def context_dir(self) -> Path:
+        """PASCAL-Context's full label maps (459 classes), which select the pixels normals count on."""
+        return self.root / "pascal-context" / "trainval"
 
     def label_path(self, stem: str, task: str) -> Path | None:
         exts = {"human_parts": (".mat", ".png")} if self.layout == "pascal_context" else {}
@@ -229,8 +264,11 @@ class MultiTaskDense(torch.utils.data.Dataset):
         shape = img.shape[:2]
         labels = {}
         for name, task in self.tasks.items():
-            path = self.label_path(stem, name)
+            path = self.label_path(stem, name) if self.present[i][name] else None
             lab = self.read_label(path, task, shape) if path is not None else self.empty_label(task, shape)
+            if name == "normals" and self.normals_mask and path is not None:
+                keep = np.isin(read_context_labels(self.context_dir / f"{stem}.mat", shape), list(NORMALS_CONTEXT_CLASSES))
+                lab = lab * torch.from_numpy(keep)
             labels[name] = resize_label(lab, self.size)
         return {"image": image_tensor(img, self.size), "labels": labels, "stem": stem}
 

@@ -1,4 +1,6 @@
-"""The multi-task dense LightningModule: sum of per-task losses, split-level metrics per task."""
+"""The multi-task dense LightningModule: sum of per-task losses, split-level metrics per task
+(torchmetrics meters of `vision.metrics`, reduced across DDP ranks; `definition` chooses the
+metric definitions, the benchmark's reference by default)."""
 from __future__ import annotations
 
 import math
@@ -8,8 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from shared import peft
+from shared.distributed import EvalShare
+from shared.module import shard_for_strategy
 
-from .metrics import TaskMeter
+from .metrics import make_meter, resolve_definitions
 from .model import MultiTaskDense
 from .tasks import IGNORE, Task
 
@@ -36,10 +40,12 @@ def task_loss(task: Task, out: torch.Tensor, label: torch.Tensor) -> torch.Tenso
 
 
 class DenseModule(L.LightningModule):
-    def __init__(self, model: MultiTaskDense, lr: float = 1e-3, weight_decay: float = 1e-4, warmup_steps: int = 0):
+    def __init__(self, model: MultiTaskDense, lr: float = 1e-3, weight_decay: float = 1e-4, warmup_steps: int = 0,
+                 definition: str | dict[str, str] | None = None):
         super().__init__()
         self.model, self.lr, self.weight_decay, self.warmup_steps = model, lr, weight_decay, warmup_steps
-        self.meters = {t: TaskMeter(task) for t, task in model.tasks.items()}
+        self.definitions = resolve_definitions(model.tasks, definition)  # {task: metric definition}
+        self.meters = torch.nn.ModuleDict({t: make_meter(task, self.definitions[t]) for t, task in model.tasks.items()})
         self.results: dict[str, dict[str, float]] = {}
 
     def forward(self, x):
@@ -62,16 +68,23 @@ class DenseModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        outs, losses = self._losses(batch)
-        self.log("val/loss", sum(losses.values()), batch_size=batch["image"].shape[0])
+        outs = self.model(batch["image"])
+        n = self.share.keep(batch["image"].shape[0])  # the distributed sampler's padding counts nowhere
+        if n == 0:
+            return
+        outs, labels = {t: o[:n] for t, o in outs.items()}, {t: v[:n] for t, v in batch["labels"].items()}
+        losses = {t: task_loss(self.model.tasks[t], outs[t], labels[t]) for t in outs}
+        self.log("val/loss", sum(losses.values()), batch_size=n, sync_dist=True)
         for t, out in outs.items():
-            self.meters[t].update(out, batch["labels"][t])
+            self.meters[t].update(out, labels[t])
 
     test_step = validation_step
 
     def on_validation_epoch_start(self):
         for m in self.meters.values():
             m.reset()
+        self.share = EvalShare()  # this process's share of the split (DDP / FSDP)
+        self.share.start(self.trainer)
 
     on_test_epoch_start = on_validation_epoch_start
 
@@ -86,6 +99,9 @@ class DenseModule(L.LightningModule):
 
     def on_test_epoch_end(self):
         self._finish("test")
+
+    def configure_model(self):
+        shard_for_strategy(self, self.model)  # ModelParallelStrategy: FSDP2 (shared.distributed)
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -6,7 +6,8 @@
 
 Delta_m of a run = mean over its tasks of (-1)^{lower-is-better} (M_t - M_single_t) / M_single_t (%),
 where M_single_t is the mean over single-task runs of the baseline method on task t found in
-the same folder. "trainable" counts the backbone-side method tensors plus every decoder; a
+the same folder whose metric on t has the same definition (metrics.json "definition"; runs
+written before it was recorded used the previous variants): a table never mixes definitions. "trainable" counts the backbone-side method tensors plus every decoder; a
 single-task method used for several tasks counts one copy per task (separate models).
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from shared.fs import atomic_write
 from shared.report import collect
 
-from .metrics import delta_m
+from .metrics import delta_m, run_definitions
 
 
 def read_runs(root: Path) -> list[dict]:
@@ -26,30 +27,40 @@ def read_runs(root: Path) -> list[dict]:
     return [r for r in collect(root) if {"tasks", "test", "params"} <= r.keys()]
 
 
-def baselines(runs: list[dict], method: str) -> dict[str, float]:
-    acc: dict[str, list[float]] = {}
+def baselines(runs: list[dict], method: str) -> dict[tuple[str, str], float]:
+    """{(task, metric definition): mean primary metric of the single-task runs of `method`}."""
+    acc: dict[tuple[str, str], list[float]] = {}
     for r in runs:
         if len(r["tasks"]) == 1 and r["method"] == method:
             t = r["tasks"][0]
-            acc.setdefault(t, []).append(r["test"][t][r["primary"][t]])
-    return {t: sum(v) / len(v) for t, v in acc.items()}
+            acc.setdefault((t, run_definitions(r)[t]), []).append(r["test"][t][r["primary"][t]])
+    return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
-def table(runs: list[dict], base: dict[str, float], baseline: str) -> tuple[str, list[tuple[str, int, float]]]:
+def definition_label(defs: dict[str, str]) -> str:
+    names = set(defs.values())
+    return names.pop() if len(names) == 1 else ", ".join(f"{t}: {d}" for t, d in defs.items())
+
+
+def table(runs: list[dict], base: dict[tuple[str, str], float], baseline: str) -> tuple[str, list[tuple[str, int, float]]]:
     tasks = sorted({t for r in runs for t in r["tasks"]})
     metric = {t: next(r["primary"][t] for r in runs if t in r["tasks"]) for t in tasks}
-    head = ["run", "method", "tasks", "trainable", *[f"{t} {metric[t]}" for t in tasks], f"Delta_m vs single-task {baseline} (%)"]
+    head = ["run", "method", "tasks", "trainable", *[f"{t} {metric[t]}" for t in tasks], "metric definition",
+            f"Delta_m vs single-task {baseline} (%)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     points = []
     for r in sorted(runs, key=lambda r: (len(r["tasks"]), r["run_name"])):
         res = {t: r["test"][t][r["primary"][t]] for t in r["tasks"]}
+        defs = run_definitions(r)
+        single = {t: base[(t, defs[t])] for t in r["tasks"] if (t, defs[t]) in base}
         try:
-            dm = delta_m(res, base, r["lower_is_better"]) if set(res) <= set(base) else None
+            dm = delta_m(res, single, r["lower_is_better"]) if set(res) <= set(single) else None
         except ValueError:  # a baseline of 0
             dm = None
         cells = [r["run_name"], r["method"], str(len(r["tasks"])), f"{r['params']['trainable']:,}"]
         cells += [f"{res[t]:.4f}" if t in res else "" for t in tasks]
-        cells.append(f"{dm:+.2f}" if dm is not None else "n/a (no baseline, or a baseline of 0)")
+        cells.append(definition_label(defs))
+        cells.append(f"{dm:+.2f}" if dm is not None else "n/a (no baseline with the same metric definition, or a baseline of 0)")
         lines.append("| " + " | ".join(cells) + " |")
         if dm is not None and len(r["tasks"]) > 1:
             points.append((r["method"], r["params"]["trainable"], dm))

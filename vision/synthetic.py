@@ -4,7 +4,10 @@ Each scene: a textured ground plane, 1-2 objects (squares = class 1 "aeroplane" 
 class 2) and often a "person" (class 15) made of head / torso / arms / legs with PASCAL-Part part
 masks; saliency = every object's pixels; normals from simple 3D geometry (tilted ground plane,
 discs as hemispheres, squares facing the camera); depth grows towards the top of the ground plane
-and objects stand in front of it. Nothing is downloaded.
+and objects stand in front of it. The PASCAL-Context layout also gets the full label maps
+(`pascal-context/trainval/<id>.mat`, 459-class ids: ground 189, box 37, ball 10, person 284), so
+normals count only on the objects and persons (the ground is not a NYUD-v2 class), as on the real
+data. Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 PERSON_CLASS, SQUARE_CLASS, DISC_CLASS = 15, 1, 2
+CONTEXT_IDS = {0: 189, SQUARE_CLASS: 37, DISC_CLASS: 10, PERSON_CLASS: 284}  # -> full PASCAL-Context ids
 COLOURS = {SQUARE_CLASS: (200, 60, 50), DISC_CLASS: (50, 90, 210), PERSON_CLASS: (230, 190, 150)}
 
 
@@ -83,7 +87,10 @@ def _write_parts(path: Path, parts, person) -> None:
 def write_pascal_context_like(root, train: int = 48, val: int = 16, size: int = 64, seed: int = 0) -> Path:
     """Synthetic scenes in the PASCAL-Context multi-task layout; returns `root`."""
     root = Path(root)
-    for d in ("JPEGImages", "semseg/pascal-context", "human_parts", "sal_distill", "normals_distill", "ImageSets/Context"):
+    from scipy.io import savemat
+
+    for d in ("JPEGImages", "semseg/pascal-context", "human_parts", "sal_distill", "normals_distill", "ImageSets/Context",
+              "pascal-context/trainval"):
         (root / d).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     splits = {"train": [], "val": []}
@@ -95,6 +102,8 @@ def write_pascal_context_like(root, train: int = 48, val: int = 16, size: int = 
         Image.fromarray(sem).save(root / "semseg/pascal-context" / f"{stem}.png")
         Image.fromarray(((sem > 0) * 255).astype(np.uint8)).save(root / "sal_distill" / f"{stem}.png")
         Image.fromarray(np.round((normals + 1) / 2 * 255).astype(np.uint8)).save(root / "normals_distill" / f"{stem}.png")
+        context = np.vectorize(CONTEXT_IDS.get)(sem).astype(np.uint16)
+        savemat(root / "pascal-context/trainval" / f"{stem}.mat", {"LabelMap": context})
         if person is not None:  # PASCAL-Context ships part files only for images with annotated persons
             _write_parts(root / "human_parts" / f"{stem}.mat", parts, person)
     for split, ids in splits.items():

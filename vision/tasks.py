@@ -40,3 +40,18 @@ HUMAN_PARTS = {
     "luleg": 5, "ruleg": 5, "llleg": 6, "rlleg": 6, "lfoot": 6, "rfoot": 6,
 }
 PERSON = "person"
+
+# PASCAL-Context surface normals are pseudo labels distilled from a model trained on NYUD-v2; the
+# benchmark scores (and trains) them only where the full PASCAL-Context label (the 459-class
+# `LabelMap` of `pascal-context/trainval/<id>.mat`) is a class that NYUD-v2's vocabulary also has
+# (plus tvmonitor): these are those classes' ids. Other pixels are unlabelled (normal vector 0).
+NORMALS_CONTEXT_CLASSES = frozenset({
+    3, 4, 6, 9, 10, 11, 13, 15, 17, 18, 22, 23, 29, 30, 33, 34, 36, 37, 38, 39, 41, 43, 46, 49, 50, 51, 53, 55,
+    56, 59, 61, 62, 65, 66, 68, 69, 72, 73, 78, 83, 84, 85, 87, 88, 95, 96, 101, 104, 105, 107, 111, 113, 115,
+    122, 124, 135, 141, 142, 143, 146, 150, 154, 157, 158, 159, 165, 172, 174, 181, 183, 184, 191, 193, 195, 197,
+    199, 202, 213, 215, 216, 219, 220, 223, 225, 228, 230, 232, 233, 238, 239, 242, 243, 246, 250, 251, 252, 255,
+    260, 261, 263, 269, 272, 273, 275, 281, 283, 284, 285, 286, 287, 288, 290, 291, 292, 293, 295, 304, 307, 309,
+    310, 314, 315, 319, 323, 329, 330, 331, 336, 342, 345, 349, 350, 351, 352, 355, 357, 368, 370, 371, 374, 379,
+    380, 383, 384, 397, 401, 403, 405, 407, 408, 411, 412, 413, 414, 417, 419, 421, 423, 427, 429, 430, 432, 440,
+    441, 442, 443, 444, 446, 454, 457
+})

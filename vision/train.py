@@ -8,15 +8,15 @@
 
 Every key of a recipe is also a flag (`--data.size 224`, `--model.lr 1e-3`, `--trainer.max_epochs 60`);
 `--print_config` prints the resolved recipe. A run writes output_dir/{adapter/, metrics.json,
-train.log} through a staging folder, so a failed run never overwrites a previous one.
+train.log} through a staging folder under the output folder's lock, so a failed or stopped run never
+overwrites a previous one. SIGTERM / SIGINT stop a run (exit 143 / 130); `--resume` (same flags)
+continues it from the last.ckpt its staging folder keeps (docs/operations.md).
 """
 from __future__ import annotations
 
 import copy
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,8 @@ import torch
 import yaml
 
 from shared import peft
-from shared.fs import atomic_write, replace_dir
+from shared.distributed import full_tensor, is_main, is_sharded
+from shared.fs import atomic_write
 
 DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/vision/run",
@@ -35,6 +36,9 @@ DEFAULTS: dict[str, Any] = {
              "num_workers": 0, "missing": "skip", "num_classes": None, "cache": False},
     "model": {"backbone": "swin-t", "backbone_kwargs": {}, "methods": [{"name": "polyhistor_lite"}],
               "decoder_width": 64, "lr": 1e-3, "weight_decay": 1e-4, "warmup_steps": 0},
+    # metric definitions: "reference" (the multi-task benchmark's code), "previous", or {task: name}
+    # (vision.metrics.DEFINITIONS); metrics.json and the bundle record the one used per task
+    "eval": {"definition": "reference"},
     "trainer": {"max_epochs": 30, "accelerator": "auto", "devices": 1, "precision": "32-true",
                 "log_every_n_steps": 10},
 }
@@ -111,12 +115,16 @@ def parse(argv: list[str]) -> tuple[dict[str, Any], bool]:
     return cfg, show
 
 
-def run(cfg: dict[str, Any], echo: bool = True) -> dict[str, Any]:
-    """Train one configuration, evaluate on the val split, save bundle + metrics; returns metrics.json."""
+def run(cfg: dict[str, Any], echo: bool = True, resume: bool | str = False) -> dict[str, Any]:
+    """Train one configuration, evaluate on the val split, save bundle + metrics; returns metrics.json.
+    `resume`: continue the stopped run of cfg's output_dir from its last.ckpt (an error when there is none;
+    "if-any": start afresh then). Stopped by SIGTERM / SIGINT: raises shared.lifecycle.RunStopped."""
     import lightning as L
 
+    from shared.lifecycle import OutputRun
+
     from .data import DenseDataModule
-    from .model import build_model, trainable_counts
+    from .model import build_model
 
     if not cfg["data"]["root"]:
         raise ConfigError("data.root is not set: pass --data.root /path/to/dataset (or run without arguments for the demo)")
@@ -131,46 +139,59 @@ def run(cfg: dict[str, Any], echo: bool = True) -> dict[str, Any]:
     except (TypeError, ValueError):
         raise ConfigError(f"model.lr and model.weight_decay must be numbers, got {cfg['model']['lr']!r}, "
                           f"{cfg['model']['weight_decay']!r}") from None
-    module = DenseModule(model, lr, wd, int(cfg["model"]["warmup_steps"]))
+    module = DenseModule(model, lr, wd, int(cfg["model"]["warmup_steps"]), definition=cfg["eval"]["definition"])
     out = Path(cfg["output_dir"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-    log_lines: list[str] = []
+    # the output folder's lock and a staging folder beside it for the whole run (DDP ranks inherit it):
+    # a failed or stopped run leaves the previous results alone; a stopped one can be resumed
+    claim = OutputRun(out, resume=resume)
+    stage = claim.open()
+    try:
+        metrics = _fit_test_save(cfg, module, dm, model, claim, stage, echo)
+    except BaseException as e:
+        claim.close(e)
+        raise
+    claim.close()
+    return metrics
 
-    class EpochLine(L.Callback):
-        def on_train_epoch_end(self, trainer, pl_module):
-            m = trainer.callback_metrics
-            line = f"epoch {trainer.current_epoch}: " + ", ".join(
-                f"{k} {float(v):.4f}" for k, v in sorted(m.items()) if k.startswith(("train/loss", "val/")))
-            log_lines.append(line)
-            if echo:
-                print(line, flush=True)
 
+def _fit_test_save(cfg, module, dm, model, claim, stage: Path, echo: bool) -> dict[str, Any]:
+    import lightning as L
+
+    from shared.cli import EpochLine, LastCheckpoint, RngState
+    from shared.lifecycle import deferred_stop
+
+    from .metrics import recorded_definitions
+    from .model import trainable_counts
+
+    out = Path(cfg["output_dir"])
     trainer_kw = {"enable_progress_bar": sys.stdout.isatty(), "enable_model_summary": False,
                   "num_sanity_val_steps": 0, **cfg["trainer"]}
-    trainer = L.Trainer(**trainer_kw, default_root_dir=stage, logger=False, enable_checkpointing=False,
-                        callbacks=[EpochLine()])
+    # last.ckpt in the staging folder each epoch (model, optimizer, scheduler, loops, RNG): what --resume continues
+    trainer = L.Trainer(**trainer_kw, default_root_dir=stage, logger=False, enable_checkpointing=True,
+                        callbacks=[EpochLine(stage / "train.log", echo=echo), RngState(), LastCheckpoint(stage)])
     t0 = time.time()
-    try:
-        trainer.fit(module, datamodule=dm)
+    with deferred_stop(trainer):
+        trainer.fit(module, datamodule=dm, ckpt_path=claim.resume_from)
+    with deferred_stop(trainer):
         trainer.test(module, datamodule=dm, verbose=False)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)  # a failed run leaves the previous results alone
-        raise
     counts = trainable_counts(model)
     methods = [m.to_dict() for _, m in model.backbone.peft_state.methods]
     metrics = {
         "run_name": cfg["run_name"] or out.name, "method": method_label(methods), "methods": methods,
         "tasks": list(dm.tasks), "lower_is_better": {t: task.lower_is_better for t, task in dm.tasks.items()},
         "primary": {t: task.metric for t, task in dm.tasks.items()},
-        "test": module.results, "params": counts, "missing_labels": {"train": dm.train_set.missing, "val": dm.val_set.missing},
+        "test": module.results, "definition": recorded_definitions(module.definitions, dm.val_set.normals_mask),
+        "params": counts, "missing_labels": {"train": dm.train_set.missing, "val": dm.val_set.missing},
         "protocol": f"{cfg['data']['layout']}: train on train, tested on val (the multi-task benchmarks' protocol)",
         "seconds": round(time.time() - t0, 1), "config": cfg,
     }
+    if not trainer.is_global_zero:  # several processes: process 0 writes
+        if is_sharded(module.model):  # FSDP2: the bundle's tensors are gathered from every process
+            save_bundle(module.model, stage / "adapter", cfg, metrics)
+        return metrics
     save_bundle(module.model, stage / "adapter", cfg, metrics)
     atomic_write(stage / "metrics.json", json.dumps(metrics, indent=2, default=str))
-    atomic_write(stage / "train.log", "\n".join(log_lines) + "\n")
-    replace_dir(stage, out)
+    claim.publish()
     return metrics
 
 
@@ -182,26 +203,32 @@ def method_label(methods: list[dict]) -> str:
 
 def save_bundle(model, path: Path, cfg: dict, metrics: dict) -> None:
     """The PEFT bundle of the backbone (peft.save) plus the decoders and the task list."""
-    from safetensors.torch import save_file
+    from shared.artifacts import save_tensors
 
     vision = {"tasks": {t: {"channels": task.channels} for t, task in model.tasks.items()},
-              "decoder_width": model.decoder_width, "size": cfg["data"]["size"], "layout": cfg["data"]["layout"]}
+              "decoder_width": model.decoder_width, "size": cfg["data"]["size"], "layout": cfg["data"]["layout"],
+              "definition": metrics["definition"]}  # the metric definition of each task's recorded metrics
+    # sharded (FSDP2): every process gathers the decoders, then the backbone's tensors; process 0 writes
+    sd = {k: full_tensor(v.detach()).cpu().contiguous() for k, v in model.decoders.state_dict().items()}
     peft.save(model.backbone, path, metrics={t: v for t, v in metrics["test"].items()}, extra={"domain": "vision", "vision": vision})
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.decoders.state_dict().items()}
-    save_file(sd, str(path / "decoders.safetensors"))
+    if is_main():
+        save_tensors(sd, path / "decoders.safetensors")  # the permissions of a plain open, like the bundle's
 
 
 def load_bundle(path) -> "object":
     """The MultiTaskDense model a bundle describes (backbone rebuilt by its registered id)."""
     from safetensors.torch import load_file
 
+    from shared.artifacts import check_domain
+
     from .model import MultiTaskDense
     from .tasks import make_task
 
     path = Path(path)
     meta = peft.read_meta(path)
-    if meta.get("domain") != "vision" or "vision" not in meta:
-        raise ValueError(f"{path}: not a vision bundle (domain {meta.get('domain')!r})")
+    check_domain(meta, "vision", str(path), "python -m vision.train")
+    if "vision" not in meta:
+        raise ValueError(f"{path}: a vision bundle without its 'vision' task table")
     v = meta["vision"]
     bb = peft.from_bundle(path)
     tasks = {t: make_task(t, spec["channels"] if t in ("semseg", "human_parts") else None) for t, spec in v["tasks"].items()}
@@ -229,7 +256,18 @@ def demo_config(out: Path, data: Path, tasks, methods, name: str, epochs: int) -
     return cfg
 
 
-def demo(root: Path = DEMO_ROOT, epochs: int = 6) -> dict:
+def _demo_run(cfg: dict, echo: bool, resume: bool) -> dict:
+    """One run of the demo; with --resume a run already finished with this configuration is not run again
+    (its metrics.json is read back) and the stopped one continues."""
+    done = Path(cfg["output_dir"]) / "metrics.json"
+    if resume and done.is_file():
+        m = json.loads(done.read_text())
+        if m.get("config") == json.loads(json.dumps(cfg, default=str)):
+            return m
+    return run(cfg, echo=echo, resume="if-any" if resume else False)
+
+
+def demo(root: Path = DEMO_ROOT, epochs: int = 6, resume: bool = False) -> dict:
     from .metrics import delta_m
     from .synthetic import write_pascal_context_like
 
@@ -244,12 +282,12 @@ def demo(root: Path = DEMO_ROOT, epochs: int = 6) -> dict:
     tasks = ["semseg", "human_parts", "saliency", "normals"]
     single = {}
     for t in tasks:
-        m = run(demo_config(root, data, [t], [{"name": "full"}], f"single_full_{t}", epochs), echo=False)
+        m = _demo_run(demo_config(root, data, [t], [{"name": "full"}], f"single_full_{t}", epochs), False, resume)
         single[t] = m["test"][t][m["primary"][t]]
         print(f"single-task full fine-tuning, {t}: {m['primary'][t]} {single[t]:.4f} ({m['params']['trainable']:,} trainable)")
     cfg = demo_config(root, data, tasks, [{"name": "polyhistor_lite", "bottleneck": 8, "rank": 4, "templates": 4,
                                             "embed_dim": 16, "proj_dim": 16}], "multi_polyhistor_lite", epochs)
-    m = run(cfg)
+    m = _demo_run(cfg, True, resume)
     res = {t: m["test"][t][m["primary"][t]] for t in tasks}
     dm = delta_m(res, single, m["lower_is_better"])
     for t in tasks:
@@ -261,25 +299,39 @@ def demo(root: Path = DEMO_ROOT, epochs: int = 6) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The CLI. Exit status: 0 done, 2 bad input (one line), 143 / 130 stopped by SIGTERM / SIGINT (one
+    line: what was kept, how to resume), 1 an unexpected error (a traceback)."""
     from shared.cli import quiet_lightning
+    from shared.lifecycle import RunStopped, stop_signals, stopped_message
 
     argv = sys.argv[1:] if argv is None else argv
+    resume = "--resume" in argv  # continue the stopped run of --output_dir (the demo: its stopped run)
+    argv = [a for a in argv if a != "--resume"]
     torch.set_num_threads(min(2, torch.get_num_threads()))
     quiet_lightning()
     try:
-        if not argv:
-            demo()
-            return
-        cfg, show = parse(argv)
-        if show:
-            print(yaml.safe_dump(cfg, sort_keys=False))
-            return
-        m = run(cfg)
-        print(json.dumps(m["test"], indent=2))
-        print(f"trainable: {m['params']}; bundle: {cfg['output_dir']}/adapter; metrics: {cfg['output_dir']}/metrics.json")
+        with stop_signals():
+            _main(argv, resume)
+    except RunStopped as e:
+        print(stopped_message(e), file=sys.stderr, flush=True)
+        raise SystemExit(e.exit_code) from None
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _main(argv: list[str], resume: bool) -> None:
+    if not argv:
+        demo(resume=resume)
+        return
+    cfg, show = parse(argv)
+    if show:
+        print(yaml.safe_dump(cfg, sort_keys=False))
+        return
+    m = run(cfg, resume=resume)
+    if is_main():  # several processes (DDP): one report
+        print(json.dumps(m["test"], indent=2))
+        print(f"trainable: {m['params']}; bundle: {cfg['output_dir']}/adapter; metrics: {cfg['output_dir']}/metrics.json")
 
 
 if __name__ == "__main__":

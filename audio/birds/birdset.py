@@ -164,13 +164,15 @@ class BirdSetDataModule(L.LightningDataModule):
     """Focal train windows + multi-label 5 s test windows (see the module docstring for layouts).
 
     `task` (HSN, NBP, ...) checks the class count against BirdSet's; `few_shot` keeps k focal
-    recordings per class (seeded)."""
+    recordings per class (seeded). `pad`: how a clip shorter than the 5 s window is filled
+    (`BirdFbankConfig.pad`): "waveform" (zeros, Bird-MAE) or "fbank_min" (the former convention)."""
 
     multilabel = True
 
     def __init__(self, root: str, layout: str = "auto", task: str | None = None, train_split: str = "train",
                  test_split: str = "test_5s", few_shot: int | None = None, seed: int = 0, batch_size: int = 32,
-                 num_workers: int = 0, classes: list[str] | None = None, val_fraction: float = 0.0):
+                 num_workers: int = 0, classes: list[str] | None = None, val_fraction: float = 0.0,
+                 pad: str = "waveform"):
         super().__init__()
         if layout not in ("auto", "hf", "csv"):
             raise ValueError(f"layout must be auto, hf or csv, got {layout!r}")
@@ -179,7 +181,7 @@ class BirdSetDataModule(L.LightningDataModule):
         self.root, self.layout, self.task = Path(root).expanduser(), layout, task.upper() if task else None
         self.train_split, self.test_split, self.few_shot, self.seed = train_split, test_split, few_shot, seed
         self.batch_size, self.num_workers, self.classes = batch_size, num_workers, classes
-        self.cfg = BirdFbankConfig()
+        self.cfg = BirdFbankConfig(pad=pad)
         self.name = self.task or self.root.name
         self.val_fraction = val_fraction
         self.splits: dict[str, WindowDataset] = {}

@@ -1,10 +1,14 @@
 """Bird-MAE's frontend: 32 kHz audio -> (512 frames x 128 mel) normalised kaldi fbank, and the 5 s
 windows BirdSet evaluates on.
 
-- `fbank_birdmae(wave)`: DC offset removed, kaldi fbank (htk_compat, 25 ms hanning window, 10 ms
-  hop, 128 mel, no energy, dither 0), padded with the clip's minimum (silence) or trimmed to 512
+- `fbank_birdmae(wave)`: the clip zero-padded at its end (or cut) to the 5 s window as a
+  waveform (Bird-MAE's feature extractor: `padding="max_length"`, padding value 0, truncation),
+  DC offset removed, kaldi fbank (htk_compat, 25 ms hanning window, 10 ms hop, 128 mel, no energy,
+  dither 0; 498 frames for 5 s), padded with the clip's minimum (silence) or trimmed to 512
   frames, normalised (x - (-7.2)) / (2 * 4.43) — the AudioMAE convention of dividing by twice the
-  std, which the Bird-MAE hub feature extractor keeps.
+  std, which the Bird-MAE hub feature extractor keeps. `BirdFbankConfig(pad="fbank_min")` is the
+  former convention: a short clip's own fbank padded with its minimum (no zero-padded audio, so
+  no frames straddling the clip's end), a longer one's first 512 frames.
 - `read_clip(path, start, end)`: mono float32 at 32 kHz from any rate; one `AudioError` naming the
   file when it is unreadable, silent, not finite, or shorter than a window it was asked for.
 - `event_window(events, duration)`: the 5 s window centred on a focal recording's first detected
@@ -20,12 +24,13 @@ from pathlib import Path
 import torch
 from torchaudio.compliance import kaldi
 
-from audio.features import AudioError, read_audio
+from audio.features import AudioError, check_silence, read_audio
 
 SAMPLE_RATE = 32_000
 WINDOW_S = 5.0
 BIRDMAE_MEAN, BIRDMAE_STD = -7.2, 4.43
 FRAMES, MELS = 512, 128
+PADS = ("waveform", "fbank_min")
 
 
 @dataclass(frozen=True)
@@ -36,9 +41,21 @@ class BirdFbankConfig:
     window_s: float = WINDOW_S
     mean: float = BIRDMAE_MEAN
     std: float = BIRDMAE_STD
+    pad: str = "waveform"  # short clips: "waveform" (zeros up to window_s, Bird-MAE) or "fbank_min"
+
+    def __post_init__(self):
+        if self.pad not in PADS:
+            raise ValueError(f"BirdFbankConfig.pad must be one of {PADS}, got {self.pad!r}")
 
     def to_dict(self) -> dict:
         return {"frontend": "fbank_birdmae", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BirdFbankConfig":
+        """The config a bundle's `preprocessing` describes; one saved before `pad` existed was
+        computed with "fbank_min", and keeps it."""
+        fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**{"pad": "fbank_min", **fields})
 
 
 def fbank_birdmae(wave: torch.Tensor, cfg: BirdFbankConfig = BirdFbankConfig(), source: str = "waveform") -> torch.Tensor:
@@ -46,6 +63,9 @@ def fbank_birdmae(wave: torch.Tensor, cfg: BirdFbankConfig = BirdFbankConfig(), 
     wave = torch.as_tensor(wave, dtype=torch.float32).flatten()
     if wave.numel() < int(0.025 * cfg.sample_rate):
         raise AudioError(f"{source}: too short for one 25 ms frame ({wave.numel()} samples)")
+    if cfg.pad == "waveform":  # exactly one window of audio: zeros at the end, or cut (the reference's order:
+        window = int(round(cfg.window_s * cfg.sample_rate))  # pad / truncate first, then the DC offset)
+        wave = torch.nn.functional.pad(wave, (0, window - wave.numel())) if wave.numel() < window else wave[:window]
     wave = wave - wave.mean()
     fb = kaldi.fbank(wave.unsqueeze(0), htk_compat=True, sample_frequency=cfg.sample_rate, use_energy=False,
                      window_type="hanning", num_mel_bins=cfg.num_mel_bins, dither=0.0, frame_shift=10)
@@ -59,8 +79,10 @@ def fbank_birdmae(wave: torch.Tensor, cfg: BirdFbankConfig = BirdFbankConfig(), 
 
 
 def read_clip(path: str | os.PathLike, start: float | None = None, end: float | None = None,
-              sample_rate: int = SAMPLE_RATE, allow_truncated: bool = False) -> torch.Tensor:
-    """Mono waveform of `path` (or its [start, end) seconds) at `sample_rate`."""
+              sample_rate: int = SAMPLE_RATE, allow_truncated: bool = False,
+              allow_silent: bool = False) -> torch.Tensor:
+    """Mono waveform of `path` (or its [start, end) seconds) at `sample_rate`; a silent one raises
+    (`audio.features.check_silence`, the rule audio.predict applies too) unless `allow_silent`."""
     wave = read_audio(path, sample_rate, allow_truncated)
     if start is not None or end is not None:
         s = int(round((start or 0.0) * sample_rate))
@@ -69,9 +91,7 @@ def read_clip(path: str | os.PathLike, start: float | None = None, end: float | 
             raise AudioError(f"{path}: window {start}-{end} s lies outside the recording "
                              f"({wave.numel() / sample_rate:.2f} s)")
         wave = wave[s:e]
-    if float(wave.abs().max()) == 0.0:
-        raise AudioError(f"{path}: silent audio (every sample is 0)" +
-                         (f" in {start}-{end} s" if start is not None else ""))
+    check_silence(wave, str(path), allow_silent, where=f" in {start}-{end} s" if start is not None else "")
     return wave
 
 
@@ -121,5 +141,5 @@ def duration_of(path: str | os.PathLike) -> float:
     return info.frames / info.samplerate
 
 
-__all__ = ["SAMPLE_RATE", "WINDOW_S", "BirdFbankConfig", "fbank_birdmae", "read_clip", "event_window",
+__all__ = ["SAMPLE_RATE", "WINDOW_S", "PADS", "BirdFbankConfig", "fbank_birdmae", "read_clip", "event_window",
            "sliding_windows", "clip_features", "duration_of"]

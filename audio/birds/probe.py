@@ -9,8 +9,16 @@ pass over it (augmentation is off: a cached token is the same in every epoch).
     python -m audio.probe --config domains/bioacoustic/hsn.yaml --data.root /data/birdset/HSN
     python -m audio.probe --config domains/bioacoustic/fsdd.yaml     # real audio: FSDD soundscapes
 
-Writes OUTPUT_DIR/<kind>/metrics.json (test/cmap, test/auroc, test/top1), OUTPUT_DIR/<kind>/adapter
-(a bundle `audio.explain` reads) and OUTPUT_DIR/results.md.
+Writes OUTPUT_DIR/<kind>/metrics.json (test/cmap, test/auroc, test/top1, and `definition`:
+"reference" when the metrics follow BirdSet's code, see `audio.birds.metrics`; `definitions` and
+`conventions` name each choice), OUTPUT_DIR/<kind>/adapter (a bundle `audio.explain` reads) and
+OUTPUT_DIR/results.md.
+
+Training conventions (Bird-MAE's unless noted; each is a switch): the asymmetric loss averaged over
+all batch x class elements (`--loss_reduction`, "batchmean" = summed over classes), the prototype
+cosine divided by 1.01 (`--cosine_scale`), short clips zero-padded as audio (`--data.init_args.pad`),
+and the patch map laid out on the true time x mel grid (`--patch_layout grid`, ours: Bird-MAE's
+reshape lays 4 time steps x 8 mel patches along each row, `birdmae_reshape`).
 """
 from __future__ import annotations
 
@@ -26,13 +34,14 @@ import lightning as L
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torch import nn
-from torchmetrics.functional.classification import multilabel_average_precision
-
 from shared import backbones
 from shared.cli import friendly, parse_tool_args, write_json_atomic
-from shared.data import FeatureCache, dataset_digest, extract_features
-from shared.heads import AttentiveHead, LinearHead, PrototypicalHead, Tokens, asymmetric_loss
-from shared.module import cosine_with_warmup, macro_over_defined
+from shared.data import FeatureCache, dataset_digest, extract_features_once
+from shared.distributed import is_main, launched
+from audio.birds import metrics as M
+from shared.heads import (ASL_REDUCTIONS, PATCH_LAYOUTS, AttentiveHead, LinearHead, PrototypicalHead, Tokens,
+                          asymmetric_loss)
+from shared.module import cosine_with_warmup
 
 RECIPES = Path(__file__).resolve().parents[2] / "domains" / "bioacoustic"
 DEMO = RECIPES / "demo.yaml"
@@ -40,32 +49,37 @@ KINDS = ("linear", "attentive", "prototypical")
 
 
 # ----------------------------------------------------------------------------------------------- metrics
-def cmap(scores: torch.Tensor, target: torch.Tensor) -> float:
-    """Class-wise mean average precision: per-class AP (torchmetrics) averaged over the classes with
-    at least one positive window (BirdSet's cmAP; a class never present has no defined AP)."""
-    ap = multilabel_average_precision(scores.float(), target.int(), num_labels=target.shape[1], average=None)
-    has_pos = target.sum(0) > 0
-    return float(ap[has_pos].mean()) if has_pos.any() else float("nan")
+def cmap(scores: torch.Tensor, target: torch.Tensor, definition: str = "birdset") -> float:
+    """BirdSet's cmAP (`audio.birds.metrics.cmap`): mean AP over the classes with a positive window."""
+    return M.cmap(scores, target, definition)
 
 
-def top1(scores: torch.Tensor, target: torch.Tensor) -> float:
-    """Share of the windows with at least one label whose highest-scoring class is one of them."""
-    keep = target.sum(1) > 0
-    if not keep.any():
-        return float("nan")
-    best = scores[keep].argmax(1)
-    return float(target[keep].gather(1, best[:, None]).float().mean())
+def top1(scores: torch.Tensor, target: torch.Tensor, definition: str = "birdset") -> float:
+    """BirdSet's T1-Acc (`audio.birds.metrics.top1`): the best class is one of the window's labels,
+    over the windows with a label."""
+    return M.top1(scores, target, definition)
 
 
-def scores(logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    p = logits.sigmoid()
-    return {"test/cmap": cmap(p, target), "test/auroc": macro_over_defined(p, target.long(), "auroc")[0],
-            "test/top1": top1(p, target)}
+def scores(logits: torch.Tensor, target: torch.Tensor, definitions: dict[str, str] | None = None) -> dict[str, float]:
+    return M.bird_scores(logits, target, definitions)
+
+
+def metric_definitions(options: dict[str, str] | None) -> dict[str, str]:
+    """BirdSet's definitions (`audio.birds.metrics.DEFAULTS`) with `--metrics` overrides, checked."""
+    known = {"cmap": M.CMAP, "top1": M.TOP1, "auroc": M.AUROC}
+    out = dict(M.DEFAULTS)
+    for k, v in (options or {}).items():
+        if k not in known:
+            raise ValueError(f"--metrics: unknown metric {k!r}; known: {', '.join(known)}")
+        if v not in known[k]:
+            raise ValueError(f"--metrics.{k}: unknown definition {v!r}; known: {', '.join(known[k])}")
+        out[k] = v
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- probes
 def make_heads(kinds, dim: int, num_classes: int, prototypes_per_class: int = 20, focal: bool = True,
-               upsample: int = 2) -> nn.ModuleDict:
+               upsample: int = 2, cosine_scale: float = 1.01, patch_layout: str = "grid") -> nn.ModuleDict:
     heads = {}
     for kind in kinds:
         if kind == "linear":  # LayerNorm + Linear on the mean of the patch tokens
@@ -73,14 +87,16 @@ def make_heads(kinds, dim: int, num_classes: int, prototypes_per_class: int = 20
         elif kind == "attentive":
             heads[kind] = AttentiveHead(dim, num_classes, num_heads=8)
         elif kind == "prototypical":
-            heads[kind] = PrototypicalHead(dim, num_classes, prototypes_per_class, focal=focal, upsample=upsample)
+            heads[kind] = PrototypicalHead(dim, num_classes, prototypes_per_class, focal=focal, upsample=upsample,
+                                           cosine_scale=cosine_scale, patch_layout=patch_layout)
         else:
             raise ValueError(f"unknown probe kind {kind!r}; known: {', '.join(KINDS)}")
     return nn.ModuleDict(heads)
 
 
-def head_loss(head: nn.Module, logits: torch.Tensor, y: torch.Tensor, ortho_weight: float) -> torch.Tensor:
-    loss = asymmetric_loss(logits, y)
+def head_loss(head: nn.Module, logits: torch.Tensor, y: torch.Tensor, ortho_weight: float,
+              reduction: str = "mean") -> torch.Tensor:
+    loss = asymmetric_loss(logits, y, reduction=reduction)
     if isinstance(head, PrototypicalHead) and ortho_weight:
         loss = loss + ortho_weight * head.orthogonality_loss()
     return loss
@@ -94,7 +110,7 @@ def optimizer(heads: nn.ModuleDict, lr: float, prototype_lr: float, weight_decay
     return torch.optim.AdamW(groups, betas=tuple(betas), weight_decay=weight_decay)
 
 
-def train_epoch(heads, opt, sched, batches, ortho_weight: float, clip: float) -> float:
+def train_epoch(heads, opt, sched, batches, ortho_weight: float, clip: float, reduction: str = "mean") -> float:
     """One pass: every head steps on every batch; returns the summed loss (mean over batches)."""
     heads.train()
     total, n = 0.0, 0
@@ -102,7 +118,7 @@ def train_epoch(heads, opt, sched, batches, ortho_weight: float, clip: float) ->
         loss_sum = 0.0
         opt.zero_grad(set_to_none=True)
         for head in heads.values():
-            loss = head_loss(head, head(tokens), y, ortho_weight)
+            loss = head_loss(head, head(tokens), y, ortho_weight, reduction)
             loss.backward()  # heads share nothing: their gradients are independent
             loss_sum += float(loss.detach())
         for head in heads.values():  # clip each probe on its own, as if trained alone
@@ -158,6 +174,14 @@ def parser() -> ArgumentParser:
     p.add_argument("--prototypes_per_class", type=int, default=20)
     p.add_argument("--focal_similarity", type=bool, default=True)
     p.add_argument("--upsample", type=int, default=2)
+    p.add_argument("--cosine_scale", type=float, default=1.01,
+                   help="prototype cosine divided by this (Bird-MAE: 1.01; 1.0: the plain cosine)")
+    p.add_argument("--patch_layout", default="grid",
+                   help="patch map before upsampling: grid (true time x mel) or birdmae_reshape (Bird-MAE's)")
+    p.add_argument("--loss_reduction", default="mean",
+                   help="asymmetric loss: mean over batch x classes (Bird-MAE), batchmean (summed over classes), sum")
+    p.add_argument("--metrics", type=dict[str, str], default={},
+                   help="metric definitions other than BirdSet's, e.g. {top1: first_label, auroc: defined}")
     p.add_argument("--ortho_weight", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch_size", type=int, default=128)
@@ -203,15 +227,29 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     for k in cfg.probes:
         if k not in KINDS:
             raise ValueError(f"--probes: unknown probe kind {k!r}; known: {', '.join(KINDS)}")
+    definitions = metric_definitions(cfg.metrics)
+    if cfg.patch_layout not in PATCH_LAYOUTS:
+        raise ValueError(f"--patch_layout must be one of {', '.join(PATCH_LAYOUTS)}, got {cfg.patch_layout!r}")
+    if cfg.loss_reduction not in ASL_REDUCTIONS:
+        raise ValueError(f"--loss_reduction must be one of {', '.join(ASL_REDUCTIONS)}, got {cfg.loss_reduction!r}")
+    if not cfg.cosine_scale > 0:
+        raise ValueError(f"--cosine_scale must be > 0, got {cfg.cosine_scale}")
+    with launched():  # torchrun --nproc_per_node N: every process extracts its share of the tokens
+        return _run(p, cfg, definitions)
+
+
+def _run(p: ArgumentParser, cfg, definitions) -> dict[str, Any]:
+    """Process 0 alone trains, scores and writes; the others return {} once their tokens are gathered."""
     t_start = time.perf_counter()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     L.seed_everything(cfg.seed_everything, verbose=False)
     data = (p.instantiate(cfg) if hasattr(p, "instantiate") else p.instantiate_classes(cfg)).data
     data.setup("fit")
-    print(data.describe() if hasattr(data, "describe") else type(data).__name__)
+    if is_main():
+        print(data.describe() if hasattr(data, "describe") else type(data).__name__)
     model = backbones.create(cfg.backbone, **cfg.backbone_kwargs).eval()
-    if cfg.backbone.startswith("tiny"):
+    if cfg.backbone.startswith("tiny") and is_main():
         print(f"backbone: {cfg.backbone}, the Bird-MAE architecture with RANDOM weights (no pretrained knowledge)")
     device = _device(cfg.accelerator)
     model.to(device)
@@ -226,9 +264,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         items = getattr(getattr(data, "splits", {}).get(split), "items", [])
         digest = dataset_digest(sorted({it.path for it in items}))  # files changed in place: a new key
         key = cache.key(fp, data.preprocessing, f"{dataset_id}:{split}:{digest}", extractor="birdmae_tokens")
-        loader = data.feature_loader(split)
-        feats[split] = cache.get_or_compute(key, lambda: extract_features(
-            lambda x: anat.forward_tokens(x).x, loader, device=device))
+        feats[split] = extract_features_once(lambda x: anat.forward_tokens(x).x, data.feature_loader(split), device,
+                                             cache, key)
+    if not is_main():
+        return {}
     t_extract = time.perf_counter() - t_extract
     print(f"tokens: {'read from the cache' if not cache.misses else f'computed on {device} and cached'} "
           f"({t_extract:.1f} s) in {cache.root}")
@@ -238,7 +277,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     dim, c = train_tokens.shape[-1], y_train.shape[1]
 
     torch.manual_seed(cfg.seed_everything)
-    heads = make_heads(cfg.probes, dim, c, cfg.prototypes_per_class, cfg.focal_similarity, cfg.upsample)
+    heads = make_heads(cfg.probes, dim, c, cfg.prototypes_per_class, cfg.focal_similarity, cfg.upsample,
+                       cfg.cosine_scale, cfg.patch_layout)
     opt = optimizer(heads, cfg.lr, cfg.prototype_lr, cfg.weight_decay, cfg.betas)
     steps_per_epoch = math.ceil(len(y_train) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -249,7 +289,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         loss = train_epoch(heads, opt, sched, cached_batches(train_tokens, y_train, num_prefix, grid,
-                                                             cfg.batch_size, g), cfg.ortho_weight, cfg.grad_clip)
+                                                             cfg.batch_size, g), cfg.ortho_weight, cfg.grad_clip,
+                           cfg.loss_reduction)
         epoch_times.append(time.perf_counter() - t0)
         if epoch == 0 or (epoch + 1) % max(1, cfg.epochs // 5) == 0 or epoch + 1 == cfg.epochs:
             print(f"epoch {epoch + 1}/{cfg.epochs}: summed probe loss {loss:.4f} ({epoch_times[-1]:.3f} s on the cache)")
@@ -259,7 +300,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         o2 = optimizer(h2, cfg.lr, cfg.prototype_lr, cfg.weight_decay, cfg.betas)
         s2 = torch.optim.lr_scheduler.LambdaLR(o2, lambda s: 1.0)
         train_epoch(h2, o2, s2, recompute_batches(model, data.train_dataloader(), device, num_prefix, grid),
-                    cfg.ortho_weight, cfg.grad_clip)
+                    cfg.ortho_weight, cfg.grad_clip, cfg.loss_reduction)
         recompute_s = time.perf_counter() - t0
     logits = predict(heads, test_tokens, num_prefix, grid)
 
@@ -272,14 +313,20 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     rows = {}
     cached_s = sum(epoch_times) / len(epoch_times) if epoch_times else float("nan")
     for kind, head in heads.items():
-        row = {"method": f"{kind}_probe", **scores(logits[kind], y_test),
+        conventions = {"loss_reduction": cfg.loss_reduction,
+                       "short_clips": getattr(getattr(data, "cfg", None), "pad", None)}
+        if kind == "prototypical":
+            conventions.update(cosine_scale=cfg.cosine_scale, patch_layout=cfg.patch_layout)
+        row = {"method": f"{kind}_probe", **scores(logits[kind], y_test, definitions),
+               "definition": M.definition_label(definitions), "definitions": definitions, "conventions": conventions,
                "trainable_params": sum(p.numel() for p in head.parameters()),
                "total_params": sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in head.parameters()),
                "epoch_s_cached": cached_s, "epoch_s_recompute": recompute_s, "extract_s": t_extract,
                "backbone": cfg.backbone, "dataset": getattr(data, "name", type(data).__name__), "fold": None,
                "few_shot": getattr(data, "few_shot", None), "run": f"{out.name}_{kind}", "config": recipe}
         clf = peft.Classifier(model, head.cpu().eval(), labels=data.labels)
-        peft.save(clf, out / kind / "adapter", labels=data.labels, metrics={k: v for k, v in row.items() if k.startswith("test/")},
+        saved = {k: v for k, v in row.items() if k.startswith("test/") or k == "definition"}
+        peft.save(clf, out / kind / "adapter", labels=data.labels, metrics=saved,
                   preprocessing=data.preprocessing, backbone_id=cfg.backbone, backbone_kwargs=dict(cfg.backbone_kwargs),
                   extra={"task": "multilabel", "domain": "bioacoustic"})
         write_json_atomic(out / kind / "metrics.json", row)
@@ -288,9 +335,14 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     wall = time.perf_counter() - t_start
     from shared.fs import atomic_write
 
+    label = M.definition_label(definitions)
+    note = (f"metric definitions: {label}" + (" (BirdSet's metric code)" if label == "reference" else "")
+            + f"; loss reduction {cfg.loss_reduction}, cosine / {cfg.cosine_scale:g}, patch layout {cfg.patch_layout}, "
+              f"short clips padded: {data.cfg.pad if hasattr(data, 'cfg') else '?'}")
     atomic_write(out / "results.md", f"# {rows[next(iter(rows))]['dataset']}: probes on {cfg.backbone}\n\n{table}\n\n"
-                                     f"wall time {wall:.1f} s (feature extraction {t_extract:.1f} s)\n")
+                                     f"{note}\n\nwall time {wall:.1f} s (feature extraction {t_extract:.1f} s)\n")
     print(table)
+    print(note)
     print(f"wall time {wall:.1f} s; metrics in {out}/<kind>/metrics.json, table in {out / 'results.md'}; explain a clip: "
           f"python -m audio.explain --adapter {out / 'prototypical' / 'adapter'} CLIP.wav")
     return rows

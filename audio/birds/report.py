@@ -1,7 +1,8 @@
 """`python -m audio.birds.report RUNS`: cmAP per test set with the probe kinds side by side.
 
 Reads every `metrics.json` that `audio.probe` wrote under RUNS (method `<kind>_probe`), one row per
-(test set, few-shot size) and one column per probe kind; writes `bird-report-<metric>.md` and a
+(test set, few-shot size, metric definition) and one column per probe kind (runs of other metric
+definitions than BirdSet's, `definition` in metrics.json, get their own rows, named by it); writes `bird-report-<metric>.md` and a
 grouped bar chart `bird-report-<metric>.png` into RUNS. (`python -m audio.report RUNS --metric
 test/cmap` gives the generic table and the metric-vs-parameters plot.)
 """
@@ -26,10 +27,13 @@ def table(rows: list[dict], metric: str = "test/cmap") -> tuple[list[str], dict[
         kind = str(r.get("method", "")).removesuffix("_probe")
         if kind not in KINDS or metric not in r:
             continue
-        name = str(r.get("dataset")) + (f" ({r['few_shot']}-shot)" if r.get("few_shot") else "")
+        definition = r.get("definition") if isinstance(r.get("definition"), str) else "unrecorded"
+        name = str(r.get("dataset")) + (f" ({r['few_shot']}-shot)" if r.get("few_shot") else "") + \
+            ("" if definition == "reference" else f" [{definition}]")
         cells[name][kind].append(float(r[metric]))
-        order[name] = (str(r.get("dataset")), int(r.get("few_shot") or 0))  # all data last after its shots
-    names = sorted(cells, key=lambda n: (order[n][0], order[n][1] == 0, order[n][1]))
+        order[name] = (str(r.get("dataset")), int(r.get("few_shot") or 0), definition)  # all data after its shots
+    names = sorted(cells, key=lambda n: (order[n][0], order[n][2] != "reference", order[n][2], order[n][1] == 0,
+                                         order[n][1]))
     return names, {n: {k: sum(v) / len(v) for k, v in cells[n].items()} for n in names}
 
 
@@ -47,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     for n in names:
         lines.append(f"| {n} | " + " | ".join(f"{100 * values[n][k]:.1f}" if k in values[n] else "-" for k in kinds) + " |")
     stem = "bird-report-" + args.metric.replace("/", "-")
-    atomic_write(root / f"{stem}.md", f"{args.metric} in %\n\n" + "\n".join(lines) + "\n")
+    legend = ("metric definitions: BirdSet's metric code unless a row names another (`definition` in metrics.json; "
+              "[unrecorded]: a run written before definitions were recorded; see docs/metrics.md)")
+    atomic_write(root / f"{stem}.md", f"{args.metric} in %\n\n" + "\n".join(lines) + f"\n\n{legend}\n")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from shared.data import balanced_sampler, eval_sampler, few_shot_indices, pos_weight
+from shared.data import balanced_sampler, few_shot_indices, pos_weight
 
 from ..io import SUPPORTED_EXTENSIONS, ImageReadError, read_image
 from ..transforms import (
@@ -148,11 +148,17 @@ class MedicalDataModule(L.LightningDataModule):
     default_intensity: ClassVar[str] = "minmax"
     few_shot_unit: ClassVar[str] = "image"  # what few-shot counts for segmentation
     protocol: str = "official"  # how train / val / test are made (written to metrics.json)
+    # What the images are, recorded in the bundle (preprocessing.input) so that medical.predict can warn
+    # about a DICOM of another modality / body part: DICOM Modality ("CR/DX": either) and
+    # BodyPartExamined values. A recipe sets it with `imaging: {modality: CT, body_part: ABDOMEN}`.
+    default_imaging: ClassVar[dict[str, str]] = {}
 
     def __init__(self, root: str, img_size: int = 224, batch_size: int = 32, num_workers: int = 0,
                  few_shot: int | None = None, seed: int = 0, augment: bool = False,
-                 intensity: str | list[float] | None = None, balanced_sampler: bool = False):
+                 intensity: str | list[float] | None = None, balanced_sampler: bool = False,
+                 imaging: dict[str, str] | None = None):
         super().__init__()
+        self.given_imaging = None if imaging is None else self._check_imaging(imaging)
         self.balanced_sampler = balanced_sampler
         self.root = Path(root).expanduser()
         if not self.root.exists():
@@ -186,6 +192,22 @@ class MedicalDataModule(L.LightningDataModule):
     def preprocessing_extra(self) -> dict:
         return {}
 
+    def imaging_default(self) -> dict[str, str]:
+        """What this dataset's images are when the recipe does not say (`imaging`)."""
+        return dict(self.default_imaging)
+
+    @staticmethod
+    def _check_imaging(given) -> dict[str, str]:
+        if not isinstance(given, dict) or set(given) - {"modality", "body_part"}:
+            raise DatasetLayoutError(f"imaging: {given!r}; expected a mapping with modality (DICOM Modality, e.g. "
+                                     f"CR/DX, CT, MR) and / or body_part (DICOM BodyPartExamined, e.g. CHEST)")
+        return {k: str(v).upper() for k, v in given.items() if v}
+
+    @property
+    def imaging(self) -> dict[str, str]:
+        given = getattr(self, "given_imaging", None)
+        return self.imaging_default() if given is None else given
+
     # ----------------------------------------------------------------- public
     @property
     def num_classes(self) -> int:
@@ -193,7 +215,9 @@ class MedicalDataModule(L.LightningDataModule):
 
     @property
     def preprocessing(self) -> dict:
-        return preprocessing_dict(self.img_size, self.intensity, **self.preprocessing_extra())
+        imaging = self.imaging
+        return preprocessing_dict(self.img_size, self.intensity, **self.preprocessing_extra(),
+                                  **({"input": imaging} if imaging else {}))
 
     def dataset(self, split: str, train: bool | None = None) -> ItemDataset:
         """The torch Dataset of a split; `train` (default: split == "train") enables augmentation."""
@@ -215,7 +239,7 @@ class MedicalDataModule(L.LightningDataModule):
     def _loader(self, split: str) -> DataLoader:
         train = split == "train"
         ds = self.dataset(split)
-        sampler = self.train_sampler(ds) if train else eval_sampler(ds)  # no repeated samples under DDP
+        sampler = self.train_sampler(ds) if train else None  # under DDP: Lightning's share (shared.distributed)
         return DataLoader(ds, batch_size=self.batch_size, shuffle=train and sampler is None, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           worker_init_fn=_seed_worker)

@@ -29,6 +29,7 @@ class ChestXray14DataModule(MedicalDataModule):
     """
 
     name = "chestxray14"
+    default_imaging = {"modality": "CR/DX", "body_part": "CHEST"}
     few_shot_unit = "patient"
     protocol = "official test_list.txt; validation = train_val patients"
 

@@ -45,6 +45,7 @@ class CheXpertDataModule(MedicalDataModule):
     """
 
     name = "chexpert"
+    default_imaging = {"modality": "CR/DX", "body_part": "CHEST"}
     few_shot_unit = "patient"
     protocol = "valid.csv validates; held-out train.csv patients test"
     POLICIES = ("ones", "zeros", "ignore")

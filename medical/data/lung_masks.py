@@ -30,6 +30,7 @@ class LungMaskDataModule(MedicalDataModule):
     """
 
     name = "lungmask"
+    default_imaging = {"modality": "CR/DX", "body_part": "CHEST"}
     task = "segmentation"
     protocol = "70/15/15 split by image"
 

@@ -45,6 +45,28 @@ MEDMNIST_LABELS: dict[str, list[str]] = {
     "synapsemnist3d": ["inhibitory synapse", "excitatory synapse"],
 }
 MEDMNIST_MULTILABEL = {"chestmnist"}
+# What each MedMNIST set's images are (its source datasets), as DICOM Modality / BodyPartExamined
+# values; written into bundles (preprocessing.input) for medical.predict's modality check.
+_XRAY_CHEST = {"modality": "CR/DX", "body_part": "CHEST"}
+MEDMNIST_IMAGING: dict[str, dict[str, str]] = {
+    "pathmnist": {"modality": "SM", "body_part": "COLON"},
+    "chestmnist": _XRAY_CHEST,
+    "dermamnist": {"modality": "XC", "body_part": "SKIN"},
+    "octmnist": {"modality": "OPT", "body_part": "EYE"},
+    "pneumoniamnist": _XRAY_CHEST,
+    "retinamnist": {"modality": "OP", "body_part": "EYE"},
+    "breastmnist": {"modality": "US", "body_part": "BREAST"},
+    "bloodmnist": {"modality": "SM"},
+    "tissuemnist": {"modality": "SM", "body_part": "KIDNEY"},
+    "organamnist": {"modality": "CT", "body_part": "ABDOMEN"},
+    "organcmnist": {"modality": "CT", "body_part": "ABDOMEN"},
+    "organsmnist": {"modality": "CT", "body_part": "ABDOMEN"},
+    "organmnist3d": {"modality": "CT", "body_part": "ABDOMEN"},
+    "nodulemnist3d": {"modality": "CT", "body_part": "CHEST"},
+    "adrenalmnist3d": {"modality": "CT", "body_part": "ABDOMEN"},
+    "fracturemnist3d": {"modality": "CT", "body_part": "CHEST"},
+    "vesselmnist3d": {"modality": "MR", "body_part": "HEAD"},
+}
 
 
 class MedMNISTDataModule(MedicalDataModule):
@@ -174,3 +196,6 @@ class MedMNISTDataModule(MedicalDataModule):
 
     def preprocessing_extra(self) -> dict:
         return {"volume_axis": 0} if self.volumetric else {}
+
+    def imaging_default(self) -> dict[str, str]:
+        return dict(MEDMNIST_IMAGING.get(self.flag, {}))

@@ -20,7 +20,8 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 # Loaders that live in domain packages, imported on first use.
 LAZY = {"ast": "audio.backbone", "dinov2": "medical.backbone", "bird-mae": "audio.birds.birdmae",
         "tiny-bird-mae": "audio.birds.birdmae", "swin-t": "vision.backbone",
-        "hf-encoder": "text.backbone", "hf-causal-lm": "text.backbone", "tiny-llama-lm": "text.backbone"}
+        "hf-encoder": "text.backbone", "hf-causal-lm": "text.backbone", "tiny-llama-lm": "text.backbone",
+        "whisper": "audio.whisper", "tiny-whisper": "audio.whisper"}
 
 
 def register_backbone(name: str, seeded: bool = False):

@@ -1,7 +1,7 @@
 """Anatomy entries for the backbone families we support.
 
 timm `VisionTransformer` (DINOv2, Bird-MAE-style ViTs, register tokens), timm `SwinTransformer`,
-transformers `ASTModel`, Llama-class decoders and BERT-class encoders.
+transformers `ASTModel`, `WhisperEncoder`, Llama-class decoders and BERT-class encoders.
 """
 from __future__ import annotations
 
@@ -176,6 +176,67 @@ class ASTAnatomy(Anatomy):
     @staticmethod
     def attention_output(attn, ctx, inputs):
         return attn.o_proj(ctx), None
+
+
+def _whisper_classes():
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    return (WhisperEncoder,)
+
+
+@register_anatomy
+class WhisperAnatomy(Anatomy):
+    """transformers `WhisperEncoder`: two convolutions, fixed sinusoidal positions, pre-LN blocks.
+
+    Input (B, n_mels, 2 x max_source_positions) log-mel features; tokens are the
+    max_source_positions time steps, a 1-D axis (grid (T, 1)), with no CLS. Prompts go first in
+    the sequence (the positions are added before the blocks, which take the token sequence as
+    their first input). The attention scales q by head_dim ** -0.5 before an unscaled product;
+    `qkv` returns the unscaled q for `sdpa_with_prefix`, whose default scale is the same.
+    """
+
+    family = "hf-whisper-encoder"
+    model_classes = _whisper_classes()
+
+    def blocks(self):
+        return list(self.model.layers)
+
+    def sublayer(self, block, placement):
+        _check_placement(placement)
+        if placement == "mhsa":
+            a = block.self_attn  # q_proj reads the output of self_attn_layer_norm
+            return Sublayer(a.q_proj, a.out_proj, block.self_attn_layer_norm, a.out_proj.out_features)
+        return Sublayer(block.fc1, block.fc2, block.final_layer_norm, block.fc2.out_features)
+
+    def final_norm(self):
+        return self.model.layer_norm
+
+    def grid(self):
+        return (int(self.model.config.max_source_positions), 1)  # (time, 1)
+
+    def forward_tokens(self, inputs):
+        x = self.model(input_features=inputs).last_hidden_state  # (B, P + T, D), final norm applied
+        t = self.grid()[0]
+        return Tokens(x, x.shape[1] - t, (t, 1))  # P: prompt outputs a method kept
+
+    def attention(self, block):
+        return block.self_attn
+
+    def attention_heads(self, attn):
+        return attn.num_heads
+
+    @staticmethod
+    def attention_dropout(attn):
+        return float(attn.dropout)
+
+    @staticmethod
+    def qkv(attn, x):
+        shape = (*x.shape[:-1], -1, attn.head_dim)
+        return tuple(p(x).view(shape).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+
+    @staticmethod
+    def attention_output(attn, ctx, inputs):
+        return attn.out_proj(ctx), None  # WhisperAttention returns (output, attention weights)
 
 
 def _base_model(model):

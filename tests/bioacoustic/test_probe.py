@@ -28,9 +28,10 @@ def test_prototypical_head_matches_the_paper_by_hand():
         head.prototypes.copy_(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
     # CLS [1, 0], patches [2, 0] and [1, 1] on a 1 x 2 grid; focal: patches - CLS = [1, 0], [0, 1]
     t = Tokens(torch.tensor([[[1.0, 0.0], [2.0, 0.0], [1.0, 1.0]]]), 1, (1, 2))
-    # prototype 0: max(cos([1,0],[1,0]) = 1, cos([0,1],[1,0]) = 0) = 1; prototype 1: max(0.7071, 0.7071)
-    assert head.similarities(t)[0, 0].tolist() == pytest.approx([1.0, math.sqrt(0.5)])
-    assert float(head(t)[0, 0]) == pytest.approx(1.0 + math.sqrt(0.5) - 2.0)  # weights 1, bias -2
+    # prototype 0: max(cos([1,0],[1,0]) = 1, cos([0,1],[1,0]) = 0) = 1; prototype 1: max(0.7071, 0.7071);
+    # Bird-MAE divides every cosine by 1.01 (changed on purpose: the plain cosine before)
+    assert head.similarities(t)[0, 0].tolist() == pytest.approx([1 / 1.01, math.sqrt(0.5) / 1.01])
+    assert float(head(t)[0, 0]) == pytest.approx((1.0 + math.sqrt(0.5)) / 1.01 - 2.0)  # weights 1, bias -2
     # unit rows [1, 0], [.7071, .7071]: Gram - I has two off-diagonal .7071 -> ||.||_F = 1, / (C P P = 4)
     assert float(head.orthogonality_loss()) == pytest.approx(0.25)
 
@@ -108,8 +109,9 @@ def test_explanation_locates_the_matching_patch_in_time_and_frequency():
     assert [r["class"] for r in rows] == ["bird"]  # "other" never matches (its similarity is 0)
     r = rows[0]
     # bilinear x2 upsampling (align_corners False): the best cell reads source (9.75, 2.75), i.e. weight
-    # 0.75 * 0.75 = 0.5625 on the patch and 0.4375 on background -> cos = 0.5625 / |(0.4375, 0.5625)|
-    assert r["similarity"] == pytest.approx(0.5625 / math.hypot(0.4375, 0.5625), abs=1e-5)
+    # 0.75 * 0.75 = 0.5625 on the patch and 0.4375 on background -> cos = 0.5625 / |(0.4375, 0.5625)|,
+    # divided by Bird-MAE's 1.01
+    assert r["similarity"] == pytest.approx(0.5625 / math.hypot(0.4375, 0.5625) / 1.01, abs=1e-5)
     assert r["share"] == pytest.approx(1.0)
     ti, fi = r["cell"]  # upsampled x2: the patch covers cells 20-21 in time, 6-7 in frequency
     assert ti in (20, 21) and fi in (6, 7)
@@ -120,14 +122,21 @@ def test_explanation_locates_the_matching_patch_in_time_and_frequency():
 def test_bird_report_puts_probe_kinds_side_by_side(tmp_path):
     from audio.birds import report as bird_report
 
-    for i, (kind, shots, value) in enumerate([("linear", None, 0.2), ("prototypical", None, 0.4),
-                                              ("prototypical", None, 0.6), ("linear", 5, 0.1)]):
+    # rows of another metric definition (or none recorded: runs from before definitions were
+    # written) are never averaged with the reference ones: they get their own, named rows
+    for i, (kind, shots, value, definition) in enumerate([
+            ("linear", None, 0.2, "reference"), ("prototypical", None, 0.4, "reference"),
+            ("prototypical", None, 0.6, "reference"), ("linear", 5, 0.1, "reference"),
+            ("prototypical", None, 0.9, "top1=first_label"), ("linear", None, 0.7, None)]):
         row = {"method": f"{kind}_probe", "dataset": "HSN", "few_shot": shots, "test/cmap": value}
+        if definition:
+            row["definition"] = definition
         (tmp_path / f"r{i}").mkdir()
         (tmp_path / f"r{i}" / "metrics.json").write_text(json.dumps(row))
     assert bird_report.main([str(tmp_path)]) == 0
     md = (tmp_path / "bird-report-test-cmap.md").read_text()
     assert "| HSN | 20.0 | 50.0 |" in md and "| HSN (5-shot) | 10.0 | - |" in md  # 0.4 and 0.6 averaged
+    assert "| HSN [top1=first_label] | - | 90.0 |" in md and "| HSN [unrecorded] | 70.0 | - |" in md
     assert (tmp_path / "bird-report-test-cmap.png").stat().st_size > 5_000
 
 
@@ -138,9 +147,11 @@ def test_audio_report_writes_the_probe_kinds_table_for_probe_runs(tmp_path):
 
     for i, (kind, value) in enumerate([("linear", 0.2), ("prototypical", 0.4)]):
         row = {"method": f"{kind}_probe", "dataset": "HSN", "few_shot": None, "test/cmap": value,
-               "run": f"hsn_{kind}", "backbone": "tiny-bird-mae", "trainable_params": 10 + i, "total_params": 100}
+               "run": f"hsn_{kind}", "backbone": "tiny-bird-mae", "trainable_params": 10 + i, "total_params": 100,
+               "definition": "reference"}
         (tmp_path / f"r{i}").mkdir()
         (tmp_path / f"r{i}" / "metrics.json").write_text(json.dumps(row))
     report.main([str(tmp_path)])
     assert "| HSN | 20.0 | 40.0 |" in (tmp_path / "bird-report-test-cmap.md").read_text()
-    assert (tmp_path / "report-test-cmap.md").is_file()
+    generic = (tmp_path / "report-test-cmap.md").read_text()
+    assert "| metric definition |" in generic and generic.count("| reference |") == 2  # the generic table names it

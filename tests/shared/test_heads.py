@@ -111,11 +111,15 @@ def test_prototypical_exact_match_logit_and_nonnegativity():
     weight[0, 0] = -3.0  # negative weights must contribute nothing
     _set_protos(head, protos, weight)
     logits = head(tokens)
-    # class 0 of sample 0: cosine 1 for prototypes 1..3 (prototype 0 has a clamped weight) -> 3 * 0.5 - 2
-    assert logits[0, 0].item() == pytest.approx(3 * 0.5 * 1.0 - 2.0, abs=1e-5)
+    # class 0 of sample 0: cosine 1 for prototypes 1..3 (prototype 0 has a clamped weight), divided by
+    # Bird-MAE's 1.01 -> 3 * 0.5 / 1.01 - 2 (the definition changed on purpose: it was 3 * 0.5 - 2)
+    assert logits[0, 0].item() == pytest.approx(3 * 0.5 / 1.01 - 2.0, abs=1e-5)
     torch.testing.assert_close(logits[:, 1:], torch.full((2, c - 1), -2.0))  # bias only
     sim = head.similarities(tokens)
-    torch.testing.assert_close(sim[0, 0], torch.ones(p))
+    torch.testing.assert_close(sim[0, 0], torch.full((p,), 1 / 1.01))
+    plain = PrototypicalHead(d, c, prototypes_per_class=p, focal=False, upsample=1, cosine_scale=1.0)
+    plain.load_state_dict(head.state_dict())
+    assert plain(tokens)[0, 0].item() == pytest.approx(3 * 0.5 - 2.0, abs=1e-5)  # the former plain cosine
 
 
 def test_prototypical_focal_and_upsample_match_brute_force():
@@ -134,7 +138,7 @@ def test_prototypical_focal_and_upsample_match_brute_force():
             for j in range(p):
                 proto = head.prototypes[k * p + j].detach()
                 locs = fmap[b].flatten(1).T  # (4HW, D), every upsampled location
-                cos = [F.cosine_similarity(v, proto, dim=0) for v in locs]
+                cos = [F.cosine_similarity(v, proto, dim=0) / 1.01 for v in locs]  # Bird-MAE's scale
                 s += max(max(cos).item(), 0.0) * head.weight[k, j].item()
             expected[b, k] = s + head.bias[k].item()
     torch.testing.assert_close(head(Tokens(x, 1, (h, w))), expected, atol=1e-5, rtol=1e-5)
@@ -275,17 +279,72 @@ def test_knn_errors_and_k_clipping():
 def test_asl_reduces_to_bce_without_focusing_or_clip():
     torch.manual_seed(3)
     logits, targets = 3 * torch.randn(4, 6), torch.randint(0, 2, (4, 6)).float()
-    expected = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(1).mean()
-    torch.testing.assert_close(asymmetric_loss(logits, targets, gamma_neg=0, gamma_pos=0, clip=0), expected)
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    plain = dict(gamma_neg=0, gamma_pos=0, clip=0)
+    torch.testing.assert_close(asymmetric_loss(logits, targets, **plain), bce.mean())  # Bird-MAE: mean of all
+    torch.testing.assert_close(asymmetric_loss(logits, targets, reduction="batchmean", **plain), bce.sum(1).mean())
+    torch.testing.assert_close(asymmetric_loss(logits, targets, reduction="sum", **plain), bce.sum())
 
 
 def test_asl_hand_values_and_clip():
     # easy negatives (p = sigmoid(-4) ~ 0.018 < 0.05) are discarded entirely
     assert asymmetric_loss(torch.full((2, 3), -4.0), torch.zeros(2, 3)).item() == 0.0
     # p = 0.5: positive -> -(1 - 0.5)^1 log 0.5; negative -> -(0.5 - 0.05)^4 log(1 - 0.45)
+    pos, neg = -(0.5 * math.log(0.5)), -(0.45**4 * math.log(0.55))  # 0.34657, 0.02459
+    # Bird-MAE's reduction="mean": over all 2 elements (the definition changed on purpose: this
+    # function returned the per-sample class sum, 0.37116, before)
     loss = asymmetric_loss(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]))
-    expected = -(0.5 * math.log(0.5)) - (0.45**4 * math.log(0.55))
-    assert loss.item() == pytest.approx(expected, rel=1e-6)
-    # batch mean of per-sample class sums
-    two = asymmetric_loss(torch.zeros(2, 2), torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
-    assert two.item() == pytest.approx(expected, rel=1e-6)
+    assert loss.item() == pytest.approx((pos + neg) / 2, rel=1e-6)
+    two = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert asymmetric_loss(torch.zeros(2, 2), two).item() == pytest.approx((pos + neg) / 2, rel=1e-6)
+    # "batchmean" (the former convention): summed over the classes, averaged over the batch = C x mean
+    assert asymmetric_loss(torch.zeros(2, 2), two, reduction="batchmean").item() == pytest.approx(pos + neg, rel=1e-6)
+    assert asymmetric_loss(torch.zeros(2, 2), two, reduction="sum").item() == pytest.approx(2 * (pos + neg), rel=1e-6)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        asymmetric_loss(torch.zeros(1, 2), two[:1], reduction="none")
+
+
+def test_asl_mean_is_one_c_th_of_batchmean():
+    """The reference reduction averages over B x C elements: exactly C times smaller than the former
+    per-sample class sum, so the orthogonality loss weighs C times more and clipping at 2 bites later."""
+    torch.manual_seed(4)
+    logits, targets = torch.randn(8, 21), torch.randint(0, 2, (8, 21))
+    mean, batchmean = asymmetric_loss(logits, targets), asymmetric_loss(logits, targets, reduction="batchmean")
+    assert batchmean.item() == pytest.approx(21 * mean.item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------- prototypical layouts
+
+
+def test_birdmae_reshape_lays_four_time_steps_of_eight_mel_patches_per_row():
+    """Bird-MAE reshapes the time-major (32 x 8) patch sequence to (8, 32): row 0 holds time steps
+    0-3 with their 8 mel patches each, so its column 8 is (time 1, mel 0), not (time 0, mel 1)."""
+    d, t, f = 2, 32, 8
+    idx = torch.arange(t * f, dtype=torch.float32)
+    x = torch.stack([idx // f, idx % f], -1)[None]  # token (time, mel) coordinates as features
+    grid = PrototypicalHead(d, 1, 1, focal=False, upsample=1).feature_map(Tokens(x, 0, (t, f)))
+    ref = PrototypicalHead(d, 1, 1, focal=False, upsample=1, patch_layout="birdmae_reshape").feature_map(
+        Tokens(x, 0, (t, f)))
+    assert grid.shape == (1, d, 32, 8) and ref.shape == (1, d, 8, 32)
+    assert grid[0, :, 1, 0].tolist() == [1.0, 0.0] and grid[0, :, 0, 1].tolist() == [0.0, 1.0]
+    assert ref[0, :, 0, 8].tolist() == [1.0, 0.0]  # (time 1, mel 0) sits right of (time 0, mel 7)
+    assert ref[0, :, 0, 7].tolist() == [0.0, 7.0] and ref[0, :, 1, 0].tolist() == [4.0, 0.0]
+    # without upsampling the global max pool cannot tell the layouts apart; with it, they differ
+    torch.manual_seed(5)
+    tok = Tokens(torch.randn(2, 1 + t * f, 16), 1, (t, f))
+    a, b = PrototypicalHead(16, 3, 4, upsample=1), PrototypicalHead(16, 3, 4, upsample=1, patch_layout="birdmae_reshape")
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(a(tok), b(tok))
+    a2, b2 = PrototypicalHead(16, 3, 4), PrototypicalHead(16, 3, 4, patch_layout="birdmae_reshape")
+    a2.load_state_dict(a.state_dict()), b2.load_state_dict(a.state_dict())
+    assert not torch.allclose(a2(tok), b2(tok), atol=1e-4)
+    with pytest.raises(ValueError, match="patch_layout must be one of"):
+        PrototypicalHead(16, 3, 4, patch_layout="transpose")
+
+
+def test_a_prototypical_config_saved_before_the_cosine_scale_keeps_the_plain_cosine():
+    new = PrototypicalHead(8, 2, prototypes_per_class=2)
+    assert new.config()["cosine_scale"] == 1.01 and new.config()["patch_layout"] == "grid"
+    old = {k: v for k, v in new.config().items() if k not in ("cosine_scale", "patch_layout")}
+    rebuilt = build_head(old)  # a bundle written before these fields existed
+    assert rebuilt.cosine_scale == 1.0 and rebuilt.patch_layout == "grid"

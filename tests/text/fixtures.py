@@ -32,6 +32,8 @@ def write_acter(root: Path) -> Path:
         lists = base / "unique_annotation_lists"
         lists.mkdir(parents=True, exist_ok=True)
         (lists / f"{dom}_en_terms.tsv").write_text("".join(f"{t}\t{lab}\n" for t, lab in terms))
+        # ACTER 1.5's tokenised version (terms as space-separated tokens), the reference match's gold list
+        (lists / f"{dom}_en_tokenised_terms.tsv").write_text("".join(f"{t}\t{lab}\n" for t, lab in terms))
     return root
 
 

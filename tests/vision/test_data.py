@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy.io import loadmat
 
 from vision.data import DataError, MultiTaskDense, collate
 from vision.synthetic import write_nyud_like, write_pascal_context_like
-from vision.tasks import IGNORE
+from vision.tasks import IGNORE, NORMALS_CONTEXT_CLASSES
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,11 @@ def test_pascal_context_layout(pascal):
         sal = np.asarray(Image.open(pascal / "sal_distill" / f"{stem}.png")) > 127
         assert torch.equal(item["labels"]["saliency"], torch.from_numpy(sal.astype(np.int64)))
         nrm = np.asarray(Image.open(pascal / "normals_distill" / f"{stem}.png")).astype(np.float32) * 2 / 255 - 1
+        # normals count only on the full label map's NYUD-v2 classes (the benchmark's mask); elsewhere 0 = unlabelled
+        context = loadmat(pascal / "pascal-context/trainval" / f"{stem}.mat")["LabelMap"]
+        nrm = nrm * np.isin(context, list(NORMALS_CONTEXT_CLASSES))[..., None]
         assert torch.allclose(item["labels"]["normals"], torch.from_numpy(nrm).permute(2, 0, 1))
+        assert ((item["labels"]["normals"].norm(dim=0) > 0) == (item["labels"]["semseg"] > 0)).all()  # ground masked
         parts = item["labels"]["human_parts"]
         if has_parts[i]:  # parts only inside the person (class 15) pixels; head = 1 ... lower legs = 6
             assert set(parts.unique().tolist()) <= set(range(7)) and (parts > 0).any()
@@ -97,3 +102,20 @@ def test_folder_layout(tmp_path):
     assert tr.missing["depth"] + va.missing["depth"] == 1
     (tmp_path / "train.txt").write_text("s0\ns1\n")
     assert MultiTaskDense(tmp_path, layout="folder", split="train", size=8, num_classes={"semseg": 3}).ids == ["s0", "s1"]
+
+
+def test_pascal_normals_mask_folder(pascal, tmp_path):
+    import shutil
+
+    root = tmp_path / "nomask"
+    shutil.copytree(pascal, root)
+    stem = (root / "ImageSets/Context/val.txt").read_text().split()[0]
+    (root / "pascal-context/trainval" / f"{stem}.mat").unlink()
+    ds = MultiTaskDense(root, split="val", size=32)  # missing: skip -> that image's normals are unlabelled
+    assert ds.normals_mask and ds.missing["normals"] == 1 and (ds[0]["labels"]["normals"] == 0).all()
+    with pytest.raises(DataError, match=rf"trainval/{stem}\.mat: not found \(the label map that selects"):
+        MultiTaskDense(root, split="val", size=32, missing="error")
+    shutil.rmtree(root / "pascal-context")
+    with pytest.warns(UserWarning, match="normals are scored on every pixel"):
+        ds = MultiTaskDense(root, split="val", size=32)
+    assert ds.normals_mask is False and (ds[0]["labels"]["normals"].norm(dim=0) > 0).all()
