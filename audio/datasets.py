@@ -60,14 +60,40 @@ class ClipDataset(Dataset):
 
     def __getitem__(self, i):
         path, label = self.items[i]
-        x = self.frontend(path)  # (T, F)
+        x = self.frontend(path)  # (T, F); (F, T) with the Whisper frontend
         if self.augment is not None:
             x = self.augment(x)
         return x, label
 
 
+FRONTENDS = ("ast", "whisper")
+
+
+def frontend_config(frontend: str, target_frames: int):
+    """`frontend: ast` -> AST's kaldi fbank (frames, 128 mel); `whisper` -> Whisper's log-mel (80 mel, frames)."""
+    if frontend == "ast":
+        return FbankConfig(target_frames=target_frames)
+    if frontend == "whisper":
+        from .whisper import WhisperMelConfig
+
+        return WhisperMelConfig(target_frames=target_frames)
+    raise ValueError(f"data.init_args.frontend must be one of {FRONTENDS}, got {frontend!r}")
+
+
+def frontend_augment(frontend: str, freq_mask: int, time_mask: int) -> torch.nn.Module:
+    if frontend == "whisper":
+        from .whisper import MelFirstSpecAugment
+
+        return MelFirstSpecAugment(freq_mask, time_mask)
+    return SpecAugment(freq_mask, time_mask)
+
+
 class AudioDataModule(L.LightningDataModule):
-    """Shared machinery; subclasses say where the clips and labels are (`read_splits`)."""
+    """Shared machinery; subclasses say where the clips and labels are (`read_splits`).
+
+    `frontend` picks the features: "ast" (default: AST's fbank, (target_frames, 128)) or "whisper"
+    (Whisper's log-mel, (80, target_frames), for the `whisper` backbones); `preprocessing` records it.
+    """
 
     name: ClassVar[str] = "audio"
     augment_by_default: ClassVar[bool] = False
@@ -76,15 +102,15 @@ class AudioDataModule(L.LightningDataModule):
     def __init__(self, root: str, batch_size: int = 32, num_workers: int = 0, target_frames: int | None = None,
                  specaugment: bool | None = None, freq_mask: int = 24, time_mask: int = 80,
                  cache_dir: str | None = None, few_shot: int | None = None, seed: int = 0,
-                 skip_bad_files: bool = False, balanced_sampler: bool = False):
+                 skip_bad_files: bool = False, balanced_sampler: bool = False, frontend: str = "ast"):
         super().__init__()
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise DatasetLayoutError(f"{self.root}: dataset folder not found")
         self.batch_size, self.num_workers, self.seed, self.few_shot = batch_size, num_workers, seed, few_shot
-        self.fbank = FbankConfig(target_frames=target_frames or TARGET_FRAMES[self.name])
+        self.fbank = frontend_config(frontend, target_frames or TARGET_FRAMES[self.name])
         use_aug = self.augment_by_default if specaugment is None else specaugment
-        self.augment = SpecAugment(freq_mask, time_mask) if use_aug else None
+        self.augment = frontend_augment(frontend, freq_mask, time_mask) if use_aug else None
         self.cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "peft-suite" / "fbank"
         self.skip_bad_files, self.balanced_sampler = skip_bad_files, balanced_sampler
         self.labels: list[str] = []

@@ -145,6 +145,10 @@ class FbankConfig:
     def to_dict(self):
         return {"frontend": "fbank_ast", **asdict(self)}
 
+    def compute(self, wave: torch.Tensor, source: str = "waveform") -> torch.Tensor:
+        """This frontend's features of one waveform (every frontend config has `compute`; see audio.whisper)."""
+        return fbank_ast(wave, self, source)
+
 
 def fbank_ast(wave: torch.Tensor, cfg: FbankConfig = FbankConfig(), source: str = "waveform") -> torch.Tensor:
     """(T,) waveform -> (target_frames, num_mel_bins) normalised log-mel fbank."""
@@ -185,7 +189,8 @@ class SpecAugment(torch.nn.Module):
 
 
 class FbankCache:
-    """Features of audio files on disk, keyed by file identity (path, size, mtime) + frontend config."""
+    """Features of audio files on disk, keyed by file identity (path, size, mtime) + frontend config
+    (`FbankConfig` or `audio.whisper.WhisperMelConfig`: anything with `to_dict`, `sample_rate`, `compute`)."""
 
     def __init__(self, root: str | os.PathLike, cfg: FbankConfig):
         self.root, self.cfg = Path(root), cfg
@@ -212,7 +217,7 @@ class FbankCache:
                 f.unlink(missing_ok=True)  # a torn cache file: recompute
                 self.hits -= 1
         self.misses += 1
-        feats = fbank_ast(read_audio(path, self.cfg.sample_rate), self.cfg, source=str(path))
+        feats = self.cfg.compute(read_audio(path, self.cfg.sample_rate), source=str(path))
         with atomic_path(f) as tmp, open(tmp, "wb") as fh:
             np.save(fh, feats.numpy())
         return feats

@@ -18,10 +18,16 @@ DEMO_DATA = {"num_classes": 5, "clips_per_fold": 6, "seconds": 2.0}  # 150 clips
 
 
 def check_frames(model, data) -> None:
-    """The AST's patch grid must fit the features the frontend produces (frames and mel bins)."""
+    """The backbone must fit the features the frontend produces (frames and mel bins; for Whisper
+    also the frontend itself: `audio.whisper.check_features`)."""
     cfg = getattr(model.model.backbone, "config", None)
     fbank = getattr(data, "fbank", None)
-    if cfg is not None and fbank is not None:
+    if cfg is not None and fbank is not None and (getattr(cfg, "model_type", None) == "whisper"
+                                                  or fbank.to_dict()["frontend"] != "fbank_ast"):
+        from audio.whisper import check_features
+
+        check_features(cfg, fbank)
+    elif cfg is not None and fbank is not None:
         if cfg.max_length != fbank.target_frames:
             raise ValueError(f"model.backbone_kwargs.max_length={cfg.max_length} but the data frontend produces "
                              f"{fbank.target_frames} frames (data.target_frames): set both to the same value")

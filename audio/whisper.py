@@ -260,7 +260,8 @@ def tiny_whisper(max_frames: int = 64, num_mel_bins: int = 16, d_model: int = 32
     cfg = WhisperConfig(num_mel_bins=num_mel_bins, d_model=d_model, encoder_layers=layers, decoder_layers=1,
                         encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=2 * d_model,
                         decoder_ffn_dim=2 * d_model, max_source_positions=max_frames // 2, vocab_size=64,
-                        max_target_positions=16, **kw)
+                        max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=0,
+                        decoder_start_token_id=1, **kw)
     return _encoder(cfg, max_frames).eval()
 
 

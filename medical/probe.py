@@ -24,6 +24,7 @@ from shared import backbones
 from shared.cli import arg_value, friendly, is_demo, parse_tool_args, prepare_demo_data, write_json_atomic
 from shared.data import FeatureCache
 from shared.distributed import is_main, launched
+from shared.lifecycle import OutputRun
 
 RECIPES = Path(__file__).resolve().parent.parent / "domains" / "medical"
 DEMO = RECIPES / "probe_demo.yaml"
@@ -98,11 +99,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     p = parser()
     cfg = parse_tool_args(p, argv, DEMO)
-    with launched():
-        return _run(p, cfg)
+    # the output folder's lock (process 0) and a staging folder: a failed or stopped run leaves the
+    # previous results as they were; a rerun after a stop reads the features from the cache
+    with launched(), OutputRun(cfg.output_dir, resumable=False) as claim:
+        return _run(p, cfg, claim)
 
 
-def _run(p: ArgumentParser, cfg) -> dict[str, Any]:
+def _run(p: ArgumentParser, cfg, claim: OutputRun) -> dict[str, Any]:
     L.seed_everything(cfg.seed_everything, verbose=is_main())
     init = p.instantiate_classes(cfg)
     data = init.data
@@ -146,7 +149,8 @@ def _run(p: ArgumentParser, cfg) -> dict[str, Any]:
     total = sum(p.numel() for p in model.parameters())
     recipe = {k: v for k, v in cfg.as_dict().items() if k not in ("config", "output_dir")}
     labels = getattr(data, "labels", None)
-    bundle = save_probe_bundle(model, head, best.feature, cfg.blocks, out / "linear" / "adapter",
+    stage = claim.stage  # everything is written here, then replaces out in one step
+    save_probe_bundle(model, head, best.feature, cfg.blocks, stage / "linear" / "adapter",
                                backbone=cfg.backbone, backbone_kwargs=dict(cfg.backbone_kwargs), labels=labels,
                                preprocessing=getattr(data, "preprocessing", {}) or {}, multilabel=multilabel,
                                metrics={k: v for k, v in rows["linear"].items() if k.startswith("test/")} | {"val": best.val})
@@ -154,7 +158,9 @@ def _run(p: ArgumentParser, cfg) -> dict[str, Any]:
         row.update(run=f"{out.name}_{name}", backbone=cfg.backbone, dataset=getattr(data, "name", type(data).__name__),
                    fold=None, few_shot=getattr(data, "few_shot", None), protocol=getattr(data, "protocol", None),
                    total_params=total, config=recipe)
-        write_json_atomic(out / name / "metrics.json", row)
+        write_json_atomic(stage / name / "metrics.json", row)
+    claim.publish()
+    bundle = out / "linear" / "adapter"
     print(f"metrics written to {out / 'knn' / 'metrics.json'} and {out / 'linear' / 'metrics.json'}" if "knn" in rows
           else f"metrics written to {out / 'linear' / 'metrics.json'}")
     print(f"chosen linear probe saved as a bundle: {bundle} (python -m medical.predict --adapter {bundle} IMAGE)")

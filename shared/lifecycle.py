@@ -336,7 +336,8 @@ class OutputRun:
         stale = []
         for p in staging_folders(self.out):
             rec = _read_json(p / OWNER)
-            alive = owner_alive(rec) if rec else False
+            # this process's own earlier run (stopped, e.g. in a notebook) is over: we hold the lock now
+            alive = owner_alive(rec) if rec and rec.get("pid") != os.getpid() else False
             if alive:
                 continue
             if alive is None:  # another host: cannot tell; the lock we hold says no run of ours uses it

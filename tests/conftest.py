@@ -1,6 +1,7 @@
 """Shared test fixtures: tiny random backbones, matching inputs, a token-forward helper, seeding."""
 from __future__ import annotations
 
+import importlib
 import inspect
 import random
 from types import SimpleNamespace
@@ -21,6 +22,7 @@ BACKBONES = {
     "swin": ("tiny-swin", {}),
     "llama": ("tiny-llama", {}),
     "bert": ("tiny-bert", {}),
+    "whisper": ("tiny-whisper", {}),
 }
 
 
@@ -35,6 +37,8 @@ def make_backbone(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
     from shared import backbones
 
     arch, kwargs = BACKBONES[name]
+    if arch not in backbones.BACKBONES and arch in backbones.LAZY:  # registered by a domain package
+        importlib.import_module(backbones.LAZY[arch])
     seed_all(seed)
     if "seed" in inspect.signature(backbones.BACKBONES[arch], follow_wrapped=False).parameters:  # seeded constructors
         kwargs = {**kwargs, "seed": seed}
@@ -42,12 +46,15 @@ def make_backbone(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
 
 
 def make_input(name: str, seed: int = 1234) -> torch.Tensor:
-    """A batch of 2 matching the backbone: images (2, 3, 32, 32), AST (2, 64, 32), token ids (2, 10)."""
+    """A batch of 2 matching the backbone: images (2, 3, 32, 32), AST (2, 64, 32), Whisper (2, 16, 64),
+    token ids (2, 10)."""
     g = torch.Generator().manual_seed(seed)
     if name in ("vit", "vit_reg", "swin"):
         return torch.randn(2, 3, 32, 32, generator=g)
     if name == "ast":
         return torch.randn(2, 64, 32, generator=g)  # (B, time, mel)
+    if name == "whisper":
+        return torch.randn(2, 16, 64, generator=g)  # (B, mel, frames): 32 positions
     return torch.randint(0, 128, (2, 10), generator=g)
 
 

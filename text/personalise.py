@@ -105,10 +105,13 @@ def simulated_docs(path: Path, n_readers: int) -> tuple[list[Doc], dict[str, dic
 def load_docs(args) -> tuple[list[Doc], dict[str, Any]]:
     """The docs (one per reader x abstract) and a description of the data for the printouts."""
     out = Path(args.output_dir)
+    shown = None  # the demo corpus is written into the run's staging folder; recorded where it ends up
     if args.data is None:
         from text.synthetic import write_annotations
 
-        path = write_annotations(out / "demo_annotations.csv", n_abstracts=args.demo_abstracts, seed=args.seed)
+        path = write_annotations(Path(getattr(args, "write_dir", None) or out) / "demo_annotations.csv",
+                                 n_abstracts=args.demo_abstracts, seed=args.seed)
+        shown = out / "demo_annotations.csv"
         docs, readers = read_annotations(path, args.threshold)
         info = {"kind": "synthetic", "simulated": True,
                 "note": "synthetic corpus (text.synthetic), SIMULATED readers: each knows the terms of their field(s)"}
@@ -135,7 +138,7 @@ def load_docs(args) -> tuple[list[Doc], dict[str, Any]]:
                 info = {"kind": "annotations", "simulated": False, "note": "PersonalizedJargon annotations"}
         if args.simulate_readers and info["kind"] != "public-entities":
             raise DataError(f"{path}: --simulate-readers applies to the public entity file only (this file has labels)")
-    info["path"] = str(path)
+    info["path"] = str(shown or path)
     if args.readers:
         want = [r.strip() for r in args.readers.split(",") if r.strip()]
         unknown = sorted(set(want) - set(readers))
@@ -267,6 +270,19 @@ def split_queries(args) -> tuple[list[prompts.Query], list[prompts.Query], dict[
 
 
 def run(args) -> dict[str, Any]:
+    """One run, under the output folder's lock, written into a staging folder that replaces --output-dir
+    when the run has finished: a failed or stopped (SIGTERM / SIGINT) run leaves the previous results as
+    they were (a stopped run starts afresh: run the same command again)."""
+    from shared.lifecycle import OutputRun
+
+    with OutputRun(args.output_dir, resumable=False) as claim:
+        args.write_dir = str(claim.stage)
+        metrics = _run(args, claim.stage)
+        claim.publish()
+    return metrics
+
+
+def _run(args, stage: Path) -> dict[str, Any]:
     import torch
 
     from shared import peft
@@ -350,7 +366,7 @@ def run(args) -> dict[str, Any]:
             "simulated_readers": info["simulated"]}
     bundles = {"shared": str(out / "adapters" / "shared"), "readers": {}}
     bank.use(G.SHARED)
-    G.save_bundle(model, bundles["shared"], G.SHARED, info["readers"], prep, args.backbone, bb_kwargs,
+    G.save_bundle(model, str(stage / "adapters" / "shared"), G.SHARED, info["readers"], prep, args.backbone, bb_kwargs,
                   {**{k: v for k, v in results["shared_lora"].items() if k != "trainable_note"}, "definition": definition})
     names: dict[str, str] = {}
     for r in sorted(s for s in bank.states if s != G.SHARED):
@@ -360,7 +376,7 @@ def run(args) -> dict[str, Any]:
         names[name] = r
         bank.use(r)
         bundles["readers"][r] = str(out / "adapters" / "readers" / name)
-        G.save_bundle(model, bundles["readers"][r], r, {r: info["readers"][r]}, prep, args.backbone, bb_kwargs,
+        G.save_bundle(model, str(stage / "adapters" / "readers" / name), r, {r: info["readers"][r]}, prep, args.backbone, bb_kwargs,
                       {"f1": results["reader_lora"]["f1_reader"].get(r), "definition": definition})
 
     wall = time.perf_counter() - t_start
@@ -388,8 +404,8 @@ def run(args) -> dict[str, Any]:
         "command": "python -m text.personalise " + " ".join(args.argv),
     }
     queries = [{"reader": q.reader, "doc": q.doc_id, "entity": q.entity, "gold": bool(q.gold)} for q in test]
-    atomic_write(out / "scores.json", json.dumps({"queries": queries, "scores": scores}, indent=1))
-    atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
+    atomic_write(stage / "scores.json", json.dumps({"queries": queries, "scores": scores}, indent=1))
+    atomic_write(stage / "metrics.json", json.dumps(metrics, indent=2))
     say(f"wrote {out / 'metrics.json'}, {out / 'scores.json'} and the bundles under {out / 'adapters'}")
     return metrics
 

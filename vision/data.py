@@ -49,9 +49,13 @@ class DataError(ValueError):
 
 
 def read_image(path: Path) -> np.ndarray:
+    """(H, W, 3) in 0..255: uint8, or float32 for 16-bit / 32-bit pictures, scaled by their bit
+    depth (`vision.images.rgb_array`; PIL's convert("RGB") would clip them to white)."""
+    from .images import rgb_array
+
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return rgb_array(im)
     except Exception as e:  # noqa: BLE001 - report any decoder failure with the file name
         raise DataError(f"{path}: cannot read image ({e})") from None
 

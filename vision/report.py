@@ -88,50 +88,96 @@ def plot(points, path: Path) -> None:
 
 # --- parameter counts of the paper's settings -------------------------------------------------------
 PAPER_TASKS = {"semseg": 21, "human_parts": 7, "saliency": None, "normals": None}  # PASCAL-Context, 4 tasks
-# (label, methods, copies): copies = separate models (single-task methods), 1 = one shared model.
+RECIPES = Path(__file__).resolve().parents[1] / "domains" / "vision" / "methods"
+# Polyhistor (Liu et al. 2022), Table 1: trainable parameters (M) on Swin-T / PASCAL-Context, decoders included,
+# and its decoder-only row (the decoders every method trains); backbone-side = total - decoders.
+PAPER_TOTAL_M = {"hyper_adapter": 72.77, "polyhistor": 8.96, "polyhistor_lite": 6.41}
+PAPER_DECODERS_M = 1.94
+
+
+def paper_backbone(method: str) -> int | None:
+    """The paper's backbone-side trainable count of a method (None: not reported)."""
+    m = PAPER_TOTAL_M.get(method)
+    return round((m - PAPER_DECODERS_M) * 1e6) if m is not None else None
+
+
+def recipe_methods(name: str) -> list[dict]:
+    """`model.methods` of domains/vision/methods/<name>.yaml."""
+    import yaml
+
+    path = RECIPES / f"{name}.yaml"
+    try:
+        return yaml.safe_load(path.read_text())["model"]["methods"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: cannot read the recipe's model.methods ({e})") from None
+
+
+# (label, recipe, methods, copies): copies = separate models (single-task methods), 1 = one shared model.
 CONFIGS = [
-    ("single-task full fine-tuning", [{"name": "full"}], 4),
-    ("decoder-only (frozen backbone)", [], 1),
-    ("BitFit", [{"name": "bitfit"}], 1),
-    ("LoRA r4 on qkv (shared)", [{"name": "lora", "r": 4, "alpha": 8, "targets": ["qkv"]}], 1),
-    ("single-task adapters (ffn, reduction 4)", [{"name": "adapter", "reduction": 4}], 4),
-    ("shared adapter (ffn, reduction 4)", [{"name": "adapter", "reduction": 4}], 1),
-    ("Compacter (phm 4, reduction 4)", [{"name": "compacter", "reduction": 4, "phm_dim": 4}], 1),
-    ("HyperAdapter (hyperformer, embed 64, reduction 4)", [{"name": "hyper_adapter", "reduction": 4}], 1),
-    ("Polyhistor (rank 8, reduction 4)", [{"name": "polyhistor", "reduction": 4, "rank": 8}], 1),
-    ("Polyhistor-Lite (rank 8, 4 templates, bottleneck 24)", [{"name": "polyhistor_lite", "bottleneck": 24, "rank": 8}], 1),
+    ("single-task full fine-tuning", None, [{"name": "full"}], 4),
+    ("decoder-only (frozen backbone)", None, [], 1),
+    ("BitFit", None, [{"name": "bitfit"}], 1),
+    ("LoRA r4 on qkv (shared)", None, [{"name": "lora", "r": 4, "alpha": 8, "targets": ["qkv"]}], 1),
+    ("single-task adapters (ffn, reduction 4)", None, [{"name": "adapter", "reduction": 4}], 4),
+    ("shared adapter (ffn, reduction 4)", None, [{"name": "adapter", "reduction": 4}], 1),
+    ("Compacter (phm 4, reduction 4)", None, [{"name": "compacter", "reduction": 4, "phm_dim": 4}], 1),
+    ("HyperAdapter (hyperformer; recipe hyper_adapter)", "hyper_adapter", None, 1),
+    ("Polyhistor (recipe polyhistor)", "polyhistor", None, 1),
+    ("Polyhistor-Lite (recipe polyhistor_lite)", "polyhistor_lite", None, 1),
 ]
 
 
-def paper_counts(decoder_width: int = 64) -> list[tuple[str, int, int, int]]:
-    """[(configuration, backbone-side trainable, decoders, total trainable)] on the real Swin-T
-    architecture (built on the meta device: no weights, no download)."""
+def meta_swin_t():
+    """The real Swin-T architecture on the meta device (no weights, no download, nothing allocated)."""
     import timm
     import torch
 
+    from .backbone import TIMM_NAME
+
+    with torch.device("meta"):
+        return timm.create_model(TIMM_NAME, pretrained=False, num_classes=0)
+
+
+def backbone_count(methods: list[dict], num_tasks: int = len(PAPER_TASKS), base=None) -> int:
+    """Backbone-side trainable parameters of `methods` on the real Swin-T (a copy of `base`, a
+    `meta_swin_t()`, when given)."""
+    import copy
+
+    import torch
+
     from shared import peft
-    from .backbone import TIMM_NAME, stage_dims
-    from .model import MLPDecoder, resolve_methods
+    from .model import resolve_methods
+
+    bb = copy.deepcopy(base) if base is not None else meta_swin_t()
+    with torch.device("meta"):
+        peft.attach(bb, resolve_methods(methods, num_tasks), compute_fingerprint=False)
+    return sum(peft.summary(bb)["by_method"].values())
+
+
+def paper_counts(decoder_width: int = 64) -> list[tuple[str, int, int, int, int | None]]:
+    """[(configuration, backbone-side trainable, decoders, total trainable, the paper's backbone-side
+    count or None)] on the real Swin-T architecture."""
+    from .backbone import stage_dims
+    from .model import MLPDecoder
     from .tasks import make_task
 
     tasks = {t: make_task(t, n) for t, n in PAPER_TASKS.items()}
+    base = meta_swin_t()
+    dec = sum(MLPDecoder.count(stage_dims(base), t.channels, decoder_width) for t in tasks.values())
     out = []
-    for label, methods, copies in CONFIGS:
-        with torch.device("meta"):
-            bb = timm.create_model(TIMM_NAME, pretrained=False, num_classes=0)
-        per_model_tasks = tasks if copies == 1 else None
-        peft.attach(bb, resolve_methods(methods, len(tasks) if per_model_tasks else 1), compute_fingerprint=False)
-        backbone = sum(peft.summary(bb)["by_method"].values()) * copies
-        dims = stage_dims(bb)
-        dec = sum(MLPDecoder.count(dims, t.channels, decoder_width) for t in tasks.values())
-        out.append((label, backbone, dec, backbone + dec))
+    for label, recipe, methods, copies in CONFIGS:
+        methods = recipe_methods(recipe) if recipe else methods
+        backbone = backbone_count(methods, len(tasks) if copies == 1 else 1, base) * copies
+        out.append((label, backbone, dec, backbone + dec, paper_backbone(methods[0]["name"]) if recipe else None))
     return out
 
 
 def counts_table() -> str:
-    lines = ["| configuration (Swin-T, PASCAL-Context 4 tasks) | backbone-side trainable | decoders | total |", "|---|---:|---:|---:|"]
-    for label, b, d, t in paper_counts():
-        lines.append(f"| {label} | {b:,} | {d:,} | {t:,} |")
+    lines = ["| configuration (Swin-T, PASCAL-Context 4 tasks) | backbone-side trainable | decoders | total | "
+             "paper, backbone-side |", "|---|---:|---:|---:|---:|"]
+    for label, b, d, t, paper in paper_counts():
+        ref = f"{paper:,} ({100 * (b - paper) / paper:+.0f}%)" if paper else ""
+        lines.append(f"| {label} | {b:,} | {d:,} | {t:,} | {ref} |")
     return "\n".join(lines)
 
 

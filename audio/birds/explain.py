@@ -48,6 +48,9 @@ def explain(clf, x: torch.Tensor, labels: list[str], threshold: float = 0.5, top
     head = clf.head
     if not isinstance(head, PrototypicalHead):
         raise ValueError(f"audio.explain needs a prototypical probe bundle, this one has a {getattr(head, 'kind', '?')} head")
+    if getattr(head, "patch_layout", "grid") != "grid":  # Bird-MAE's reshape: map cells are not time x mel
+        raise ValueError(f"audio.explain locates prototypes on the time x mel patch grid; this probe was trained "
+                         f"with patch_layout {head.patch_layout!r} (Bird-MAE's reshape), whose map has no such axes")
     with torch.no_grad():
         tokens = clf.tokens(x[None])
         probs = head(tokens).sigmoid()[0]  # (C,)
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"{args.adapter}: not a prototypical probe bundle (head: {(meta.get('head') or {}).get('kind')}); "
                          f"use RUN/prototypical/adapter from python -m audio.probe")
     clf = peft.from_bundle(args.adapter).eval()
-    cfg = BirdFbankConfig()
+    cfg = BirdFbankConfig.from_dict(meta.get("preprocessing") or {})  # the frontend the probe was trained on
     path = Path(args.clip)
     if args.start is not None:
         s, e = args.start, args.start + cfg.window_s

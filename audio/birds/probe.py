@@ -38,6 +38,7 @@ from shared import backbones
 from shared.cli import friendly, parse_tool_args, write_json_atomic
 from shared.data import FeatureCache, dataset_digest, extract_features_once
 from shared.distributed import is_main, launched
+from shared.lifecycle import OutputRun
 from audio.birds import metrics as M
 from shared.heads import (ASL_REDUCTIONS, PATCH_LAYOUTS, AttentiveHead, LinearHead, PrototypicalHead, Tokens,
                           asymmetric_loss)
@@ -234,11 +235,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"--loss_reduction must be one of {', '.join(ASL_REDUCTIONS)}, got {cfg.loss_reduction!r}")
     if not cfg.cosine_scale > 0:
         raise ValueError(f"--cosine_scale must be > 0, got {cfg.cosine_scale}")
-    with launched():  # torchrun --nproc_per_node N: every process extracts its share of the tokens
-        return _run(p, cfg, definitions)
+    # torchrun --nproc_per_node N: every process extracts its share of the tokens. The output folder's
+    # lock (process 0) and a staging folder: a failed or stopped run leaves the previous results as they were
+    with launched(), OutputRun(cfg.output_dir, resumable=False) as claim:
+        return _run(p, cfg, definitions, claim)
 
 
-def _run(p: ArgumentParser, cfg, definitions) -> dict[str, Any]:
+def _run(p: ArgumentParser, cfg, definitions, claim: OutputRun) -> dict[str, Any]:
     """Process 0 alone trains, scores and writes; the others return {} once their tokens are gathered."""
     t_start = time.perf_counter()
     if cfg.num_threads:
@@ -309,6 +312,7 @@ def _run(p: ArgumentParser, cfg, definitions) -> dict[str, Any]:
     model.cpu()
     peft.attach(model, [], backbone_id=cfg.backbone)
     out = Path(cfg.output_dir)
+    stage = claim.stage  # everything is written here, then replaces out in one step
     recipe = {k: v for k, v in cfg.as_dict().items() if k not in ("config", "output_dir")}
     rows = {}
     cached_s = sum(epoch_times) / len(epoch_times) if epoch_times else float("nan")
@@ -326,10 +330,10 @@ def _run(p: ArgumentParser, cfg, definitions) -> dict[str, Any]:
                "few_shot": getattr(data, "few_shot", None), "run": f"{out.name}_{kind}", "config": recipe}
         clf = peft.Classifier(model, head.cpu().eval(), labels=data.labels)
         saved = {k: v for k, v in row.items() if k.startswith("test/") or k == "definition"}
-        peft.save(clf, out / kind / "adapter", labels=data.labels, metrics=saved,
+        peft.save(clf, stage / kind / "adapter", labels=data.labels, metrics=saved,
                   preprocessing=data.preprocessing, backbone_id=cfg.backbone, backbone_kwargs=dict(cfg.backbone_kwargs),
                   extra={"task": "multilabel", "domain": "bioacoustic"})
-        write_json_atomic(out / kind / "metrics.json", row)
+        write_json_atomic(stage / kind / "metrics.json", row)
         rows[kind] = row
     table = results_table(rows)
     wall = time.perf_counter() - t_start
@@ -339,8 +343,9 @@ def _run(p: ArgumentParser, cfg, definitions) -> dict[str, Any]:
     note = (f"metric definitions: {label}" + (" (BirdSet's metric code)" if label == "reference" else "")
             + f"; loss reduction {cfg.loss_reduction}, cosine / {cfg.cosine_scale:g}, patch layout {cfg.patch_layout}, "
               f"short clips padded: {data.cfg.pad if hasattr(data, 'cfg') else '?'}")
-    atomic_write(out / "results.md", f"# {rows[next(iter(rows))]['dataset']}: probes on {cfg.backbone}\n\n{table}\n\n"
-                                     f"{note}\n\nwall time {wall:.1f} s (feature extraction {t_extract:.1f} s)\n")
+    atomic_write(stage / "results.md", f"# {rows[next(iter(rows))]['dataset']}: probes on {cfg.backbone}\n\n{table}\n\n"
+                                       f"{note}\n\nwall time {wall:.1f} s (feature extraction {t_extract:.1f} s)\n")
+    claim.publish()
     print(table)
     print(note)
     print(f"wall time {wall:.1f} s; metrics in {out}/<kind>/metrics.json, table in {out / 'results.md'}; explain a clip: "

@@ -159,8 +159,10 @@ class PrefixKV(nn.Module):
                 nn.init.uniform_(p, -bound, bound)
 
 
-def _prefix_forward(attn: nn.Module, x: torch.Tensor, *args, **kwargs):
+def _prefix_forward(attn: nn.Module, *args, **kwargs):
     """Replacement forward of an attention module with prefixes; the anatomy does the projections."""
+    # the token sequence comes first, or by keyword (WhisperEncoderLayer calls self_attn(hidden_states=...))
+    x, args = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
     anat_cls, kv = attn.peft_prefix_anatomy, getattr(attn, attn.peft_prefix_name)
     q, k, v = anat_cls.qkv(attn, x)  # (B, H, N, hd)
     drop = anat_cls.attention_dropout(attn) if attn.training else 0.0

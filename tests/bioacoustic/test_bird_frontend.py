@@ -81,3 +81,37 @@ def test_bad_audio_names_the_file(tmp_path):
     with pytest.raises(AudioError, match="too short"):
         fbank_birdmae(torch.ones(100), source="tiny")
     assert BirdFbankConfig().to_dict()["frontend"] == "fbank_birdmae"
+
+
+def test_a_short_clip_is_zero_padded_as_audio_before_the_fbank():
+    """Bird-MAE's feature extractor pads the waveform with zeros to 5 s (then removes the DC offset
+    and takes the fbank); the former convention padded the short clip's own fbank with its minimum."""
+    g = torch.Generator().manual_seed(1)
+    w = 0.1 * torch.randn(32_000, generator=g) + 0.02  # 1 s at 32 kHz
+    padded = torch.cat([w, torch.zeros(128_000)])
+    ref = kaldi.fbank((padded - padded.mean())[None], htk_compat=True, sample_frequency=32_000, use_energy=False,
+                      window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10, frame_length=25)
+    assert ref.shape == (498, 128)
+    out = fbank_birdmae(w)
+    assert torch.allclose(out[:498], (ref + 7.2) / 8.86, atol=1e-5)
+    assert torch.allclose(out[498:], torch.full((14, 128), (float(ref.min()) + 7.2) / 8.86), atol=1e-5)
+    # frame 100 (1.0-1.025 s) straddles the clip's end: real audio then zeros, not the clip minimum
+    old = fbank_birdmae(w, BirdFbankConfig(pad="fbank_min"))
+    own = kaldi.fbank((w - w.mean())[None], htk_compat=True, sample_frequency=32_000, use_energy=False,
+                      window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10, frame_length=25)
+    assert own.shape == (98, 128) and torch.allclose(old[:98], (own + 7.2) / 8.86, atol=1e-5)
+    assert torch.allclose(old[98:], torch.full((414, 128), (float(own.min()) + 7.2) / 8.86), atol=1e-5)
+    assert not torch.allclose(out[98:200], old[98:200], atol=0.1)
+    # a longer clip is cut to 5 s of audio first: 498 frames of it, then the minimum
+    long = 0.1 * torch.randn(224_000, generator=g)
+    assert torch.allclose(fbank_birdmae(long), fbank_birdmae(long[:160_000]))
+
+
+def test_the_padding_is_part_of_the_preprocessing_and_old_bundles_keep_theirs():
+    assert BirdFbankConfig().to_dict()["pad"] == "waveform"
+    assert BirdFbankConfig().to_dict() != BirdFbankConfig(pad="fbank_min").to_dict()  # another feature cache key
+    old = {k: v for k, v in BirdFbankConfig().to_dict().items() if k != "pad"}  # a bundle saved before `pad`
+    assert BirdFbankConfig.from_dict(old).pad == "fbank_min"
+    assert BirdFbankConfig.from_dict(BirdFbankConfig().to_dict()) == BirdFbankConfig()
+    with pytest.raises(ValueError, match="pad must be one of"):
+        BirdFbankConfig(pad="zeros")

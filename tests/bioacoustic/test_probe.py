@@ -74,6 +74,13 @@ def test_demo_end_to_end_cache_then_explain(tmp_path, capsys):
         saved = json.loads((tmp_path / "out" / kind / "metrics.json").read_text())
         assert 0.0 <= saved["test/cmap"] <= 1.0 and 0.0 <= saved["test/auroc"] <= 1.0
         assert saved["epoch_s_recompute"] > 0 and saved["epoch_s_cached"] > 0
+        assert saved["definition"] == "reference"  # BirdSet's metric code, named in every metrics.json
+        assert saved["definitions"] == {"cmap": "birdset", "top1": "birdset", "auroc": "birdset"}
+        assert saved["conventions"]["loss_reduction"] == "mean" and saved["conventions"]["short_clips"] == "waveform"
+        bundle = json.loads((tmp_path / "out" / kind / "adapter" / "adapter.json").read_text())
+        assert bundle["metrics"]["definition"] == "reference" and bundle["preprocessing"]["pad"] == "waveform"
+    assert rows["prototypical"]["conventions"]["cosine_scale"] == 1.01
+    assert rows["prototypical"]["conventions"]["patch_layout"] == "grid"
     assert rows["prototypical"]["trainable_params"] == 3 * 4 * 16 + 3 * 4 + 3  # prototypes, weights, biases
     assert "computed on cpu and cached" in capsys.readouterr().out
     again = probe.main(args + ["--time_recompute", "false"])
@@ -88,6 +95,18 @@ def test_demo_end_to_end_cache_then_explain(tmp_path, capsys):
     assert printed.count("| upchirp |") + printed.count("| downchirp |") + printed.count("| trill |") >= 3
     with pytest.raises(ValueError, match="not a prototypical probe bundle"):
         explain.main(["--adapter", str(tmp_path / "out" / "linear" / "adapter"), str(png)])
+    # the reference's options, one switch away; a bad one fails before anything is written
+    ref = probe.main(args + ["--time_recompute", "false", "--probes", "[prototypical]", "--patch_layout",
+                             "birdmae_reshape", "--loss_reduction", "batchmean", "--metrics", "{top1: first_label}",
+                             "--output_dir", str(tmp_path / "ref")])
+    saved = json.loads((tmp_path / "ref" / "prototypical" / "metrics.json").read_text())
+    assert saved["definition"] == "top1=first_label" and saved["conventions"]["patch_layout"] == "birdmae_reshape"
+    assert ref["prototypical"]["test/cmap"] != pytest.approx(rows["prototypical"]["test/cmap"], abs=1e-9)
+    meta = json.loads((tmp_path / "ref" / "prototypical" / "adapter" / "adapter.json").read_text())
+    assert meta["head"]["patch_layout"] == "birdmae_reshape" and meta["head"]["cosine_scale"] == 1.01
+    with pytest.raises(ValueError, match="--patch_layout must be one of grid, birdmae_reshape"):
+        probe.main(args + ["--patch_layout", "transpose", "--output_dir", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
 
 
 def test_explanation_locates_the_matching_patch_in_time_and_frequency():

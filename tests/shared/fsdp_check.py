@@ -20,6 +20,9 @@ def build():
     from shared import backbones, peft
     from shared.heads import build_head
 
+    # FSDP2 shards what each process holds (nothing is broadcast): every process must build the same
+    # model, methods' random initialisation included (Lightning's seed_everything does it for a run)
+    torch.manual_seed(0)
     net = backbones.create("tiny-vit")  # seeded: a fresh one has the same weights (fingerprint)
     peft.attach(net, [peft.LoRA(r=4, alpha=8, targets=["qkv"]), peft.Adapter(placement="ffn", bottleneck=8)],
                 backbone_id="tiny-vit")

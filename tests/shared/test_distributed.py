@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -110,10 +109,9 @@ def test_fsdp2_sharded_model_equals_unsharded_and_saves_a_loadable_bundle(tmp_pa
         from fsdp_check import check
     finally:
         sys.path.pop(0)
-    t0 = time.perf_counter()
+    # ~1.5 s once timm and Hugging Face peft are imported (the first test to use them pays that)
     diffs = check(tmp_path)  # the old peft.save failed here: "invalid python storage" of a DTensor
     assert diffs["outputs"] < 1e-6 and diffs["gradients"] < 1e-6 and diffs["loaded"] < 1e-6, diffs
-    assert time.perf_counter() - t0 < 10  # ~1 s; a loose bound for a busy machine
 
 
 @pytest.mark.slow

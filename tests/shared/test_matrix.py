@@ -67,6 +67,11 @@ SPECS = {
                  ffn=("intermediate.dense", "output.dense", "output.LayerNorm"), final_norm=None,
                  lora=("query", "value"), ia3=("query", "value", "output.dense"), ia3_ff=("output.dense",),
                  vera=("query", "value"), pool="cls", unsupported=_NO_TOKENS_BERT),
+    "whisper": Spec(blocks=("layers.0", "layers.1"),
+                    mhsa=("self_attn.q_proj", "self_attn.out_proj", "self_attn_layer_norm"),
+                    ffn=("fc1", "fc2", "final_layer_norm"), final_norm="layer_norm",
+                    lora=("q_proj", "v_proj"), ia3=("q_proj", "v_proj", "fc2"), ia3_ff=("fc2",),
+                    vera=("q_proj", "v_proj"), pool="mean", unsupported={"lora_qkv": "separate q/k/v"}),
 }
 
 
@@ -459,6 +464,9 @@ COMPOSITIONS = {
     "swin": lambda s: [peft.LoRA(r=4, alpha=8, targets=s.lora),
                        peft.Adapter(placement="ffn", mode="sequential", bottleneck=8),
                        peft.FiLM(placement="both")],
+    "whisper": lambda s: [peft.LoRA(r=4, alpha=8, targets=s.lora),
+                          peft.Adapter(kind="conformer", placement="mhsa", mode="parallel", bottleneck=8),
+                          peft.Prefix(n_tokens=2), peft.Prompt(n_tokens=2, deep=True)],
 }
 
 

@@ -29,6 +29,7 @@ def test_train_predict_report(tmp_path, capsys):
     assert m["tasks"] == ["normals", "saliency"] and m["method"] == "polyhistor_lite"
     assert set(m["test"]["saliency"]) == {"maxf", "miou"} and 0 < m["test"]["normals"]["mean_angle"] < 180
     assert m["methods"][0]["tasks"] == 2  # filled in from the data
+    assert m["definition"] == {"normals": "reference", "saliency": "reference"}  # the metric definitions used
     assert m["params"]["trainable"] == m["params"]["backbone"] + m["params"]["decoders"]
 
     # the bundle rebuilds the model; predict writes each task's map at the image's resolution

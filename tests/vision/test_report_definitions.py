@@ -42,3 +42,27 @@ def test_delta_m_never_mixes_definitions(tmp_path):
     line = next(ln for ln in text.splitlines() if ln.startswith("| multi_ref |")).split("|")
     assert line[-2].strip() == f"{100 * ((0.55 - 0.5) / 0.5 + (0.3 - 0.25) / 0.25) / 2:+.2f}"
     assert points == [("polyhistor", 10, pytest.approx(100 * ((0.55 - 0.5) / 0.5 + (0.3 - 0.25) / 0.25) / 2))]
+
+
+@pytest.mark.slow
+def test_train_records_the_definitions_in_metrics_and_bundle(tmp_path, capsys):
+    from vision import train
+    from vision.synthetic import write_pascal_context_like
+
+    data = write_pascal_context_like(tmp_path / "PASCAL_MT", train=4, val=2, size=32, seed=3)
+    tiny = ["--data.root", str(data), "--data.tasks", "[semseg, saliency, normals]", "--model.backbone", "tiny-swin",
+            "--model.backbone_kwargs", "{img_size: 32}", "--data.size", "32", "--data.batch_size", "4",
+            "--model.decoder_width", "8", "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu",
+            "--model.methods", "[]", "--output_dir", str(tmp_path / "run")]
+    train.main([*tiny, "--eval.definition", "{saliency: pooled}"])
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    want = {"semseg": "reference", "saliency": "pooled", "normals": "reference"}
+    assert m["definition"] == want and m["config"]["eval"]["definition"] == {"saliency": "pooled"}
+    assert set(m["test"]["normals"]) == {"mean_angle", "median_angle", "rmse_angle", "within_11.25", "within_22.5",
+                                         "within_30"}
+    assert json.loads((tmp_path / "run" / "adapter" / "adapter.json").read_text())["vision"]["definition"] == want
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main([*tiny, "--eval.definition", "pooled", "--output_dir", str(tmp_path / "bad")])
+    assert e.value.code == 2 and "eval.definition: 'pooled' is not a definition of semseg" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

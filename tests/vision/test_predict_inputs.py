@@ -1,0 +1,182 @@
+"""Issue 17 (vision.predict inputs): 16-bit pictures keep their gradient, large photos are reduced
+while decoded (no full-size float copy), outputs never overwrite one another within a call and are
+written atomically, and each image's line is flushed as soon as its maps are written."""
+from __future__ import annotations
+
+import io
+import sys
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shared.cli import unique_stems
+from vision import predict
+from vision.images import read_picture
+
+
+@pytest.fixture(scope="module")
+def model():
+    from vision.model import build_model
+    from vision.tasks import make_task
+
+    torch.manual_seed(0)
+    m = build_model("tiny-swin", {"saliency": make_task("saliency"), "normals": make_task("normals")},
+                    [{"name": "bitfit"}], {"img_size": 32}, decoder_width=8)
+    m.image_size = 32
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def bundle(model, tmp_path_factory):
+    from vision.train import save_bundle
+
+    path = tmp_path_factory.mktemp("vision_inputs") / "adapter"
+    save_bundle(model, path, {"data": {"size": 32, "layout": "folder"}}, {"test": {}, "definition": {}})
+    return path
+
+
+def _photo(path: Path, w: int, h: int, seed: int = 0, **save) -> Path:
+    """A smooth colour picture with some texture (JPEG / PNG by the suffix), drawn at 1/10 size and
+    enlarged by PIL (a 4000 x 3000 picture in a fraction of a second)."""
+    sw, sh = max(4, w // 10), max(4, h // 10)
+    y, x = np.mgrid[0:sh, 0:sw].astype(np.float32)
+    rng = np.random.default_rng(seed)
+    img = np.stack([255 * x / sw, 255 * y / sh, 127 + 100 * np.sin(x / 3.7 + seed) * np.cos(y / 2.3)], -1)
+    img += rng.normal(0, 12, img.shape).astype(np.float32)
+    small = Image.fromarray(img.clip(0, 255).astype(np.uint8))
+    (small.resize((w, h), Image.BICUBIC) if (sw, sh) != (w, h) else small).save(path, **save)
+    return path
+
+
+# ------------------------------------------------------------------------------------ bit depth
+
+def test_16_bit_png_keeps_its_gradient_and_equals_the_8_bit_picture(model, tmp_path):
+    g8 = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (48, 1))  # 48 x 64 ramp
+    Image.fromarray(g8).save(tmp_path / "g8.png")
+    Image.fromarray(g8.astype(np.uint16) * 257).save(tmp_path / "g16.png")  # the same picture in 16 bits
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    a16, a8 = read_picture(tmp_path / "g16.png"), read_picture(tmp_path / "g8.png")
+    assert len(np.unique(a16[..., 0])) == 64 and a16.max() == 252  # not all white (was 255 everywhere)
+    np.testing.assert_allclose(a16, a8, atol=0.5)  # within 8-bit quantisation
+    m16, m8 = predict.predict(model, tmp_path / "g16.png"), predict.predict(model, tmp_path / "g8.png")
+    for t in m8:
+        assert np.abs(m16[t].astype(int) - m8[t].astype(int)).max() <= 1, t
+
+
+@pytest.mark.parametrize("mode, values, want", [
+    ("I", np.arange(64, dtype=np.int32).reshape(8, 8) * 1000, np.arange(64).reshape(8, 8) * 1000 * 255 / 65535),
+    ("F", np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8), np.linspace(0, 255, 64).reshape(8, 8)),
+    ("F", np.linspace(-5, 5, 64, dtype=np.float32).reshape(8, 8), np.linspace(0, 255, 64).reshape(8, 8)),
+])
+def test_32_bit_integer_and_float_pictures_are_scaled(tmp_path, mode, values, want):
+    Image.fromarray(values, mode=mode).save(tmp_path / "x.tif")
+    got = read_picture(tmp_path / "x.tif")
+    assert got.shape == (8, 8, 3)
+    np.testing.assert_allclose(got[..., 0], want, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------ large photos
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_large_photo_is_reduced_while_decoded(model, tmp_path, suffix):
+    big = _photo(tmp_path / f"big{suffix}", 4000, 3000, **({"quality": 92} if suffix == ".jpg" else {"compress_level": 1}))
+    full_float = 4000 * 3000 * 3 * 4  # what a full-size float32 copy takes
+    tracemalloc.start()
+    try:
+        maps = predict.predict(model, big)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < full_float / 4, f"peak {peak / 1e6:.1f} MB"  # was over 150 MB (two full-size copies)
+    assert maps["saliency"].shape == (768, 1024) and maps["normals"].shape == (768, 1024, 3)
+    # the same as resizing the picture first
+    with Image.open(big) as im:
+        im.resize((1024, 768), Image.BILINEAR).save(tmp_path / "small.png")
+    ref = predict.predict(model, tmp_path / "small.png")
+    for t in maps:
+        diff = np.abs(maps[t].astype(int) - ref[t].astype(int))
+        assert diff.mean() < 1.0 and diff.max() <= 8, (t, diff.mean(), diff.max())
+    # --max-side 0 keeps the full resolution of a small picture, and larger limits are never an upscale
+    assert predict.predict(model, tmp_path / "small.png", max_side=0)["saliency"].shape == (768, 1024)
+    assert predict.predict(model, tmp_path / "small.png", max_side=4096)["saliency"].shape == (768, 1024)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: shown portrait
+    _photo(tmp_path / "p.jpg", 64, 48, exif=exif.tobytes())
+    assert read_picture(tmp_path / "p.jpg").shape == (64, 48, 3)
+
+
+# ------------------------------------------------------------------------------------ output names
+
+def test_unique_stems():
+    assert unique_stems(["a/photo.jpg", "b/photo.png", "c.jpg"]) == ["a_photo", "b_photo", "c"]
+    assert unique_stems(["x/a/p.jpg", "y/a/p.jpg"]) == ["x_a_p", "y_a_p"]
+    d = unique_stems(["d.jpg", "d.jpg", "q/D.png"])  # case-insensitive: D.png would overwrite d's maps on macOS
+    assert d[0].endswith("_d") and d[1] == d[0] + "-2" and d[2] == "q_D"
+    assert unique_stems(["same.png", "same.png"]) == ["same", "same-2"]
+    assert unique_stems(["a/x.png", "a_x.png"]) == ["x", "a_x"]
+
+
+def test_same_stem_in_two_folders_writes_both(bundle, model, tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    one = _photo(tmp_path / "a" / "photo.jpg", 40, 32, seed=1)
+    two = _photo(tmp_path / "b" / "photo.png", 40, 32, seed=2)
+    out = tmp_path / "out"
+    predict.main(["--adapter", str(bundle), "--out", str(out), str(one), str(two)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"{one}: {out / 'a_photo_saliency.png'}, {out / 'a_photo_normals.png'}",
+                     f"{two}: {out / 'b_photo_saliency.png'}, {out / 'b_photo_normals.png'}"]
+    for stem, img in (("a_photo", one), ("b_photo", two)):
+        want = predict.predict(model, img)
+        assert np.array_equal(np.asarray(Image.open(out / f"{stem}_saliency.png")), want["saliency"])
+    assert sorted(p.name for p in out.iterdir()) == ["a_photo_normals.png", "a_photo_saliency.png",
+                                                     "b_photo_normals.png", "b_photo_saliency.png"]
+
+
+def test_a_failed_write_leaves_the_previous_file_whole(bundle, tmp_path, monkeypatch, capsys):
+    img = _photo(tmp_path / "x.png", 40, 32)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x_saliency.png").write_bytes(b"the previous run's map")
+    real_save = Image.Image.save
+
+    def save(self, fp, *a, **kw):
+        real_save(self, fp, *a, **kw)
+        raise OSError("disk full")  # after writing: a direct write would have replaced the old file
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    with pytest.raises(OSError, match="disk full"):
+        predict.main(["--adapter", str(bundle), "--out", str(out), str(img)])
+    assert (out / "x_saliency.png").read_bytes() == b"the previous run's map"
+    assert [p.name for p in out.iterdir()] == ["x_saliency.png"]  # no temporary file left
+
+
+# ------------------------------------------------------------------------------------ streaming
+
+def test_each_image_line_is_flushed_before_the_next_image(bundle, tmp_path, monkeypatch):
+    """stdout to a file or pipe is block-buffered: the lines of images 1-2 must reach it before image
+    3 is read (here it crashes)."""
+    files = [_photo(tmp_path / f"{i}.png", 40, 32, seed=i) for i in range(3)]
+    real = predict.predict
+    calls = []
+
+    def flaky(model, path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return real(model, path, *a, **kw)
+
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="utf-8", write_through=False))
+    monkeypatch.setattr(predict, "predict", flaky)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        predict.main(["--adapter", str(bundle), "--out", str(tmp_path / "out"), *map(str, files)])
+    lines = raw.getvalue().decode().splitlines()
+    assert [line.split(":")[0] for line in lines] == [str(files[0]), str(files[1])]
