@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from audio.features import AudioError, FbankConfig, check_silence, fbank_ast, read_audio
+from audio.features import AudioError, FbankConfig, check_silence, read_audio
 from shared import peft
 from shared.cli import positive_int, print_top
 from shared.hub import resolve_adapter
@@ -25,22 +25,31 @@ file could not be used (the others were predicted; each bad file is named on std
 """
 
 
-def frontend_config(meta: dict, where: str = "adapter.json") -> FbankConfig:
-    """The bundle's fbank settings; refuses, in one line, a bundle of another domain or task."""
+def _frontends() -> dict:
+    """preprocessing.frontend -> its config class: AST's fbank, Whisper's log-mel."""
+    from audio.whisper import FRONTEND, WhisperMelConfig
+
+    return {"fbank_ast": FbankConfig, FRONTEND: WhisperMelConfig}
+
+
+def frontend_config(meta: dict, where: str = "adapter.json"):
+    """The bundle's frontend settings (`FbankConfig` / `WhisperMelConfig`, each with `compute(wave)`);
+    refuses, in one line, a bundle of another domain or task."""
     pre = dict(meta.get("preprocessing") or {})
     frontend = pre.pop("frontend", None)
-    if frontend != "fbank_ast":
+    known = _frontends()
+    if frontend not in known:
         other = " (a medical image bundle: use python -m medical.predict)" \
             if str(pre.get("pipeline", "")).startswith("medical.") else ""
         raise peft.BundleError(f"{where}: preprocessing.frontend is {frontend!r}; audio.predict needs a bundle "
-                               f"trained on AST fbank features ('fbank_ast'){other}")
+                               f"trained on audio features ({', '.join(map(repr, known))}){other}")
     task = meta.get("task", "classification")
     if task != "classification" or not meta.get("head"):
         raise peft.BundleError(f"{where}: task {task!r} without a classification head; audio.predict needs a "
                                f"classification bundle from audio.train")
     try:
-        return FbankConfig(**pre)
-    except TypeError as e:
+        return known[frontend](**pre)
+    except (TypeError, ValueError) as e:
         raise peft.BundleError(f"{where}: preprocessing has settings this version does not know ({e})") from None
 
 
@@ -57,7 +66,7 @@ def iter_predict(model, cfg: FbankConfig, paths: list[str], top_k: int = 5, allo
         try:
             wave = read_audio(p, cfg.sample_rate, allow_truncated)
             silent = check_silence(wave, str(p), allow_silent, hint=" (pass --allow-silent to predict it anyway)")
-            x = fbank_ast(wave, cfg, source=str(p)).unsqueeze(0)  # (1, T, F)
+            x = cfg.compute(wave, source=str(p)).unsqueeze(0)  # (1, T, F); Whisper: (1, F, T)
         except AudioError as e:
             yield e
             continue

@@ -47,8 +47,14 @@ def write_demo_data(root: str) -> None:
     write_esc50_like(root, **DEMO_DATA)
 
 
+def test_metrics(model, data) -> dict:
+    """Metrics a data module defines itself (BirdSet's cmAP / T1-Acc / AUROC), added to metrics.json."""
+    return data.test_metrics(model) if hasattr(data, "test_metrics") else {}
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return domain_main(argv, DEMO, write_demo_data, "synthetic sounds in the ESC-50 layout", describe=check_frames)
+    return domain_main(argv, DEMO, write_demo_data, "synthetic sounds in the ESC-50 layout", describe=check_frames,
+                       evaluate=test_metrics)
 
 
 if __name__ == "__main__":

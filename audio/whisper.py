@@ -232,7 +232,7 @@ def load_whisper(weights: str | None = DEFAULT_WEIGHTS, max_frames: int = FULL_F
 
     _check_max_frames(max_frames)
     if not pretrained:
-        return _encoder(WhisperConfig(**TINY_EN), max_frames).eval()
+        return _encoder(WhisperConfig(**TINY_EN), max_frames)
     if weights is None:
         raise ValueError(f"whisper: weights is None; name a source ({DEFAULT_WEIGHTS}), a converted .safetensors "
                          f"file or a save_pretrained folder, or pass pretrained=False for random weights")
@@ -262,7 +262,7 @@ def tiny_whisper(max_frames: int = 64, num_mel_bins: int = 16, d_model: int = 32
                         decoder_ffn_dim=2 * d_model, max_source_positions=max_frames // 2, vocab_size=64,
                         max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=0,
                         decoder_start_token_id=1, **kw)
-    return _encoder(cfg, max_frames).eval()
+    return _encoder(cfg, max_frames)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -143,9 +143,10 @@ def check_domain(meta: dict[str, Any], want: str, where: str, writer: str) -> No
     if got == want:
         return
     if got is None:
-        raise BundleError(f"{where}: the bundle records no domain (written by an older peft-suite, or not by "
-                          f"{writer}); this command reads {want} bundles written by {writer}")
-    raise BundleError(f"{where}: a {got} bundle, not a {want} one; this command reads bundles written by {writer}")
+        raise BundleError(f"{where}: not a {want} bundle: it records no domain (written by an older peft-suite, or "
+                          f"not by {writer}); this command reads the bundles {writer} writes")
+    raise BundleError(f"{where}: not a {want} bundle (its domain is {got!r}); this command reads the bundles "
+                      f"{writer} writes")
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
@@ -197,7 +198,9 @@ def save(model: nn.Module, path: str | os.PathLike, labels: list[str] | None = N
         "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": library_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "domain": domain,
         "backbone": {"id": backbone_id, "fingerprint": state.fingerprint,
-                     "class": type(backbone).__name__, "kwargs": backbone_kwargs or {}},
+                     "class": type(backbone).__name__, "kwargs": backbone_kwargs or {},
+                     # seed, library versions, CPU kernels: what a fingerprint mismatch names when they differ
+                     **({"build": source["build"]} if source.get("id") == backbone_id and source.get("build") else {})},
         "methods": [{"key": k, **m.to_dict()} for k, m in state.methods],
         "head": head.config() if head is not None else None,
         "labels": list(labels) if labels is not None else None,
@@ -313,6 +316,8 @@ def tensor_header(tpath: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         nbytes = -(-math.prod(shape) * _DTYPE_BITS[dtype] // 8)
         if end - begin != nbytes:
             raise bad(f"tensor {name!r} of shape {shape} {dtype} needs {nbytes} bytes, its offsets span {end - begin}")
+        if end > data:
+            raise bad(f"truncated: tensor {name!r} ends at byte {end} of the data, the file holds {data}")
         spans.append((begin, end, name))
         out[name] = (dtype, tuple(shape))
     at = 0
@@ -386,10 +391,12 @@ def _load(backbone: nn.Module, path: Path, meta: dict[str, Any], header: dict[st
     fp = fingerprint(backbone)
     want = meta["backbone"].get("fingerprint")
     if check_fingerprint and want and fp != want:
+        from shared.backbones import describe_mismatch
+
         raise BundleError(
             f"{path}: trained on backbone {meta['backbone'].get('id')!r} with weights fingerprint {want}, "
-            f"but the given {type(backbone).__name__} has fingerprint {fp}: different weights "
-            f"(pass check_fingerprint=False to load anyway)")
+            f"but the given {type(backbone).__name__} has fingerprint {fp}: different weights; "
+            f"{describe_mismatch(meta['backbone'], backbone)} (pass check_fingerprint=False to load anyway)")
 
     def make_head():
         try:

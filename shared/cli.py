@@ -181,7 +181,7 @@ def config_error_message(message: str, argv: list[str], defaults: list[str]) -> 
     return f"{where}{' '.join(m.strip() for m in message)} {hint}"
 
 
-_DROPPED = ("💡 Tip:", "Restoring states from", "Loading `train_dataloader` to estimate",
+_DROPPED = ("💡 Tip:", "Restoring states from", "Restored all states from", "Loading `train_dataloader` to estimate",
             "The following callbacks returned in `LightningModule.configure_callbacks`", "TPU available",
             "GPU available", "HPU available", "Seed set to", "LOCAL_RANK:",
             "Loaded model weights from the checkpoint at", "`Trainer.fit` stopped: `max_epochs",

@@ -204,7 +204,7 @@ class _Limits:
 
     def give_up(self, url: str, why: str) -> DownloadAborted:
         last = self.errors.get(url) or "none"
-        return DownloadAborted(f"{url}: {why} after {self.requests.get(url, 0)} attempt(s) (last error: {last})")
+        return DownloadAborted(f"{url}: {why} ({self.requests.get(url, 0)} attempt(s), last error: {last})")
 
 
 _LIMITS: contextvars.ContextVar[_Limits | None] = contextvars.ContextVar("peft_suite_download_limits", default=None)
@@ -233,13 +233,13 @@ def _on_request(request) -> None:
         return
     url = _url_key(request)
     if time.monotonic() > lim.deadline:
-        raise lim.give_up(url, f"deadline of {lim.seconds:g} s ({TIMEOUT_ENV}) passed")
+        raise lim.give_up(url, f"deadline of {lim.seconds:g} s passed ({TIMEOUT_ENV})")
     if request.method != "GET":
         return
     if lim.answered.get(url) is False:  # the last attempt never got a response
         lim.errors[url] = "no response (connection refused, reset or timed out)"
     if lim.requests.get(url, 0) >= lim.attempts:
-        raise lim.give_up(url, f"gave up ({lim.attempts} attempts allowed, {ATTEMPTS_ENV})")
+        raise lim.give_up(url, f"no attempts left ({ATTEMPTS_ENV} allows {lim.attempts})")
     lim.requests[url] = lim.requests.get(url, 0) + 1
     lim.answered[url] = False
 
@@ -272,7 +272,7 @@ def _limited_stream_class():
             try:
                 for chunk in self.inner:
                     if time.monotonic() > self.lim.deadline:
-                        raise self.lim.give_up(self.url, f"deadline of {self.lim.seconds:g} s ({TIMEOUT_ENV}) passed")
+                        raise self.lim.give_up(self.url, f"deadline of {self.lim.seconds:g} s passed ({TIMEOUT_ENV})")
                     yield chunk
             except DownloadAborted:
                 raise
@@ -286,14 +286,20 @@ def _limited_stream_class():
     return LimitedStream
 
 
+def limits_from_env() -> _Limits:
+    """The attempt cap ($PEFT_SUITE_DOWNLOAD_ATTEMPTS) and the deadline ($PEFT_SUITE_DOWNLOAD_TIMEOUT),
+    the clock starting now; BundleError naming the variable when one is not a positive number."""
+    seconds = _env_number(TIMEOUT_ENV, DEFAULT_TIMEOUT)
+    return _Limits(int(_env_number(ATTEMPTS_ENV, DEFAULT_ATTEMPTS, int)), time.monotonic() + seconds, seconds)
+
+
 @contextlib.contextmanager
-def download_limits():
+def download_limits(lim: _Limits | None = None):
     """Apply the attempt cap and the deadline to every request huggingface_hub makes in this block
     (this thread only; hooks on its shared client, inactive outside such a block)."""
     from huggingface_hub import get_session
 
-    seconds = _env_number(TIMEOUT_ENV, DEFAULT_TIMEOUT)
-    lim = _Limits(int(_env_number(ATTEMPTS_ENV, DEFAULT_ATTEMPTS, int)), time.monotonic() + seconds, seconds)
+    lim = lim or limits_from_env()
     client = get_session()
     hooks = client.event_hooks
     if _on_request not in hooks["request"]:
@@ -387,7 +393,7 @@ def _resolve_hf(ref: str, repo: str, sub: str, rev: str | None) -> Path:
 
         cache = Path(kw["cache_dir"] or constants.HF_HUB_CACHE)
         _remove_stale(cache / f"models--{repo.replace('/', '--')}" / "blobs", "*.incomplete")
-    with download_limits() if not offline else contextlib.nullcontext():
+    with download_limits(limits_from_env()) if not offline else contextlib.nullcontext():
         meta_file = get(META, rev or "main")
         folder = meta_file.parent
         # Later files come from the same commit as the json, even if the branch moves meanwhile.
@@ -423,6 +429,7 @@ def _resolve_url(url: str, sha: str) -> Path:
     # Partial files carry their process id: one whose process was killed is removed by the next download.
     _remove_stale(root, ".*.incomplete", _pid_in_name)
     _remove_stale(root, ".*.unpack", _pid_in_name)
+    limits = limits_from_env()
     prefix = f".{sha[:16]}.p{os.getpid()}."
     fd, part = tempfile.mkstemp(dir=root, prefix=prefix, suffix=".zip.incomplete")
     part = Path(part)
@@ -430,10 +437,10 @@ def _resolve_url(url: str, sha: str) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             try:
-                with download_limits():
+                with download_limits(limits):
                     http_get(url, f)  # resumes with a Range request when the connection drops mid-transfer
             except DownloadAborted as e:
-                raise BundleError(f"download failed: {e}; nothing was kept") from None
+                raise BundleError(f"{e}; nothing was kept") from None
             except Exception as e:  # noqa: BLE001 - every transport failure becomes one clear error
                 raise BundleError(f"{url}: download failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                                   f"nothing was kept") from None

@@ -228,7 +228,7 @@ def load_bundle(path) -> "object":
     meta = peft.read_meta(path)
     check_domain(meta, "vision", str(path), "python -m vision.train")
     if "vision" not in meta:
-        raise ValueError(f"{path}: a vision bundle without its 'vision' task table")
+        raise ValueError(f"{path}: not a vision bundle (no 'vision' task table; python -m vision.train writes one)")
     v = meta["vision"]
     bb = peft.from_bundle(path)
     tasks = {t: make_task(t, spec["channels"] if t in ("semseg", "human_parts") else None) for t, spec in v["tasks"].items()}

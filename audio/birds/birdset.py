@@ -265,6 +265,28 @@ class BirdSetDataModule(L.LightningDataModule):
     def test_dataloader(self):
         return self._loader("test")
 
+    @property
+    def metric_definition(self) -> str:
+        """`test/cmap`, `test/top1`, `test/auroc` follow BirdSet's metric code (`test_metrics`)."""
+        return "reference"
+
+    def test_metrics(self, module) -> dict[str, float]:
+        """BirdSet's test metrics (`audio.birds.metrics`: cmAP, T1-Acc, macro AUROC) of a trained
+        classifier (`module(x)` -> logits) over the test windows; `audio.train` adds them to
+        metrics.json beside the generic module's `test/map`."""
+        from audio.birds.metrics import bird_scores
+
+        was_training = module.training
+        module.eval()
+        device = next(module.parameters()).device
+        logits, targets = [], []
+        with torch.inference_mode():
+            for x, y in self.test_dataloader():
+                logits.append(module(x.to(device)).float().cpu())
+                targets.append(y)
+        module.train(was_training)
+        return bird_scores(torch.cat(logits), torch.cat(targets).long())
+
     def describe(self) -> str:
         tr, te = self.splits["train"], self.splits["test"]
         pos = sum(len(it.labels) > 0 for it in te.items)

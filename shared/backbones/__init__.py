@@ -6,9 +6,12 @@ from the real classes, used by the tests and the offline demos.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
-from typing import Callable
+import random
+import sys
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -24,21 +27,75 @@ LAZY = {"ast": "audio.backbone", "dinov2": "medical.backbone", "bird-mae": "audi
         "whisper": "audio.whisper", "tiny-whisper": "audio.whisper"}
 
 
+@contextlib.contextmanager
+def seeded_rng(seed: int):
+    """Every generator a constructor may draw from (torch's CPU and device generators, numpy's and
+    Python's global ones) seeded with `seed` inside, and restored to the caller's state after."""
+    import numpy as np
+
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
+            yield
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
+def seeded_build(fn: Callable[..., nn.Module], seed: int = 0, **kw) -> nn.Module:
+    """`fn(**kw)` with every generator seeded (`seeded_rng`): the same weights in any process.
+
+    A constructor may import modules on its first call (a library's lazily loaded submodule, a
+    family registered on first use), between our seeding and its parameter init; an import that
+    draws from or reseeds a generator would make the weights depend on what the process had
+    imported before (a fresh interpreter vs. one that had run other code). So a build during which
+    anything was imported is thrown away and repeated: by then every import has happened, and the
+    second build draws only what the constructor itself draws."""
+    for _ in range(2):
+        before = set(sys.modules)
+        with seeded_rng(seed):
+            model = fn(**kw)
+        if set(sys.modules) <= before:
+            break
+    return model
+
+
 def register_backbone(name: str, seeded: bool = False):
-    """Register a constructor. `seeded` ones take `seed=` and build the same weights every time,
-    so a bundle trained on a random test model can be loaded into a rebuilt one."""
+    """Register a constructor. `seeded` ones take `seed=` and build the same weights every time
+    (`seeded_build`), so a bundle trained on a random test model can be loaded into a rebuilt one."""
     def deco(fn):
         if seeded:
             @functools.wraps(fn)
             def build(seed: int = 0, **kw):
-                with torch.random.fork_rng():
-                    torch.manual_seed(seed)
-                    return fn(**kw)
+                return seeded_build(fn, seed, **kw)
+            build.seeded = True
             BACKBONES[name] = build
         else:
             BACKBONES[name] = fn
         return fn
     return deco
+
+
+LIBRARIES = ("torch", "timm", "transformers", "numpy")  # the ones whose code draws a random backbone's weights
+
+
+def build_record(seed: int | None = None) -> dict[str, Any]:
+    """What besides id and kwargs decides a seeded backbone's weights: the seed, the versions of the
+    libraries that draw them, and torch's CPU kernel set (its vectorised normal_ / erfinv give other
+    bits on AVX2 / AVX512 / no-SIMD CPUs for the same seed), plus the default dtype."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for lib in LIBRARIES:
+        try:
+            versions[lib] = version(lib)
+        except PackageNotFoundError:
+            versions[lib] = None
+    return {"seed": seed, "versions": versions, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "default_dtype": str(torch.get_default_dtype()).removeprefix("torch.")}
 
 
 def create(name: str, **kwargs) -> nn.Module:
@@ -47,10 +104,44 @@ def create(name: str, **kwargs) -> nn.Module:
         importlib.import_module(LAZY[name])
     if name not in BACKBONES:
         raise KeyError(f"unknown backbone {name!r}; registered: {', '.join(sorted(set(BACKBONES) | set(LAZY)))}")
-    model = BACKBONES[name](**kwargs)
-    # Remember how it was built, so a saved bundle can rebuild it (`shared.peft.from_bundle`).
-    model.registry_source = {"id": name, "kwargs": dict(kwargs)}
+    fn = BACKBONES[name]
+    model = fn(**kwargs)
+    # Remember how it was built, so a saved bundle can rebuild it (`shared.peft.from_bundle`) and a
+    # fingerprint mismatch can say what differs (`describe_mismatch`).
+    seed = int(kwargs.get("seed", 0)) if getattr(fn, "seeded", False) else None
+    model.registry_source = {"id": name, "kwargs": dict(kwargs), "build": build_record(seed)}
     return model
+
+
+def describe_mismatch(recorded: dict[str, Any], backbone: nn.Module) -> str:
+    """Why a backbone's weights may differ from those a bundle was trained on: its `backbone`
+    record (id, kwargs, build: seed / library versions / CPU kernels) against how `backbone` was
+    built here, as "what: recorded vs now" clauses."""
+    source = getattr(backbone, "registry_source", None)
+    if not source:
+        return ("the given backbone was not built by shared.backbones.create, so nothing records how; "
+                "build it with the bundle's backbone id and kwargs")
+    then, now = recorded.get("build"), source.get("build") or {}
+    diffs = []
+    if recorded.get("id") != source.get("id"):
+        diffs.append(f"backbone id {recorded.get('id')!r} vs {source.get('id')!r}")
+    if (recorded.get("kwargs") or {}) != (source.get("kwargs") or {}):
+        diffs.append(f"kwargs {recorded.get('kwargs') or {}} vs {source.get('kwargs') or {}}")
+    if not then:
+        return ("recorded vs now: " + "; ".join(diffs) + "; " if diffs else "") + \
+            "the bundle records no seed or library versions (saved by an older peft-suite)"
+    if then.get("seed") != now.get("seed"):
+        diffs.append(f"seed {then.get('seed')} vs {now.get('seed')}")
+    old_v, new_v = then.get("versions") or {}, now.get("versions") or {}
+    diffs += [f"{lib} {old_v.get(lib)} vs {new_v.get(lib)}" for lib in sorted(set(old_v) | set(new_v))
+              if old_v.get(lib) != new_v.get(lib)]
+    for key, what in (("cpu_capability", "CPU kernels"), ("default_dtype", "default dtype")):
+        if then.get(key) != now.get(key):
+            diffs.append(f"{what} {then.get(key)} vs {now.get(key)}")
+    if not diffs:
+        return ("id, kwargs, seed, library versions and CPU kernels all match the bundle's record, so the weights "
+                "were changed after they were built (a loaded checkpoint, an edit) or come from another source")
+    return "recorded vs now: " + "; ".join(diffs)
 
 
 @register_backbone("tiny-vit", seeded=True)
@@ -114,5 +205,6 @@ def tiny_bert(hidden_size: int = 32, layers: int = 2, heads: int = 4, vocab_size
 __all__ = [
     "PLACEMENTS", "Anatomy", "Sublayer", "UnsupportedMethod", "anatomy", "register_anatomy",
     "sdpa_with_prefix", "square_grid", "ASTAnatomy", "DecoderAnatomy", "EncoderAnatomy",
-    "SwinAnatomy", "ViTAnatomy", "BACKBONES", "register_backbone", "create",
+    "SwinAnatomy", "ViTAnatomy", "BACKBONES", "register_backbone", "create", "seeded_rng", "seeded_build",
+    "build_record", "describe_mismatch",
 ]

@@ -26,3 +26,5 @@ def test_lora_recipe_trains_on_the_demo_data(tmp_path):
           "--trainer.max_epochs", "1"])
     row = json.loads((tmp_path / "lora" / "metrics.json").read_text())
     assert 0.0 <= row["test/map"] <= 1.0 and (tmp_path / "lora" / "adapter" / "adapter.json").is_file()
+    # BirdSet's own metrics beside the generic module's, and the definition they follow
+    assert 0.0 <= row["test/cmap"] <= 1.0 and 0.0 <= row["test/top1"] <= 1.0 and row["definition"] == "reference"

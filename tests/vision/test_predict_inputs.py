@@ -39,16 +39,20 @@ def bundle(model, tmp_path_factory):
     return path
 
 
-def _photo(path: Path, w: int, h: int, seed: int = 0, **save) -> Path:
-    """A smooth colour picture with some texture (JPEG / PNG by the suffix), drawn at 1/10 size and
-    enlarged by PIL (a 4000 x 3000 picture in a fraction of a second)."""
+def _picture(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A smooth colour picture with some texture, drawn at 1/10 size and enlarged by PIL (a 4000 x 3000
+    picture in a fraction of a second)."""
     sw, sh = max(4, w // 10), max(4, h // 10)
     y, x = np.mgrid[0:sh, 0:sw].astype(np.float32)
     rng = np.random.default_rng(seed)
     img = np.stack([255 * x / sw, 255 * y / sh, 127 + 100 * np.sin(x / 3.7 + seed) * np.cos(y / 2.3)], -1)
     img += rng.normal(0, 12, img.shape).astype(np.float32)
     small = Image.fromarray(img.clip(0, 255).astype(np.uint8))
-    (small.resize((w, h), Image.BICUBIC) if (sw, sh) != (w, h) else small).save(path, **save)
+    return small.resize((w, h), Image.NEAREST) if (sw, sh) != (w, h) else small
+
+
+def _photo(path: Path, w: int, h: int, seed: int = 0, **save) -> Path:
+    _picture(w, h, seed).save(path, **save)  # JPEG / PNG by the suffix
     return path
 
 
@@ -81,28 +85,47 @@ def test_32_bit_integer_and_float_pictures_are_scaled(tmp_path, mode, values, wa
 
 # ------------------------------------------------------------------------------------ large photos
 
-@pytest.mark.parametrize("suffix", [".jpg", ".png"])
-def test_large_photo_is_reduced_while_decoded(model, tmp_path, suffix):
-    big = _photo(tmp_path / f"big{suffix}", 4000, 3000, **({"quality": 92} if suffix == ".jpg" else {"compress_level": 1}))
-    full_float = 4000 * 3000 * 3 * 4  # what a full-size float32 copy takes
+def _large(model, tmp_path, suffix: str, **save):
+    """Predict a 4000 x 3000 photo with maps at most 512 px: the maps, the peak of traced (numpy)
+    memory, and the maps of the same picture resized to 512 x 384 first."""
+    im = _picture(4000, 3000)
+    big = tmp_path / f"big{suffix}"
+    im.save(big, **save)
     tracemalloc.start()
     try:
-        maps = predict.predict(model, big)
+        maps = predict.predict(model, big, max_side=512)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < full_float / 4, f"peak {peak / 1e6:.1f} MB"  # was over 150 MB (two full-size copies)
-    assert maps["saliency"].shape == (768, 1024) and maps["normals"].shape == (768, 1024, 3)
-    # the same as resizing the picture first
-    with Image.open(big) as im:
-        im.resize((1024, 768), Image.BILINEAR).save(tmp_path / "small.png")
-    ref = predict.predict(model, tmp_path / "small.png")
-    for t in maps:
+    im.resize((512, 384), Image.BILINEAR).save(tmp_path / "small.png")
+    return maps, peak, predict.predict(model, tmp_path / "small.png", max_side=512)
+
+
+FULL_FLOAT = 4000 * 3000 * 3 * 4  # bytes of a full-size float32 copy of a 4000 x 3000 picture
+
+
+def _close(maps, ref):
+    for t in maps:  # the same as resizing the picture first, within JPEG / filter differences
         diff = np.abs(maps[t].astype(int) - ref[t].astype(int))
         assert diff.mean() < 1.0 and diff.max() <= 8, (t, diff.mean(), diff.max())
-    # --max-side 0 keeps the full resolution of a small picture, and larger limits are never an upscale
-    assert predict.predict(model, tmp_path / "small.png", max_side=0)["saliency"].shape == (768, 1024)
-    assert predict.predict(model, tmp_path / "small.png", max_side=4096)["saliency"].shape == (768, 1024)
+
+
+def test_large_jpeg_is_reduced_while_decoded(model, tmp_path):
+    maps, peak, ref = _large(model, tmp_path, ".jpg", quality=92)
+    assert peak < FULL_FLOAT / 8, f"peak {peak / 1e6:.1f} MB"  # was over 150 MB (two full-size copies)
+    assert maps["saliency"].shape == (384, 512) and maps["normals"].shape == (384, 512, 3)
+    _close(maps, ref)
+    # --max-side 0 keeps the full resolution, and a larger limit never enlarges
+    assert predict.predict(model, tmp_path / "small.png", max_side=0)["saliency"].shape == (384, 512)
+    assert predict.predict(model, tmp_path / "small.png", max_side=4096)["saliency"].shape == (384, 512)
+    assert predict.MAX_SIDE == 1024  # the command's default: a 4000 x 3000 photo gives 1024 x 768 maps
+
+
+@pytest.mark.slow
+def test_large_png_is_reduced_before_it_becomes_float(model, tmp_path):
+    maps, peak, ref = _large(model, tmp_path, ".png", compress_level=1)
+    assert peak < FULL_FLOAT / 8, f"peak {peak / 1e6:.1f} MB"
+    _close(maps, ref)
 
 
 def test_exif_orientation_is_applied(tmp_path):
