@@ -27,7 +27,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from shared.distributed import is_sharded, whole
 from shared.fs import atomic_write
-from shared.lifecycle import LAST, STAGE_ENV, OutputRun, RunStopped, deferred_stop, stop_signals, stopped_message
+from shared.lifecycle import LAST, STAGE_ENV, OutputRun, RunStopped, deferred_stop, report_stop, stop_signals
 from shared.module import ClassificationModule
 
 
@@ -501,8 +501,7 @@ def friendly(entry, *args, **kwargs) -> int:
         with stop_signals():
             entry(*args, **kwargs)
     except RunStopped as e:
-        print(stopped_message(e), file=sys.stderr, flush=True)
-        return e.exit_code
+        return report_stop(e)
     except (ValueError, KeyError) as e:
         if os.environ.get("PEFT_SUITE_TRACEBACK"):
             raise

@@ -382,6 +382,8 @@ class OutputRun:
             return
         self._closed = True
         try:
+            if self.worker and isinstance(error, RunStopped):
+                error.args = ("",)  # rank 0 reports the stop, once
             if self.worker or self.stage is None or self._published:
                 return
             keep = False
@@ -435,3 +437,11 @@ def stopped_message(e: RunStopped) -> str:
     """The one line a CLI prints for a stop outside any OutputRun (e.g. while parsing)."""
     msg = str(e)
     return msg if msg != f"stopped by {e.name}" else f"stopped by {e.name} before the run wrote anything"
+
+
+def report_stop(e: RunStopped) -> int:
+    """Print a stop's one line on stderr (a DDP rank other than 0 prints nothing) and return its exit status."""
+    line = stopped_message(e)
+    if line:
+        print(line, file=sys.stderr, flush=True)
+    return e.exit_code

@@ -179,15 +179,17 @@ def read_ctranslate2(path: str | os.PathLike) -> dict:
             nbytes = take("I")
             raw = buf[pos:pos + nbytes]
             pos += nbytes
+            if len(raw) != nbytes:
+                raise IndexError(f"variable {name!r} needs {nbytes} bytes, the file ends after {len(raw)}")
             if dtype == "bfloat16":  # the high half of a float32
                 a = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
             else:
                 a = np.frombuffer(raw, dtype).copy()
-            out[name] = a.reshape(dims)
+            out[name] = a.reshape(tuple(dims))
         for _ in range(take("I")):
             alias, target = text(), text()
             out[alias] = out[target]
-    except (struct.error, IndexError, KeyError) as e:
+    except (struct.error, IndexError, KeyError, ValueError, UnicodeDecodeError) as e:
         raise WeightsError(f"{path}: not a complete CTranslate2 model.bin ({e})") from None
     return out
 

@@ -89,10 +89,10 @@ class DenseModule(L.LightningModule):
     on_test_epoch_start = on_validation_epoch_start
 
     def _finish(self, stage):
-        self.results = {t: m.compute() for t, m in self.meters.items()}
+        self.results = {t: m.compute() for t, m in self.meters.items()}  # every rank: the whole split's values
         for t, ms in self.results.items():
-            for k, v in ms.items():
-                self.log(f"{stage}/{t}/{k}", v)
+            for k, v in ms.items():  # identical on every rank already; sync_dist only says so to Lightning
+                self.log(f"{stage}/{t}/{k}", v, sync_dist=True)
 
     def on_validation_epoch_end(self):
         self._finish("val")

@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     """The CLI. Exit status: 0 done, 2 bad input (one line), 143 / 130 stopped by SIGTERM / SIGINT (one
     line: what was kept, how to resume), 1 an unexpected error (a traceback)."""
     from shared.cli import quiet_lightning
-    from shared.lifecycle import RunStopped, stop_signals, stopped_message
+    from shared.lifecycle import RunStopped, report_stop, stop_signals
 
     argv = sys.argv[1:] if argv is None else argv
     resume = "--resume" in argv  # continue the stopped run of --output_dir (the demo: its stopped run)
@@ -313,8 +313,7 @@ def main(argv: list[str] | None = None) -> None:
         with stop_signals():
             _main(argv, resume)
     except RunStopped as e:
-        print(stopped_message(e), file=sys.stderr, flush=True)
-        raise SystemExit(e.exit_code) from None
+        raise SystemExit(report_stop(e)) from None
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

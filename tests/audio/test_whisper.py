@@ -138,7 +138,7 @@ def _write_ct2(path: Path, variables: dict[str, np.ndarray], aliases: dict[str, 
 
     out = [struct.pack("<I", 6), string("WhisperSpec"), struct.pack("<I", 3), struct.pack("<I", len(variables))]
     for name in sorted(variables):
-        a = np.ascontiguousarray(variables[name])
+        a = np.asarray(variables[name])  # (ascontiguousarray would make a scalar 1-D)
         out += [string(name), struct.pack("<B", a.ndim), *(struct.pack("<I", d) for d in a.shape),
                 struct.pack("<B", ids[a.dtype]), struct.pack("<I", a.nbytes), a.tobytes()]
     out.append(struct.pack("<I", len(aliases)))
@@ -338,7 +338,7 @@ def test_bundle_check_counts_the_real_encoder_without_its_weights():
     from shared.artifacts import check_backbone
 
     d, ff, layers, pos = 384, 1536, 4, 100
-    per_layer = 3 * (d * d + d) + d * d + 2 * d + (d * ff + ff) + (ff * d + d)  # q, v, out; k has no bias
+    per_layer = 3 * (d * d + d) + d * d + 2 * 2 * d + (d * ff + ff) + (ff * d + d)  # q, v, out; k: no bias; 2 norms
     want = (80 * d * 3 + d) + (d * d * 3 + d) + pos * d + layers * per_layer + 2 * d
     assert check_backbone("whisper", {"weights": "whisper-tiny-en", "max_frames": 2 * pos}, "adapter.json") == want
     assert want == 7_670_784
@@ -406,7 +406,8 @@ def test_train_then_predict_with_tiny_whisper(tmp_path, capsys):
     fsdd = _fake_fsdd(tmp_path / "fsdd")
     row = train(["--config", str(ROOT / "domains/audio/data/fsdd.yaml"),
                  "--config", str(ROOT / "domains/audio/real/whisper_fsdd_linear.yaml"),
-                 "--data.root", str(fsdd), "--model.backbone", "tiny-whisper",
+                 "--data.root", str(fsdd), "--data.init_args.speakers", "[jackson, nicolas, theo]",
+                 "--data.init_args.batch_size", "16", "--model.backbone", "tiny-whisper",
                  "--model.backbone_kwargs", "{max_frames: 100, num_mel_bins: 80}",
                  "--data.init_args.num_workers", "0", "--data.init_args.cache_dir", str(tmp_path / "cache"),
                  "--output_dir", str(tmp_path / "run"), "--trainer.max_epochs", "1", "--trainer.logger", "false",

@@ -98,13 +98,14 @@ def test_sigterm_exits_143_keeps_previous_outputs_and_the_run_resumes(tmp_path):
 def test_resumed_run_ends_with_the_metrics_of_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
     """SIGTERM (a real signal to this process) after epoch 1 of 3: exit status 143, the previous results
     untouched; --resume ends with the test metrics of the uninterrupted run (same shuffles, same best epoch)."""
-    whole = run(default_config=DEMO, args=_args(tmp_path / "whole", 3))
+    logged = ["--trainer.logger", "true"]  # the resumed run logs on into the stopped run's version_0
+    whole = run(default_config=DEMO, args=_args(tmp_path / "whole", 3, *logged))
     cut = tmp_path / "cut"
     cut.mkdir()
     (cut / "metrics.json").write_text("previous")
     stop_after_epoch(monkeypatch, 1)
     capsys.readouterr()
-    assert friendly(run, default_config=DEMO, args=_args(cut, 3)) == 143
+    assert friendly(run, default_config=DEMO, args=_args(cut, 3, *logged)) == 143
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("stopped by")]
     assert len(err) == 1 and err[0].startswith(f"stopped by SIGTERM: {cut} was left as it was")
     assert "continue it with:" in err[0] and err[0].endswith("--resume")
@@ -113,11 +114,13 @@ def test_resumed_run_ends_with_the_metrics_of_an_uninterrupted_one(tmp_path, mon
         run(default_config=DEMO, args=_args(tmp_path / "other", 3))
     assert e.value.exit_code == 143
     monkeypatch.undo()
-    resumed = run(default_config=DEMO, args=_args(tmp_path / "cut", 3, "--resume"))
+    resumed = run(default_config=DEMO, args=_args(cut, 3, *logged, "--resume"))
     for k in ("test/loss", "test/acc", "test/auroc"):
         assert resumed[k] == pytest.approx(whole[k], abs=1e-6), k
     assert resumed["best_checkpoint"] == whole["best_checkpoint"] == "best.ckpt"
     assert resumed["config"] == whole["config"]  # --resume is not part of the recipe
+    assert sorted(p.name for p in (cut / "lightning_logs").iterdir()) == ["version_0"]
+    assert (cut / "lightning_logs" / "version_0" / "checkpoints" / "best.ckpt").is_file()
     assert "resuming the stopped run in" in capsys.readouterr().out
     left = _hidden(tmp_path)  # only the other stopped run's folder, kept for its --resume
     assert len(left) == 1 and left[0].startswith(".other.staging-")

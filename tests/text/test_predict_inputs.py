@@ -38,7 +38,7 @@ def test_hyphenated_compounds_are_one_span():
     probs[2, :] = probs[4, :] = probs[9, :] = [0.9, 0.05, 0.05]  # the hyphens: clearly O
     rows = decode_terms(words, probs)
     assert [(r["term"], r["start"], r["end"]) for r in rows] == [("difference-in-differences", 1, 6),
-                                                                ("state-level panel", 8, 13)]
+                                                                ("state-level panel", 8, 12)]
     # scored by the pieces, not the hyphens: mean P(B or I) of difference, in, differences
     assert rows[0]["score"] == pytest.approx(0.95)
     # a span touching one piece of a compound takes the whole compound
@@ -92,7 +92,7 @@ def test_term_bundle_prints_terms_not_jargon(term_bundle, capsys):
 def test_at_file_problems_name_the_file(tmp_path):
     latin = tmp_path / "abstract-latin1.txt"
     latin.write_bytes("Les données de l'étude".encode("latin-1"))
-    with pytest.raises(ValueError, match=rf"^{latin}: not UTF-8 text \(byte 9: invalid continuation byte\); save"):
+    with pytest.raises(ValueError, match=rf"^{latin}: not UTF-8 text \(byte 8: invalid continuation byte\); save"):
         predict.abstract_text(f"@{latin}")
     with pytest.raises(ValueError, match=rf"^{tmp_path}: is a folder; @FILE reads the abstract from one text file"):
         predict.abstract_text(f"@{tmp_path}")  # was "file not found"
