@@ -69,7 +69,7 @@ class ClipDataset(Dataset):
 FRONTENDS = ("ast", "whisper")
 
 
-def frontend_config(frontend: str, target_frames: int):
+def make_frontend(frontend: str, target_frames: int):
     """`frontend: ast` -> AST's kaldi fbank (frames, 128 mel); `whisper` -> Whisper's log-mel (80 mel, frames)."""
     if frontend == "ast":
         return FbankConfig(target_frames=target_frames)
@@ -108,7 +108,7 @@ class AudioDataModule(L.LightningDataModule):
         if not self.root.is_dir():
             raise DatasetLayoutError(f"{self.root}: dataset folder not found")
         self.batch_size, self.num_workers, self.seed, self.few_shot = batch_size, num_workers, seed, few_shot
-        self.fbank = frontend_config(frontend, target_frames or TARGET_FRAMES[self.name])
+        self.fbank = make_frontend(frontend, target_frames or TARGET_FRAMES[self.name])
         use_aug = self.augment_by_default if specaugment is None else specaugment
         self.augment = frontend_augment(frontend, freq_mask, time_mask) if use_aug else None
         self.cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "peft-suite" / "fbank"

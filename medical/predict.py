@@ -24,7 +24,7 @@ from medical.io import ImageReadError, dicom_tags, read_image
 from medical.transforms import to_model_input, volume_to_slices
 from medical.volumes import classify
 from shared import peft
-from shared.cli import positive_int, stream_results
+from shared.cli import positive_int, stream_results, unique_stems
 from shared.hub import resolve_adapter
 
 PIPELINE = "medical.transforms.to_model_input"
@@ -188,7 +188,9 @@ def iter_segment(bundle: Path, files: list[str], out_dir: Path, warn=_warn):
 
     backbone, decoder, meta = load_segmenter(bundle)
     pre = meta.get("preprocessing") or {}
-    for f in files:
+    # a/ct.nii.gz and b/ct.nii.gz: a_ct_mask / b_ct_mask, never one overwriting the other
+    stems = unique_stems(files, stem=lambda p: p.name.split(".")[0])
+    for f, stem in zip(files, stems):
         try:
             img = _read(f)
             x, is_volume, axis = _inputs(img, pre, f)
@@ -199,7 +201,6 @@ def iter_segment(bundle: Path, files: list[str], out_dir: Path, warn=_warn):
         if mismatch:
             warn(mismatch)
         out_dir.mkdir(parents=True, exist_ok=True)
-        stem = Path(f).name.split(".")[0]
         if is_volume:
             import nibabel as nib
 
@@ -255,7 +256,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-k", type=positive_int, default=5, metavar="K",
                     help="classification: print the K most probable classes per file (default 5)")
     ap.add_argument("--out", type=Path, default=Path("predictions"), metavar="FOLDER",
-                    help="segmentation: folder for the predicted masks, <name>_mask.png / .nii.gz (default ./predictions)")
+                    help="segmentation: folder for the predicted masks, <name>_mask.png / .nii.gz (default ./predictions; "
+                         "inputs sharing a name get their parent folder in it: a_ct_mask, b_ct_mask)")
     ap.add_argument("files", nargs="+", metavar="FILE",
                     help="images: .png .jpg .dcm (2D), .nii / .nii.gz / .npy (3D volumes or 2D arrays)")
     return ap

@@ -57,7 +57,7 @@ from shared.artifacts import (BundleError, bundle_tensors, read_checked_tensors,
 from shared.distributed import full_tensor, is_main
 from shared.fs import replace_dir
 from shared.heads import Tokens
-from shared.module import PeftModule
+from shared.module import PeftModule, log_eval_mean
 
 DECODER_FILE = "decoder.safetensors"
 
@@ -492,7 +492,10 @@ class SegmentationModule(PeftModule):
         loss = self.loss_fn(logits, y)
         if stage == "train" and (extra := peft.regularization(self.model)) is not None:
             loss = loss + extra  # e.g. AdaLoRA's orthogonality penalty
-        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=len(x), sync_dist=stage != "train")
+        if stage == "train":
+            self.log("train/loss", loss, prog_bar=True, batch_size=len(x))
+        else:
+            log_eval_mean(self, f"{stage}/loss", loss, len(x), prog_bar=stage != "test")
         if stage != "train":
             c = self.hparams.num_classes
             pred, target = one_hot(logits.argmax(1, keepdim=True), c), one_hot(y, c)

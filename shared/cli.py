@@ -27,7 +27,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from shared.distributed import is_sharded, whole
 from shared.fs import atomic_write
-from shared.lifecycle import LAST, STAGE_ENV, OutputRun, RunStopped, deferred_stop, report_stop, stop_signals
+from shared.lifecycle import STAGE_ENV  # noqa: F401  re-exported: where DDP workers find the staging folder
+from shared.lifecycle import LAST, OutputRun, RunStopped, deferred_stop, report_stop, stop_signals
 from shared.module import ClassificationModule
 
 

@@ -110,7 +110,8 @@ def resolve_adapter(ref: str | os.PathLike) -> Path:
     line: a name that is neither a folder nor a catalogue name gets the closest catalogue names."""
     folder = resolve(ref)
     if not folder.exists():
-        raise BundleError(f"{os.fspath(ref)}: no such folder{_suggest(Path(os.fspath(ref)).name)}")
+        raise BundleError(f"{folder / META}: not found ({os.fspath(ref)} is no folder"
+                          f"{_suggest(Path(os.fspath(ref)).name)})")
     return folder
 
 
@@ -120,7 +121,7 @@ def _suggest(name: str) -> str:
     except BundleError:  # a broken catalogue is reported where it is read
         return ""
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
-    return f"; did you mean {' or '.join(close)}?" if close else ""
+    return f"; did you mean the catalogue's {' or '.join(close)}?" if close else ""
 
 
 def resolve_entry(entry: Entry) -> Path:

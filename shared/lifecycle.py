@@ -311,13 +311,12 @@ class OutputRun:
             stale = self._stale()
             if self.resume:
                 candidates = self._resumable(stale)
-                if not candidates and self.resume == "if-any":
-                    self.resume = False
-                elif not candidates:
+                if candidates:
+                    self.stage, self.resume_from = candidates[0], candidates[0] / LAST
+                elif self.resume != "if-any":
                     raise NothingToResume(
                         f"{self.out}: nothing to resume: no stopped run of this output folder left a checkpoint "
                         f"({self.out.parent}/.{self.out.name}.staging-*/{LAST}); run without {self.flag} to start afresh")
-                self.stage, self.resume_from = candidates[0], candidates[0] / LAST
             self._remove_leftovers([p for p in stale if p != self.stage])
             if self.stage is None:
                 self.stage = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.staging-", dir=self.out.parent))
@@ -337,7 +336,8 @@ class OutputRun:
         for p in staging_folders(self.out):
             rec = _read_json(p / OWNER)
             # this process's own earlier run (stopped, e.g. in a notebook) is over: we hold the lock now
-            alive = owner_alive(rec) if rec and rec.get("pid") != os.getpid() else False
+            mine = rec.get("pid") == os.getpid() and rec.get("host") == socket.gethostname()
+            alive = owner_alive(rec) if rec and not mine else False
             if alive:
                 continue
             if alive is None:  # another host: cannot tell; the lock we hold says no run of ours uses it

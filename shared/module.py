@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 from torchmetrics.utilities import dim_zero_cat
@@ -97,7 +97,8 @@ def shard_for_strategy(module: L.LightningModule, model: torch.nn.Module) -> Non
     strategies (single device, DDP) keep it whole."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    if not isinstance(module.trainer.strategy, ModelParallelStrategy):
+    trainer = module._trainer  # None in load_from_checkpoint, which calls configure_model too
+    if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy):
         return
     mesh = module.device_mesh
     if mesh["tensor_parallel"].size() > 1:
@@ -106,6 +107,22 @@ def shard_for_strategy(module: L.LightningModule, model: torch.nn.Module) -> Non
                          f"gives tensor_parallel_size={mesh['tensor_parallel'].size()}: set "
                          f"--trainer.strategy.data_parallel_size {n} --trainer.strategy.tensor_parallel_size 1")
     fully_shard_model(model, mesh=mesh["data_parallel"])
+
+
+def log_eval_mean(module: L.LightningModule, name: str, value: torch.Tensor, n: int, prog_bar: bool = False) -> None:
+    """Log `name` (e.g. "val/loss", a mean over the batch's n samples) as its mean over the split's
+    samples, reduced over every process: a torchmetrics `MeanMetric` sums value * n and n across
+    processes. (Lightning's epoch mean of `self.log(..., sync_dist=True)` averages each process's
+    sample count as an integer, which truncates whenever the processes' shares differ in size.)"""
+    means = getattr(module, "eval_means", None)
+    if means is None:
+        module.eval_means = means = torch.nn.ModuleDict()
+    key = name.replace("/", "__")
+    if key not in means:  # made on first use, on the device of the values
+        means[key] = MeanMetric().to(value.device)
+    means[key].update(value.detach(), weight=n)
+    module.log(name, means[key], prog_bar=prog_bar, on_step=False, on_epoch=True, batch_size=n,
+               metric_attribute=f"eval_means.{key}")
 
 
 def sharded_state(state_dict: dict[str, Any]) -> bool:
@@ -353,7 +370,10 @@ class ClassificationModule(PeftModule):
             extra = peft.regularization(self.model)  # e.g. AdaLoRA's orthogonality penalty
             if extra is not None:
                 loss = loss + extra
-        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=len(y), sync_dist=stage != "train")
+        if stage == "train":
+            self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
+        else:
+            log_eval_mean(self, f"{stage}/loss", loss, len(y), prog_bar=stage != "test")
         if stage != "train":
             probs = logits.sigmoid() if self.multilabel else logits.softmax(-1)
             target = torch.nan_to_num(y.float(), nan=-1.0).int() if self.multilabel else y.long()

@@ -160,7 +160,15 @@ def markdown(summary: list[dict[str, Any]], metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: list[dict[str, Any]], metric: str, path: Path) -> None:
+def runs_text(n: int) -> str:
+    return "1 run" if n == 1 else f"{n} runs"
+
+
+def figure(summary: list[dict[str, Any]], metric: str):
+    """The metric against trainable parameters (a matplotlib Figure, Agg): one marker per row of the
+    table, labelled beside it with its method and "1 run" / "n runs"; a row of several runs is its
+    mean with a ± std bar, a single run a hollow marker (no spread to show). Axes carry units: the
+    parameter count on a log scale, the metric in % (fractions) or its recorded unit."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,23 +176,58 @@ def plot(summary: list[dict[str, Any]], metric: str, path: Path) -> None:
 
     pct = is_fraction(metric, summary)
     scale = 100.0 if pct else 1.0
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for s in summary:
+    units = sorted({s["unit"] for s in summary if s.get("unit")})
+    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    colours = plt.get_cmap("tab10")
+    drawn, skipped, xs, ys = 0, 0, [], []
+    for i, s in enumerate(summary):
         t = s["trainable_params"]
         x = t if isinstance(t, int) else (max(t) if t else None)
         if x is None:
+            skipped += 1
             continue
-        ax.errorbar(max(1, x), scale * s["mean"], yerr=scale * s["std"], fmt="o", capsize=3,
-                    label=s.get("label") or f"{s['dataset']}: {s['method']}")
+        x, y, col = max(1, x), scale * s["mean"], colours(i % 10)
+        label = s.get("label") or f"{s['dataset']}: {s['method']}"
+        if s["runs"] > 1:
+            ax.errorbar(x, y, yerr=scale * s["std"], fmt="o", capsize=4, color=col,
+                        label=f"{label}: {runs_text(s['runs'])}, mean ± std")
+        else:
+            ax.plot([x], [y], marker="D", markersize=8, markerfacecolor="white", markeredgecolor=col,
+                    markeredgewidth=1.8, linestyle="none", label=f"{label}: 1 run")
+        ax.annotate(f"{s['method']} ({runs_text(s['runs'])})", (x, y), xytext=(7, 6 if drawn % 2 == 0 else -12),
+                    textcoords="offset points", fontsize=7, color=col)
+        drawn, xs, ys = drawn + 1, xs + [x], ys + [y]
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel(f"{metric} (%)" if pct else metric)
+    ax.margins(x=0.12, y=0.12)  # room for the labels beside the outermost markers
+    if xs and min(xs) == max(xs):  # one parameter count: a decade either side, not matplotlib's sliver
+        ax.set_xlim(xs[0] / 10, xs[0] * 10)
+    if ys and max(ys) - min(ys) < 1e-9:
+        pad = 0.1 * abs(ys[0]) or 1.0
+        ax.set_ylim(ys[0] - pad, ys[0] + pad)
+    ax.set_xlabel("trainable parameters (count, log scale)")
+    ax.set_ylabel(f"{metric} (%)" if pct else f"{metric} ({', '.join(units)})" if units else metric)
+    total = sum(s["runs"] for s in summary)
+    ax.set_title(f"{metric} against trainable parameters: {drawn} row(s) of the table, {runs_text(total)}"
+                 + (f" ({skipped} without a parameter count not drawn)" if skipped else ""), fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
+    if drawn:
+        ax.legend(fontsize=7, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no row records its trainable parameters", ha="center", va="center", transform=ax.transAxes)
+    return fig
+
+
+def plot(summary: list[dict[str, Any]], metric: str, path: Path) -> None:
+    """Write `figure(summary, metric)` to `path` (atomically; the format from its suffix)."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig = figure(summary, metric)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
 
 
 def slug(metric: str) -> str:

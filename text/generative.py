@@ -6,7 +6,8 @@ tokens after the prompt are compared; nothing is generated.
 - personalisation: LoRA through the core (`shared.peft`), one shared starting adapter trained on
   every reader, then one adapter per reader grown from it (`ReaderBank`); switching readers copies
   the reader's LoRA tensors into the loaded model (no reload), and a batch mixing readers is answered
-  in ONE forward with each row through its own reader's LoRA (`ReaderBank.mixed`), equal to
+  in ONE forward with each row through its own reader's LoRA (`ReaderBank.mixed`, served by the core's
+  `peft.AdapterBank`: the readers' LoRA tensors stacked, one batched matmul per layer), equal to
   one-reader-at-a-time;
 - shared-prefix scoring and training (`YesNoScorer.score_shared`, `train_yes_no(shared_prefix=True)`):
   the prompt is split before the entity, so the terms asked about one abstract for one reader share
@@ -18,7 +19,6 @@ tokens after the prompt are compared; nothing is generated.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import inspect
 import random
 import time
@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared import peft
-from shared.artifacts import trained_tensors
 from text.prompts import Query, prompt_parts
 
 ANSWERS = (" yes", " no")
@@ -222,81 +221,48 @@ def decisions(scores: list[float], queries: list[Query], threshold: float = 0.0)
 # ------------------------------------------------------------------------------- per-reader LoRA
 
 
-_ROWS: contextvars.ContextVar = contextvars.ContextVar("text_reader_rows", default=None)
-
-
-def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    from peft.tuners.lora import LoraLayer
-
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
-
-
 class ReaderBank:
-    """One LoRA per reader on ONE loaded model (attached through `shared.peft`).
+    """One LoRA per reader on ONE loaded model (attached through `shared.peft`), held by the core's
+    `peft.AdapterBank`.
 
-    `use(reader)` copies that reader's tensors into the model's LoRA (no reload); `mixed(readers)`
-    is a context in which one forward answers each row with its own reader's LoRA: every LoRA layer
-    then computes base(x) + B_r(A_r(x)) * scaling per group of rows, the same sum the layer computes
-    when reader r is loaded. The reader of each row travels in a context variable, not on a module,
-    so concurrent calls (threads) do not see each other's readers.
+    `use(reader)` copies that reader's tensors into the model's LoRA (no reload); `mixed(readers)` is
+    a context in which one forward answers each row with its own reader's LoRA: every LoRA layer then
+    computes base(x) + s B_r A_r x with the readers' stacked tensors gathered per row (one batched
+    matmul per layer), the sum the layer computes when reader r is loaded. The reader of each row
+    travels in a context variable, not on a module, so concurrent calls (threads) do not see each
+    other's readers.
     """
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.states: dict[str, dict[str, torch.Tensor]] = {}
-        self.layers = lora_layers(model)
-        if not self.layers:
+        if not any(isinstance(m, peft.LoRA) for _, m in getattr(model, "peft_state", peft.PeftState()).methods):
             raise ValueError("the model has no LoRA layers: attach peft.LoRA through shared.peft first")
-        for name, layer in self.layers.items():
-            layer.register_forward_hook(self._hook(name), with_kwargs=True)
+        self.bank = peft.AdapterBank(model)
+
+    @property
+    def states(self) -> dict[str, dict[str, torch.Tensor]]:
+        return self.bank.states
 
     def snapshot(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in trained_tensors(self.model).items()}
+        return self.bank.snapshot()
 
     def add(self, reader: str, state: dict[str, torch.Tensor] | None = None) -> None:
-        self.states[reader] = {k: v.detach().clone() for k, v in (state or self.snapshot()).items()}
+        self.bank.add(reader, state)
+
+    def _known(self, readers) -> None:
+        unknown = sorted(set(readers) - set(self.states))
+        if unknown:
+            raise ValueError(f"unknown reader(s) {unknown}; adapters exist for {', '.join(self.states) or 'nobody'}")
 
     def use(self, reader: str) -> None:
-        if reader not in self.states:
-            raise ValueError(f"unknown reader {reader!r}; adapters exist for {', '.join(self.states) or 'nobody'}")
-        live = trained_tensors(self.model)
-        with torch.no_grad():
-            for k, v in self.states[reader].items():
-                live[k].copy_(v)
-
-    def _weights(self, reader: str, name: str, key: str):
-        s = self.states[reader]
-        return s[f"{name}.lora_A.{key}.weight"], s[f"{name}.lora_B.{key}.weight"]
-
-    def _hook(self, name: str):
-        def hook(module, args, kwargs, output):
-            rows = _ROWS.get()
-            if rows is None:
-                return None  # the loaded reader (or the shared adapter) answers
-            x = args[0]
-            out = module.base_layer(x)
-            (key,) = module.lora_A.keys()  # the core attaches one LoRA adapter per layer
-            scaling = module.scaling[key]
-            for reader, idx in rows:
-                a, b = self._weights(reader, name, key)
-                xs = x[idx].to(a.dtype)
-                out[idx] = out[idx] + F.linear(F.linear(xs, a.to(x.device)), b.to(x.device)) * scaling
-            return out
-        return hook
+        self._known([reader])
+        self.bank.use(reader)
 
     @contextlib.contextmanager
     def mixed(self, readers: list[str]):
-        unknown = sorted(set(readers) - set(self.states))
-        if unknown:
-            raise ValueError(f"unknown reader(s) {unknown}; adapters exist for {', '.join(self.states)}")
-        groups = {}
-        for i, r in enumerate(readers):
-            groups.setdefault(r, []).append(i)
-        token = _ROWS.set([(r, torch.tensor(ix)) for r, ix in groups.items()])
-        try:
+        self._known(readers)
+        with self.bank.rows(list(readers)):
             yield
-        finally:
-            _ROWS.reset(token)
 
 
 def train_yes_no(scorer: YesNoScorer, items: list[tuple[Query, bool]], steps: int, lr: float = 1e-3,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from shared import backbones, peft
-from shared.module import PeftModule, peft_tensor_names
+from shared.module import PeftModule, log_eval_mean, peft_tensor_names
 from text import backbone as _text_backbones  # noqa: F401  registers hf-encoder
 from text.data import IGNORE, target_columns, target_name
 from text.tagger import (TokenHead, decision_metrics, entity_decisions, extra_decisions, extra_metrics, extract_terms,
@@ -104,10 +104,12 @@ class TaggerModule(PeftModule):
                 return None
             logits, labels, extra = logits[:n], labels[:n], [e[:n] for e in extra]
         loss, bce = self.loss(logits, labels, extra[0] if extra else None)
-        sync = stage != "train"  # validation / test losses: over every process's windows
-        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=len(labels), sync_dist=sync)
-        if bce is not None:
-            self.log(f"{stage}/extra_loss", bce, batch_size=len(labels), sync_dist=sync)
+        losses = {"loss": loss, **({"extra_loss": bce} if bce is not None else {})}
+        for name, value in losses.items():
+            if stage == "train":
+                self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=len(labels))
+            else:  # over every process's windows
+                log_eval_mean(self, f"{stage}/{name}", value, len(labels), prog_bar=name == "loss" and stage != "test")
         return loss
 
     def evaluate(self, stage: str) -> dict[str, float]:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from shared import peft
 from shared.distributed import EvalShare
-from shared.module import shard_for_strategy
+from shared.module import log_eval_mean, shard_for_strategy
 
 from .metrics import make_meter, resolve_definitions
 from .model import MultiTaskDense
@@ -74,7 +74,7 @@ class DenseModule(L.LightningModule):
             return
         outs, labels = {t: o[:n] for t, o in outs.items()}, {t: v[:n] for t, v in batch["labels"].items()}
         losses = {t: task_loss(self.model.tasks[t], outs[t], labels[t]) for t in outs}
-        self.log("val/loss", sum(losses.values()), batch_size=n, sync_dist=True)
+        log_eval_mean(self, "val/loss", sum(losses.values()), n)
         for t, out in outs.items():
             self.meters[t].update(out, labels[t])
 

@@ -3,7 +3,12 @@
     python -m vision.predict --adapter runs/vision_demo/multi_polyhistor_lite/adapter --out runs/vision_pred img.jpg ...
 
 Class maps are colour-coded (a fixed palette), saliency / edges as grey probability maps,
-normals as RGB ((n + 1) / 2 * 255), depth as a colour map (near = bright).
+normals as RGB ((n + 1) / 2 * 255), depth as a colour map (near = bright). These maps are data
+(one pixel per image pixel); each carries its legend as PNG text ("Description": the class names
+with their colours, or the encoding). `<stem>_overview.png` shows them readably: the image and
+every task's map with a title, a legend of the classes present (the bundle's class names),
+colour bars (saliency / edges: probability 0-1; depth: relative, 1 = nearest) and a note on the
+normals' RGB encoding (`--no-overview` skips it).
 
 Maps have the image's resolution, at most --max-side pixels on the long side (default 1024; 0:
 full size): a larger photo is reduced while it is decoded (JPEG DCT scaling, box filter), never
@@ -65,6 +70,136 @@ def render(kind: str, out: torch.Tensor) -> np.ndarray:
     return (matplotlib.colormaps["magma"](z)[..., :3] * 255).round().astype(np.uint8)
 
 
+# Class names of the public layouts, by (layout, task); index = channel (NYUD-v2's labels 1..40 are channels 0..39).
+VOC = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+       "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
+PARTS = ["background", "head", "torso", "upper arms", "lower arms + hands", "upper legs", "lower legs + feet"]
+NYU40 = ["wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf", "picture",
+         "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror", "floor mat", "clothes",
+         "ceiling", "books", "refrigerator", "television", "paper", "towel", "shower curtain", "box", "whiteboard",
+         "person", "night stand", "toilet", "sink", "lamp", "bathtub", "bag", "other structure", "other furniture",
+         "other prop"]
+CLASS_NAMES = {("pascal_context", "semseg"): VOC, ("pascal_context", "human_parts"): PARTS, ("nyud", "semseg"): NYU40}
+NORMALS_NOTE = ("surface normals as colour: R, G, B = (n_x + 1) / 2, (n_y + 1) / 2, (n_z + 1) / 2 of the unit "
+                "normal (x 255), in the dataset's camera frame")
+LEGEND_MAX = 12  # classes listed in an overview legend (the largest by area; the rest counted)
+
+
+def class_names(meta: dict, task: str, n: int) -> list[str]:
+    """The names of a class task's n channels: the bundle's own (`vision.tasks.<task>.classes`), else
+    those of its layout's public dataset, else "class i"."""
+    v = (meta or {}).get("vision") or {}
+    own = ((v.get("tasks") or {}).get(task) or {}).get("classes")
+    if isinstance(own, list) and len(own) == n:
+        return [str(c) for c in own]
+    known = CLASS_NAMES.get((v.get("layout"), task))
+    return list(known) if known is not None and len(known) == n else [f"class {i}" for i in range(n)]
+
+
+def description(kind: str, names: list[str] | None = None) -> str:
+    """The legend a map PNG carries as text: what a pixel value means."""
+    if kind == "classes":
+        pal = palette(len(names or []))
+        return "class map, PASCAL VOC palette: " + "; ".join(
+            f"{i} {n} = RGB({', '.join(map(str, pal[i]))})" for i, n in enumerate(names or []))
+    if kind == "binary":
+        return "probability map: grey level / 255 = probability (0-1)"
+    if kind == "normals":
+        return NORMALS_NOTE
+    return "relative depth, magma colour map: bright = near, dark = far (normalised per image)"
+
+
+def class_ids(picture: np.ndarray, n: int) -> np.ndarray:
+    """A rendered class map (H, W, 3) back to class ids (H, W): the palette colours are distinct."""
+    pal = palette(n).astype(np.int64)
+    code = (pal[:, 0] << 16) | (pal[:, 1] << 8) | pal[:, 2]
+    order = np.argsort(code)
+    px = picture.astype(np.int64)
+    idx = np.searchsorted(code[order], (px[..., 0] << 16) | (px[..., 1] << 8) | px[..., 2])
+    return order[np.clip(idx, 0, n - 1)]
+
+
+def overview(image: np.ndarray, maps: dict[str, np.ndarray], kinds: dict[str, str], names: dict[str, list[str]],
+             title: str):
+    """The image and every task's map, each readable on its own (a matplotlib Figure, Agg): a title per
+    panel; class maps with a legend of the classes present (name, colour, share of the pixels);
+    probability maps with a 0-1 colour bar; depth with a relative colour bar; normals with a note on
+    their RGB encoding."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.patches as mpatches
+    import matplotlib.pyplot as plt
+
+    n = 1 + len(maps)
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(4.0 * cols, 4.4 * rows), layout="constrained", squeeze=False)
+    axes = list(grid.ravel())
+    for ax in axes[n:]:
+        ax.remove()
+    axes = axes[:n]
+    axes[0].imshow(image.astype(np.uint8) if image.dtype != np.uint8 else image)
+    axes[0].set_title("input", fontsize=9)
+    for ax, (task, pic) in zip(axes[1:], maps.items()):
+        kind = kinds[task]
+        if kind == "classes":
+            k = len(names[task])
+            ids = class_ids(pic, k)
+            counts = np.bincount(ids.ravel(), minlength=k)
+            present = [int(c) for c in np.argsort(-counts) if counts[c] > 0]
+            ax.imshow(pic)
+            pal = palette(k) / 255.0
+            handles = [mpatches.Patch(facecolor=pal[c], edgecolor="0.3", label=f"{names[task][c]} "
+                                      f"({100 * counts[c] / ids.size:.0f}%)") for c in present[:LEGEND_MAX]]
+            if len(present) > LEGEND_MAX:
+                handles.append(mpatches.Patch(facecolor="none", edgecolor="none",
+                                              label=f"+{len(present) - LEGEND_MAX} more classes"))
+            ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.02), fontsize=7, ncol=2,
+                      frameon=False, title="class (share of pixels)", title_fontsize=7)
+            ax.set_title(f"{task}: predicted class", fontsize=9)
+        elif kind == "binary":
+            im = ax.imshow(pic.astype(np.float32) / 255.0, cmap="gray", vmin=0.0, vmax=1.0)
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="probability (0-1)")
+            ax.set_title(f"{task}: probability", fontsize=9)
+        elif kind == "normals":
+            ax.imshow(pic)
+            ax.set_title(f"{task}: surface normals", fontsize=9)
+            ax.text(0.5, -0.03, "colour = surface normal: R, G, B =\n(n_x + 1) / 2, (n_y + 1) / 2, (n_z + 1) / 2\n"
+                    "of the unit normal (x 255), in the dataset's camera frame", transform=ax.transAxes,
+                    ha="center", va="top", fontsize=7)
+        else:
+            ax.imshow(pic)
+            sm = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap="magma")
+            fig.colorbar(sm, ax=ax, fraction=0.046, pad=0.02, label="relative depth (1 = nearest)")
+            ax.set_title(f"{task}: depth", fontsize=9)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def write_map(dest: Path, arr: np.ndarray, text: str) -> None:
+    """One map PNG, atomically (a crash never leaves a torn PNG under the final name), its legend as text."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Description", text)
+    with atomic_path(dest) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG", pnginfo=info)
+
+
+def write_overview(dest: Path, fig) -> None:
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(dest) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
+
+
 def _pixels(text: str) -> int:
     """argparse type of --max-side: 0 (full size) or a positive number of pixels."""
     try:
@@ -107,17 +242,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-side", type=_pixels, default=MAX_SIDE, metavar="PX",
                     help=f"long side of the maps in pixels; larger images are reduced while decoded "
                          f"(default {MAX_SIDE}; 0 keeps the full resolution)")
+    ap.add_argument("--no-overview", action="store_true",
+                    help="write only the maps, not <image stem>_overview.png (the image and every map, with legends)")
     ap.add_argument("images", nargs="+", help="image files (JPEG / PNG / TIFF / BMP; 8 or 16 bit)")
     a = ap.parse_args(argv)
+    from shared import peft
     from shared.hub import resolve_adapter
 
     from .train import load_bundle
 
     try:
-        model = load_bundle(resolve_adapter(a.adapter))  # a folder, catalogue name or reference
+        bundle = resolve_adapter(a.adapter)  # a folder, catalogue name or reference
+        model = load_bundle(bundle)
+        meta = peft.read_meta(bundle)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    kinds = {t: task.kind for t, task in model.tasks.items()}
+    ref = Path(a.adapter)
+    label = f"{ref.parent.name if ref.name == 'adapter' and ref.parent.name else ref.name} ({', '.join(kinds)})"
+    names = {t: class_names(meta, t, task.channels) for t, task in model.tasks.items() if task.kind == "classes"}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     files = list(map(Path, a.images))
@@ -132,8 +276,11 @@ def main(argv: list[str] | None = None) -> None:
         written = []
         for t, arr in maps.items():
             dest = out / f"{stem}_{t}.png"
-            with atomic_path(dest) as tmp:  # a crash never leaves a torn PNG under the final name
-                Image.fromarray(arr).save(tmp, format="PNG")
+            write_map(dest, arr, description(kinds[t], names.get(t)))
+            written.append(str(dest))
+        if not a.no_overview:
+            dest = out / f"{stem}_overview.png"
+            write_overview(dest, overview(read_image(f, 512), maps, kinds, names, f"{f.name}: {label}"))
             written.append(str(dest))
         print(f"{f}: " + ", ".join(written), flush=True)
     if failed:

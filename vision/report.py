@@ -67,23 +67,62 @@ def table(runs: list[dict], base: dict[tuple[str, str], float], baseline: str) -
     return "\n".join(lines), points
 
 
-def plot(points, path: Path) -> None:
+def figure(points, baseline: str | None = None):
+    """Delta_m against trainable parameters (a matplotlib Figure, Agg), one marker per method (and
+    parameter count): the mean with a ± std bar over its runs, or a hollow marker labelled "1 run"
+    for a single one; each marker labelled beside it; a zero line (no better or worse than the
+    single-task baseline); axes with units."""
+    import statistics
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    groups: dict[tuple[str, int], list[float]] = {}
     for name, n, dm in points:
-        ax.scatter(n, dm)
-        ax.annotate(name, (n, dm), fontsize=8)
+        groups.setdefault((name, n), []).append(dm)
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    colours = plt.get_cmap("tab10")
+    for i, ((name, n), dms) in enumerate(sorted(groups.items(), key=lambda kv: kv[0][1])):
+        col, y = colours(i % 10), statistics.fmean(dms)
+        runs = "1 run" if len(dms) == 1 else f"{len(dms)} runs"
+        if len(dms) > 1:
+            ax.errorbar(n, y, yerr=statistics.pstdev(dms), fmt="o", capsize=4, color=col,
+                        label=f"{name} ({n:,} trainable): {runs}, mean ± std")
+        else:
+            ax.plot([n], [y], marker="D", markersize=8, markerfacecolor="white", markeredgecolor=col,
+                    markeredgewidth=1.8, linestyle="none", label=f"{name} ({n:,} trainable): 1 run")
+        ax.annotate(f"{name} ({runs}): {y:+.2f}%", (n, y), xytext=(7, 6 if i % 2 == 0 else -12),
+                    textcoords="offset points", fontsize=7, color=col)
     ax.set_xscale("log")
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xlabel("trainable parameters (backbone methods + decoders)")
-    ax.set_ylabel("Delta_m (%)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    ax.margins(x=0.15, y=0.15)
+    xs = [n for _, n in groups]
+    if xs and min(xs) == max(xs):
+        ax.set_xlim(xs[0] / 10, xs[0] * 10)
+    ax.axhline(0, color="grey", lw=0.8, ls="--", label="= the single-task baseline")
+    ax.set_xlabel("trainable parameters (count, log scale: backbone methods + decoders)")
+    ax.set_ylabel(f"Delta_m vs single-task {baseline or 'baseline'} (%)")
+    total = sum(len(v) for v in groups.values())
+    ax.set_title(f"multi-task runs: Delta_m against trainable parameters ({len(groups)} method(s), "
+                 f"{'1 run' if total == 1 else f'{total} runs'})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def plot(points, path: Path, baseline: str | None = None) -> None:
+    """Write `figure(points, baseline)` as a PNG at `path` (atomically)."""
+    import matplotlib.pyplot as plt
+
+    from shared.fs import atomic_path
+
+    fig = figure(points, baseline)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
 
 
 # --- parameter counts of the paper's settings -------------------------------------------------------
@@ -201,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         atomic_write(root / "report.md", text + "\n")
         print(text)
         if points:
-            plot(points, root / "report.png")
+            plot(points, root / "report.png", a.baseline)
         print(f"wrote {root / 'report.md'}" + (f" and {root / 'report.png'}" if points else ""))
     if a.counts:
         print(counts_table())

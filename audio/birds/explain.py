@@ -183,23 +183,28 @@ def figure(x: torch.Tensor, rows: list[dict], title: str, window_start: float = 
     fig, ax = plt.subplots(figsize=(11, 4.2), layout="constrained")
     im = ax.imshow(spec, origin="lower", aspect="auto", cmap="magma", extent=(window_start, t_end, 0, spec.shape[0]))
     fig.colorbar(im, ax=ax, pad=0.01, label="log-mel energy (normalised)")
-    ticks = [hz for hz in HZ_TICKS if LOW_HZ < hz <= high and 0 <= hz_to_bin(hz, n_bins, LOW_HZ, high) <= spec.shape[0]]
+    ticks, last = [], -math.inf
+    for hz in HZ_TICKS:  # round frequencies, at least 6 % of the axis apart (the low ones crowd on the mel scale)
+        y = hz_to_bin(hz, n_bins, LOW_HZ, high)
+        if LOW_HZ < hz <= high and 0 <= y <= spec.shape[0] and y - last >= 0.06 * spec.shape[0]:
+            ticks.append(hz)
+            last = y
     ax.set_yticks([hz_to_bin(hz, n_bins, LOW_HZ, high) for hz in ticks], [hz_label(hz) for hz in ticks])
     ax.set_ylabel("frequency (Hz, mel scale)")
     ax.set_xlabel("time (s)")
-    ax.xaxis.set_major_locator(MaxNLocator(nbins=10))
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=11, steps=[1, 2, 2.5, 5, 10]))
     ax.set_title("\n".join(textwrap.wrap(title, 120)), fontsize=9)
 
     extra = []  # legend entries of the shaded regions
     if audio_s is not None and window_start + audio_s < t_end - 1e-9:
         a = window_start + audio_s
-        extra.append(ax.axvspan(a, t_end, facecolor="0.75", alpha=0.45, hatch="//", edgecolor="0.35", lw=0,
+        extra.append(ax.axvspan(a, t_end, facecolor="0.8", alpha=0.35, hatch="//", edgecolor="white", lw=0,
                                 label="padding (no audio)"))
         ax.text((a + t_end) / 2, spec.shape[0] * 0.97, "padding", rotation=90 if t_end - a < 0.6 else 0,
                 ha="center", va="top", fontsize=7, color="white")
     if nyquist is not None and nyquist < high:
         y = hz_to_bin(nyquist, n_bins, LOW_HZ, high)
-        extra.append(ax.axhspan(y, spec.shape[0], facecolor="0.75", alpha=0.45, hatch="\\\\", edgecolor="0.35", lw=0,
+        extra.append(ax.axhspan(y, spec.shape[0], facecolor="0.8", alpha=0.35, hatch="\\\\", edgecolor="white", lw=0,
                                 label=f"above the input's Nyquist ({hz_label(nyquist)} Hz): no energy"))
         ax.text(window_start + 0.02 * (t_end - window_start), (y + spec.shape[0]) / 2, f"> {hz_label(nyquist)} Hz: no input",
                 va="center", fontsize=7, color="white")

@@ -34,12 +34,13 @@ import lightning as L
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torch import nn
+
+from audio.birds import metrics as M
 from shared import backbones
 from shared.cli import friendly, parse_tool_args, write_json_atomic
 from shared.data import FeatureCache, dataset_digest, extract_features_once
 from shared.distributed import is_main, launched
 from shared.lifecycle import OutputRun
-from audio.birds import metrics as M
 from shared.heads import (ASL_REDUCTIONS, PATCH_LAYOUTS, AttentiveHead, LinearHead, PrototypicalHead, Tokens,
                           asymmetric_loss)
 from shared.module import cosine_with_warmup

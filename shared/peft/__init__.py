@@ -8,6 +8,7 @@
 from shared.artifacts import BundleError, from_bundle, load, read_meta, save
 
 from .adapters import Adapter, Compacter, FiLM
+from .bank import AdapterBank
 from .base import METHODS, Method, PeftState, from_dict, register, state_of
 from .core import Classifier, attach, fingerprint, merge, recompute, regularization, split, start, step, summary, weightless_copy
 from .fused import QKVLoRA
@@ -19,7 +20,7 @@ from .tokens import Prefix, Prompt
 __all__ = [
     "METHODS", "Method", "PeftState", "register", "from_dict", "state_of",
     "attach", "summary", "merge", "recompute", "start", "step", "weightless_copy", "regularization", "save", "load", "from_bundle", "read_meta", "fingerprint", "split",
-    "Classifier", "BundleError",
+    "Classifier", "BundleError", "AdapterBank",
     "LoRA", "DoRA", "AdaLoRA", "IA3", "LoHa", "LoKr", "VeRA", "QKVLoRA",
     "Adapter", "Compacter", "FiLM", "HyperAdapter", "Polyhistor", "PolyhistorLite", "use_task", "add_task", "Prompt", "Prefix", "BitFit", "NormTuning", "Full",
 ]

@@ -15,8 +15,18 @@ import pytest
 import soundfile as sf
 import torch
 
-from audio.whisper import (FRONTEND, MelFirstSpecAugment, WhisperMelConfig, check_features, checkpoint_filter_fn,
-                           load_asr, load_whisper, logmel_whisper, mel_filters, transcribe)
+from audio.whisper import (
+    FRONTEND,
+    MelFirstSpecAugment,
+    WhisperMelConfig,
+    check_features,
+    checkpoint_filter_fn,
+    load_asr,
+    load_whisper,
+    logmel_whisper,
+    mel_filters,
+    transcribe,
+)
 from shared import weights
 from shared.backbones import anatomy, create
 
@@ -290,9 +300,8 @@ def test_save_pretrained_folder_and_bare_encoder_keys_load_the_same(package, tmp
         checkpoint_filter_fn({"x": torch.zeros(1)}, b)
 
 
-def test_transcribe_never_picks_suppressed_tokens(package):
-    _, model = package
-
+@pytest.mark.usefixtures("package")
+def test_transcribe_never_picks_suppressed_tokens():
     class Tok:  # the two calls transcribe makes of a tokenizers.Tokenizer
         def token_to_id(self, t):
             return SPECIAL.get(t)
@@ -374,8 +383,9 @@ def test_fsdd_datamodule_with_the_whisper_frontend(tmp_path):
 
 
 def test_backbone_and_frontend_must_agree():
-    from audio.features import FbankConfig
     from transformers import WhisperConfig
+
+    from audio.features import FbankConfig
 
     cfg = WhisperConfig(max_source_positions=50)
     check_features(cfg, WhisperMelConfig(100))

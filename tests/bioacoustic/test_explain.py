@@ -161,7 +161,7 @@ def test_picture_reads_on_its_own_hz_axis_colour_bar_legend_and_no_overlapping_l
         assert ax.get_ylabel() == "frequency (Hz, mel scale)" and ax.get_xlabel() == "time (s)"
         assert cbar.get_ylabel() == "log-mel energy (normalised)"
         ticks = [t.get_text() for t in ax.get_yticklabels()]
-        assert ticks == ["50", "100", "250", "500", "1k", "2k", "4k", "8k", "16k"][: len(ticks)] and "1k" in ticks
+        assert ticks == ["50", "250", "500", "1k", "2k", "4k", "8k"]
         assert ax.get_title().startswith("clip.wav")
         legend = [t.get_text() for t in fig.legends[0].get_texts()]
         assert legend[0] == "1: bird #0, sim 0.50, 30% of the class"
@@ -184,6 +184,6 @@ def test_picture_without_padding_or_missing_band_has_no_shading():
     try:
         legend = [t.get_text() for t in fig.legends[0].get_texts()]
         assert legend == ["1: bird #0, sim 0.50, 30% of the class"]
-        assert not any(math.isclose(p.get_alpha() or 0, 0.45) for p in fig.axes[0].patches)
+        assert not any(math.isclose(p.get_alpha() or 0, 0.35) for p in fig.axes[0].patches)
     finally:
         matplotlib.pyplot.close(fig)

@@ -91,7 +91,7 @@ def test_demo_end_to_end_cache_then_explain(tmp_path, capsys):
     explain.main(["--adapter", str(tmp_path / "out" / "prototypical" / "adapter"),
                   str(root / "soundscapes" / "soundscape_000.wav"), "--output", str(png), "--threshold", "0.0"])
     printed = capsys.readouterr().out
-    assert png.stat().st_size > 10_000 and "| class | p | prototype |" in printed
+    assert png.stat().st_size > 10_000 and "| # | class | p | prototype |" in printed
     assert printed.count("| upchirp |") + printed.count("| downchirp |") + printed.count("| trill |") >= 3
     with pytest.raises(ValueError, match="not a prototypical probe bundle"):
         explain.main(["--adapter", str(tmp_path / "out" / "linear" / "adapter"), str(png)])

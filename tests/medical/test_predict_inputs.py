@@ -158,3 +158,22 @@ def test_16_bit_png_keeps_its_gradient_and_matches_the_8_bit_picture(tmp_path):
     x16, x8 = to_model_input(a16, 32), to_model_input(a8, 32)  # the model input (min-max scaled)
     assert float(x16.std()) > 0.5
     torch.testing.assert_close(x16, x8, atol=1e-5, rtol=0)
+
+
+def test_masks_of_two_inputs_with_one_name_do_not_overwrite_each_other(tmp_path, capsys):
+    from medical.segmentation import LinearDecoder, save_segmenter
+
+    bb = backbones.create("tiny-vit", **TINY)
+    peft.attach(bb, [], backbone_id="tiny-vit")
+    dec = LinearDecoder(32, 2).eval()
+    torch.nn.init.normal_(dec.classifier.weight, std=1.0)
+    save_segmenter(bb, dec, tmp_path / "seg", labels=["background", "lung"], preprocessing=preprocessing_dict(32),
+                   backbone_id="tiny-vit", backbone_kwargs=TINY)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    one, two = _png(tmp_path / "a" / "case.png"), _png(tmp_path / "b" / "case.png", seed=1)
+    out = tmp_path / "masks"
+    assert predict.main(["--adapter", str(tmp_path / "seg"), "--out", str(out), str(one), str(two)]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"mask written to {out / 'a_case_mask.png'}",
+                                                    f"mask written to {out / 'b_case_mask.png'}"]
+    assert sorted(p.name for p in out.iterdir()) == ["a_case_mask.png", "b_case_mask.png"]

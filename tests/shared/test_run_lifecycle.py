@@ -248,3 +248,19 @@ def test_two_cli_processes_into_one_output_folder(tmp_path):
     finally:
         first.kill()
     assert not out.exists()
+
+
+def test_resume_if_any_starts_afresh_or_takes_over_the_stopped_folder(tmp_path):
+    fresh = OutputRun(tmp_path / "run", resume="if-any")  # the vision demo's --resume, per sub-run
+    stage = fresh.open()
+    assert fresh.resume_from is None and stage.name.startswith(".run.staging-")
+    (stage / "last.ckpt").write_bytes(b"x")
+    fresh.close(RunStopped(signal.SIGTERM))  # stopped with a checkpoint: kept
+    assert stage.is_dir()
+    again = OutputRun(tmp_path / "run", resume="if-any")
+    assert again.open() == stage and again.resume_from == stage / "last.ckpt"
+    again.close(ValueError("a failed resume"))  # keeps the folder it took over
+    assert stage.is_dir()
+    with pytest.raises(ValueError, match="is a file"):
+        (tmp_path / "file").write_text("x")
+        OutputRun(tmp_path / "file").open()

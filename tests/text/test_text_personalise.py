@@ -45,6 +45,7 @@ def test_cli_demo_writes_metrics_scores_and_reader_bundles(run):
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # atomic writes leave no temp files
     assert metrics["data"]["simulated"] is True and metrics["data"]["kind"] == "synthetic"
+    assert metrics["definition"] == "reference"  # the study's jargon = familiarity <= 1 (docs/metrics.md)
     assert metrics["data"]["n_test"] == len(test) == 2 * 2 * 9 and metrics["data"]["n_train"] == len(train) == 3 * 2 * 9
     assert "SIMULATED" in printed and "per-reader LoRA" in printed and "(readers are SIMULATED)" in printed
     assert set(metrics["results"]) == {"all_yes", "vanilla", "metadata", "shared_lora", "reader_lora"}
@@ -84,6 +85,7 @@ def test_cli_demo_writes_metrics_scores_and_reader_bundles(run):
     for m in [shared, *metas.values()]:
         assert m["task"] == G.TASK and m["domain"] == "text" and m["backbone"]["id"] == "tiny-llama-lm"
         assert m["preprocessing"]["tokenizer"] == {"kind": "byte"} and m["backbone"]["kwargs"] == {"seed": 0}
+        assert m["metrics"]["definition"] == "reference"
     assert metas["r1"]["preprocessing"]["readers"] == {"r1": "reader r1; background biology; 12 papers; publishing since 2015"}
     assert sorted(shared["preprocessing"]["readers"]) == ["r1", "r2"]
 

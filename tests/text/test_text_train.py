@@ -30,11 +30,12 @@ def test_demo_writes_bundle_metrics_and_per_reader_f1(demo_run, capsys):
     assert saved["trainable_params"] == 23235  # LoRA r8 on q/k/v/dense/word embeddings of the demo BERT + 3-tag head
     meta = json.loads((out / "adapter" / "adapter.json").read_text())
     assert meta["task"] == "jargon-tagging" and meta["head"]["kind"] == "token"
+    assert saved["definition"] == meta["metrics"]["definition"] == "reference"  # familiarity <= 1, docs/metrics.md
     assert sorted(meta["preprocessing"]["readers"]) == readers
     # the synthetic data went into a folder marked as the demo's, and nothing else
     assert sorted(p.name for p in (root / "data").iterdir()) == [".peft-suite-demo", "annotations.csv"]
     report = report_main([str(root / "runs")])
-    assert "| tagger | jargon-data | lora |" in report
+    assert "| tagger | jargon-data | lora | reference |" in report  # the reader table names the definition
     assert (root / "runs" / "report-readers.md").is_file() and (root / "runs" / "report-test-f1.md").is_file()
 
 

@@ -154,13 +154,13 @@ def test_same_stem_in_two_folders_writes_both(bundle, model, tmp_path, capsys):
     out = tmp_path / "out"
     predict.main(["--adapter", str(bundle), "--out", str(out), str(one), str(two)])
     lines = capsys.readouterr().out.splitlines()
-    assert lines == [f"{one}: {out / 'a_photo_saliency.png'}, {out / 'a_photo_normals.png'}",
-                     f"{two}: {out / 'b_photo_saliency.png'}, {out / 'b_photo_normals.png'}"]
+    assert lines == [f"{one}: {out / 'a_photo_saliency.png'}, {out / 'a_photo_normals.png'}, {out / 'a_photo_overview.png'}",
+                     f"{two}: {out / 'b_photo_saliency.png'}, {out / 'b_photo_normals.png'}, {out / 'b_photo_overview.png'}"]
     for stem, img in (("a_photo", one), ("b_photo", two)):
         want = predict.predict(model, img)
         assert np.array_equal(np.asarray(Image.open(out / f"{stem}_saliency.png")), want["saliency"])
-    assert sorted(p.name for p in out.iterdir()) == ["a_photo_normals.png", "a_photo_saliency.png",
-                                                     "b_photo_normals.png", "b_photo_saliency.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["a_photo_normals.png", "a_photo_overview.png", "a_photo_saliency.png",
+                                                     "b_photo_normals.png", "b_photo_overview.png", "b_photo_saliency.png"]
 
 
 def test_a_failed_write_leaves_the_previous_file_whole(bundle, tmp_path, monkeypatch, capsys):
