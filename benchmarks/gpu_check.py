@@ -9,7 +9,8 @@
    training steps move the method's tensors; save -> load on a fresh device backbone is exact;
    merge keeps outputs.
 2. The two demo CLIs, `python -m audio.train` and `python -m medical.train`, with
-   `--trainer.accelerator gpu` (one epoch each).
+   `--trainer.accelerator gpu` (one epoch each), and `medical.train` once more sharded with FSDP2
+   (`--trainer.strategy ModelParallelStrategy`, one device).
 3. Training-step time and peak device memory of ViT-B/16 (random weights, batch 32, 224 px,
    bf16 autocast) per method, as ratios to full fine-tuning.
 
@@ -138,13 +139,16 @@ def check_demos(device: str, timeout: int) -> list[dict]:
     accel = "gpu" if device.startswith("cuda") else "cpu"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for mod in ("audio.train", "medical.train"):
-            out = Path(tmp) / mod.replace(".", "_")
+        fsdp2 = ["--trainer.strategy", "ModelParallelStrategy", "--trainer.strategy.data_parallel_size", "1",
+                 "--trainer.strategy.tensor_parallel_size", "1"]  # FSDP2 through configure_model, one device
+        for i, (mod, extra) in enumerate((("audio.train", []), ("medical.train", []), ("medical.train", fsdp2))):
+            out = Path(tmp) / f"{mod.replace('.', '_')}_{i}"
             cmd = [sys.executable, "-m", mod, "--trainer.accelerator", accel, "--trainer.devices", "1",
-                   "--trainer.max_epochs", "1", "--output_dir", str(out)]
+                   "--trainer.max_epochs", "1", "--output_dir", str(out), *extra]
             t0 = time.perf_counter()
             p = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=timeout)
-            row = {"command": " ".join(["python", "-m", mod, "--trainer.accelerator", accel, "--trainer.max_epochs 1"]),
+            row = {"command": " ".join(["python", "-m", mod, "--trainer.accelerator", accel, "--trainer.max_epochs 1",
+                                        *extra]),
                    "seconds": round(time.perf_counter() - t0, 1), "ok": p.returncode == 0}
             metrics = out / "metrics.json"
             if p.returncode == 0 and metrics.exists():

@@ -499,24 +499,24 @@ _LOAD_ONLY = {"ignore_mismatched_sizes", "use_safetensors", "weights_only", "fus
 
 
 _HUB_ONLY = {"cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies",
-             "gguf_file", "trust_remote_code"}
+             "gguf_file", "trust_remote_code", "code_revision"}
 
 
-def _skeleton_from_pretrained(original, auto: bool):
-    """A `from_pretrained` that, inside a dry build of this thread, reads only the configuration and
-    builds the architecture (on the meta device); elsewhere it is the original. transformers refuses
-    `from_pretrained` on the meta device, since it would load the weights; a count needs none."""
+def _skeleton_from_pretrained(original):
+    """A `PreTrainedModel.from_pretrained` that, inside a dry build of this thread, reads only the
+    configuration and builds the architecture (on the meta device); elsewhere it is the original.
+    transformers refuses `from_pretrained` on the meta device, since it would load the weights; a
+    count needs none. (The Auto classes read the configuration and then call this one.)"""
     def from_pretrained(cls, name, *model_args, config=None, **kwargs):
         if not _DRY.get():
             return original.__func__(cls, name, *model_args, config=config, **kwargs)
         from transformers import AutoConfig, PreTrainedConfig
 
-        kwargs = {k: v for k, v in kwargs.items() if k not in _LOAD_ONLY}
+        kwargs = {k: v for k, v in kwargs.items() if k not in _LOAD_ONLY and not k.startswith("_")}
         if not isinstance(config, PreTrainedConfig):
-            config_cls = AutoConfig if auto else (getattr(cls, "config_class", None) or AutoConfig)
+            config_cls = getattr(cls, "config_class", None) or AutoConfig
             config, kwargs = config_cls.from_pretrained(config or name, return_unused_kwargs=True, **kwargs)
-        kwargs = {k: v for k, v in kwargs.items() if k not in _HUB_ONLY}
-        return cls.from_config(config, **kwargs) if auto else cls(config, *model_args, **kwargs)
+        return cls(config, *model_args, **{k: v for k, v in kwargs.items() if k not in _HUB_ONLY})
     return classmethod(from_pretrained)
 
 
@@ -525,17 +525,14 @@ def dry_build():
     """Build models on the meta device (no memory for weights), transformers checkpoints included."""
     global _PATCH_USERS
     try:
-        import transformers
-        from transformers.models.auto.auto_factory import _BaseAutoModelClass
-        owners = [transformers.PreTrainedModel, _BaseAutoModelClass]
+        from transformers import PreTrainedModel
     except ImportError:
-        owners = []
+        PreTrainedModel = None
     with _PATCH_LOCK:
-        if _PATCH_USERS == 0:
-            for owner in owners:
-                original = owner.__dict__["from_pretrained"]
-                _PATCHED.append((owner, original))
-                setattr(owner, "from_pretrained", _skeleton_from_pretrained(original, owner is not owners[0]))
+        if _PATCH_USERS == 0 and PreTrainedModel is not None:
+            original = PreTrainedModel.__dict__["from_pretrained"]
+            _PATCHED.append((PreTrainedModel, original))
+            PreTrainedModel.from_pretrained = _skeleton_from_pretrained(original)
         _PATCH_USERS += 1
     token = _DRY.set(True)
     try:
@@ -547,7 +544,7 @@ def dry_build():
             _PATCH_USERS -= 1
             if _PATCH_USERS == 0:
                 for owner, original in _PATCHED:
-                    setattr(owner, "from_pretrained", original)
+                    owner.from_pretrained = original
                 _PATCHED.clear()
 
 

@@ -577,9 +577,9 @@ def find_entry(name: str, missing_ok: bool = False) -> Entry | None:
         return None
     names = [e.name for e in entries]
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
-    hint = f"did you mean {' or '.join(close)}?" if close else f"known: {', '.join(names) or 'none'}"
+    hint = f"did you mean {' or '.join(close)}? " if close else f"known: {', '.join(names) or 'none'}; "
     raise BundleError(f"{name!r} is neither a bundle folder, a reference (hf://, https://…#sha256=) nor a "
-                      f"catalogue name ({hint}; python -m shared.hub list)")
+                      f"catalogue name ({hint}see python -m shared.hub list)")
 
 
 def table(entries: list[Entry]) -> str:

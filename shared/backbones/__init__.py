@@ -125,8 +125,10 @@ def describe_mismatch(recorded: dict[str, Any], backbone: nn.Module) -> str:
     diffs = []
     if recorded.get("id") != source.get("id"):
         diffs.append(f"backbone id {recorded.get('id')!r} vs {source.get('id')!r}")
-    if (recorded.get("kwargs") or {}) != (source.get("kwargs") or {}):
-        diffs.append(f"kwargs {recorded.get('kwargs') or {}} vs {source.get('kwargs') or {}}")
+    kw_then, kw_now = ({k: v for k, v in (d or {}).items() if k != "seed"}  # the seed has its own clause
+                       for d in (recorded.get("kwargs"), source.get("kwargs")))
+    if kw_then != kw_now:
+        diffs.append(f"kwargs {kw_then} vs {kw_now}")
     if not then:
         return ("recorded vs now: " + "; ".join(diffs) + "; " if diffs else "") + \
             "the bundle records no seed or library versions (saved by an older peft-suite)"

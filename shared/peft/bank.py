@@ -193,7 +193,7 @@ def _signature(method) -> dict[str, Any]:
 
 
 def _describe(methods) -> str:
-    return ", ".join(f"{k}: " + " ".join(f"{f}={v}" for f, v in _signature(m).items()) for k, m in methods)
+    return ", ".join(f"{k}: " + " ".join(f"{f}={v}" for f, v in _signature(m).items() if f != "name") for k, m in methods)
 
 
 class AdapterBank:

@@ -107,6 +107,30 @@ def test_bad_backbone_kwargs_name_the_field_and_file(bundle, builds, backbone_id
     assert "cpu" not in builds
 
 
+@pytest.mark.parametrize("backbone_id,make", [
+    ("hf-encoder", lambda: __import__("transformers").BertModel(__import__("transformers").BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=128),
+        add_pooling_layer=False)),
+    ("hf-causal-lm", lambda: __import__("transformers").LlamaForCausalLM(__import__("transformers").LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+        vocab_size=128))),
+])
+def test_transformers_checkpoints_are_counted_from_their_config(tmp_path, backbone_id, make):
+    """transformers refuses from_pretrained on the meta device; the dry build reads config.json only."""
+    model = make()
+    model.save_pretrained(tmp_path / "ckpt")
+    for f in (tmp_path / "ckpt").glob("*.safetensors"):
+        f.unlink()  # no weights at all: the count must not need them
+    n = sum(t.numel() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+    assert shared.artifacts.check_backbone(backbone_id, {"checkpoint": str(tmp_path / "ckpt")}, "x.json") == n
+    with pytest.raises(peft.BundleError, match=f"has {n:,} parameters, more than the 1,000 allowed"):
+        shared.artifacts.check_backbone(backbone_id, {"checkpoint": str(tmp_path / "ckpt")}, "x.json", max_params=1000)
+    from transformers import BertModel
+
+    with pytest.raises(OSError):  # outside a dry build from_pretrained is the original (here: no weights)
+        BertModel.from_pretrained(tmp_path / "ckpt")
+
+
 def test_truncated_tensors_refused_before_the_backbone_is_built(bundle, builds):
     f = bundle / "adapter.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
