@@ -13,6 +13,8 @@
    (`--trainer.strategy ModelParallelStrategy`, one device).
 3. Training-step time and peak device memory of ViT-B/16 (random weights, batch 32, 224 px,
    bf16 autocast) per method, as ratios to full fine-tuning.
+4. Mixed-adapter serving (`benchmarks/adapter_bank.py` on the device): HF peft's mixed batch and
+   `shared.peft.AdapterBank` on ViT-S/16, batch 32, 8 adapters; throughput ratios and max |diff|.
 
 Writes <out>/gpu_check.json and <out>/gpu_check.md and prints the table; exit status 1 when a
 check failed (the report says which).
@@ -224,6 +226,21 @@ def check_steps(device: str, quick: bool) -> list[dict]:
     return rows
 
 
+def check_adapter_bank(device: str, quick: bool) -> list[dict]:
+    """benchmarks/adapter_bank.py's rows on the device; a mixed row fails when it is not one-at-a-time."""
+    ab = _load("adapter_bank_bench", ROOT / "benchmarks" / "adapter_bank.py")
+    res = ab.measure(ab.parse_args(["--device", device, "--threads", str(torch.get_num_threads())]
+                                   + (["--quick"] if quick else [])))
+    rows = []
+    for r in res["rows"]:
+        group, kind = r["key"].rsplit("_", 1)
+        diff = res["max_abs_diff"].get(r["key"])
+        rows.append({"method": r["method"], "path": r["label"], "min_s": r["min_s"], "median_s": r["median_s"],
+                     "mixed_over_one": res["ratios"][group]["min"] if kind == "mixed" else None,
+                     "max_abs_diff": diff, "ok": diff is None or diff < 1e-4})
+    return rows
+
+
 def render(res: dict) -> str:
     lines = [f"# GPU check: {res['device_name']}", "",
              f"torch {res['torch']}, {res['seconds']:.0f} s in all.", "",
@@ -241,6 +258,14 @@ def render(res: dict) -> str:
     for r in res["steps"]:
         mem = f"{r['peak_gib']:.2f} | {r['memory_ratio']:.2f}x" if r["memory_ratio"] is not None else "n/a | n/a"
         lines.append(f"| {r['label']} | {r['trainable']:,} | {r['step_s']:.4f} | {r['step_ratio']:.2f}x | {mem} |")
+    if res.get("adapter_bank"):
+        lines += ["", "## Mixed-adapter serving (benchmarks/adapter_bank.py), ViT-S/16 random weights, 8 adapters", "",
+                  "| method | path | min s | median s | mixed / one | max abs diff | ok |", "|---|---|---:|---:|---:|---:|---|"]
+        for r in res["adapter_bank"]:
+            ratio = f"{r['mixed_over_one']:.3f}x" if r["mixed_over_one"] is not None else ""
+            diff = f"{r['max_abs_diff']:.2e}" if r["max_abs_diff"] is not None else ""
+            lines.append(f"| {r['method']} | {r['path']} | {r['min_s']:.4f} | {r['median_s']:.4f} | {ratio} | {diff} | "
+                         f"{r['ok']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -262,7 +287,8 @@ def main(argv=None) -> int:
     failed = False
     for name, fn in (("matrix", lambda: check_matrix(args.device, args.quick)),
                      ("demos", lambda: [] if args.skip_demos else check_demos(args.device, 300)),
-                     ("steps", lambda: check_steps(args.device, args.quick))):
+                     ("steps", lambda: check_steps(args.device, args.quick)),
+                     ("adapter_bank", lambda: check_adapter_bank(args.device, args.quick))):
         print(f"[gpu_check] {name} ...", flush=True)
         try:
             res[name] = fn()
@@ -270,7 +296,7 @@ def main(argv=None) -> int:
             res[name], failed = [], True
             res[f"{name}_error"] = traceback.format_exc()[-2000:]
             print(res[f"{name}_error"], file=sys.stderr)
-    failed = failed or any(not r["ok"] for r in res["matrix"] + res["demos"])
+    failed = failed or any(not r["ok"] for r in res["matrix"] + res["demos"] + res["adapter_bank"])
     res["seconds"] = time.perf_counter() - t0
     md = render(res)
     print(md)

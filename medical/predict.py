@@ -4,14 +4,16 @@ Classification bundles (from `medical.train` or `medical.probe`) print class pro
 images, or 3D volumes aggregated over slices); segmentation bundles (`medical.segment`) write
 each predicted mask into `--out` at the INPUT's resolution: PNG for 2D, NIfTI for 3D (with the
 input's affine when the input is NIfTI). Only the bundle is needed: it names its backbone,
-preprocessing and labels. Each file's result is printed as soon as it is done; files that cannot
-be read are reported as they come (one line each on stderr) and the others are still predicted;
-the exit code is then 2. A DICOM whose Modality / BodyPartExamined differs from the images the
+preprocessing and labels. 2D images are predicted --batch-size at a time (a volume on its own, its
+slices --batch-size per forward), decoded by --workers processes meanwhile; each batch's results are
+printed (in the order given) as soon as it is done. Files that cannot be read are reported as they
+are read (one line each on stderr) and the others are still predicted; the exit code is then 2. A DICOM whose Modality / BodyPartExamined differs from the images the
 bundle was trained on (its `input` field) is predicted with a one-line warning naming the file.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 from pathlib import Path
@@ -26,6 +28,7 @@ from medical.volumes import classify
 from shared import peft
 from shared.cli import positive_int, stream_results, unique_stems
 from shared.hub import resolve_adapter
+from shared.predict import Loaded, add_arguments, default_batch_size, model_device, predict_batches, resolve, stacked
 
 PIPELINE = "medical.transforms.to_model_input"
 EPILOG = """\
@@ -116,34 +119,52 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def iter_classify(bundle: Path, files: list[str], top_k: int = 5, warn=_warn):
-    """Yield, file by file as each is done, (file, [(label, probability), ...]) or, for a file that
-    cannot be read, its `ImageReadError`. A DICOM whose modality / body part differs from what the
-    bundle was trained on is still classified, after `warn(input_warning(...))`."""
+def _check_kind(f: str, is_volume: bool, pre: dict, probe: bool) -> None:
+    if not is_volume and "volume_axis" in pre:
+        raise ImageReadError(f"{f}: a 2D image, but this bundle classifies 3D volumes (give a .nii.gz / .npy volume)")
+    if is_volume and "volume_axis" not in pre:
+        raise ImageReadError(f"{f}: a 3D volume, but this bundle classifies 2D images "
+                             f"(give one slice as PNG/DICOM, or use a bundle trained on volumes)")
+    if is_volume and probe:
+        raise ImageReadError(f"{f}: a 3D volume; a linear-probe bundle classifies 2D images")
+
+
+def load_for_classify(f: str, meta: dict) -> Loaded:
+    """One file's model input for a classification bundle: (3, S, S) for a 2D image, (D, 3, S, S)
+    for a volume (predicted on its own: its slices are the batch). Raises `ImageReadError` naming
+    the file; a DICOM of another modality / body part carries its warning."""
+    pre = meta.get("preprocessing") or {}
+    x, is_volume, _ = _inputs(_read(f), pre, f)
+    _check_kind(f, is_volume, pre, bool(meta.get("probe")))
+    mismatch = input_warning(meta, f)
+    return Loaded(x[0], warnings=(mismatch,) if mismatch else (), alone=is_volume)
+
+
+def iter_classify(bundle: Path, files: list[str], top_k: int = 5, warn=_warn, batch_size: int | None = None,
+                  workers: int = 0):
+    """Yield, in the order given, (file, [(label, probability), ...]) per file, `batch_size` images
+    per forward (default 16 on the CPU; a volume alone) decoded by `workers` processes (0: here),
+    as each batch is done; a file that cannot be read yields its `ImageReadError` as soon as it is
+    read. A DICOM whose modality / body part differs from what the bundle was trained on is still
+    classified, after `warn(input_warning(...))`."""
     model, logits_of = load_classifier(bundle)
     meta = model.bundle_meta
-    pre = meta.get("preprocessing") or {}
     multilabel = bool(meta.get("multilabel"))
     labels = model.labels or [str(i) for i in range(model.head.num_classes)]
-    for f in files:
-        try:
-            x, is_volume, _ = _inputs(_read(f), pre, f)
-            if not is_volume and "volume_axis" in pre:
-                raise ImageReadError(f"{f}: a 2D image, but this bundle classifies 3D volumes (give a .nii.gz / .npy volume)")
-            if is_volume and "volume_axis" not in pre:
-                raise ImageReadError(f"{f}: a 3D volume, but this bundle classifies 2D images "
-                                     f"(give one slice as PNG/DICOM, or use a bundle trained on volumes)")
-        except ImageReadError as e:
-            yield e
-            continue
-        mismatch = input_warning(meta, f)
-        if mismatch:
-            warn(mismatch)
+
+    def run(xs: list[torch.Tensor]) -> list:
         with torch.inference_mode():
-            logits = logits_of(x)[0]
-        probs = logits.sigmoid() if multilabel else logits.softmax(-1)
-        order = probs.argsort(descending=True)[:top_k]
-        yield f, [(labels[i], probs[i].item()) for i in order.tolist()]
+            rows = stacked(xs, logits_of)
+        out = []
+        for logits in rows:
+            probs = logits.sigmoid() if multilabel else logits.softmax(-1)
+            order = probs.argsort(descending=True)[:top_k]
+            out.append([(labels[i], probs[i].item()) for i in order.tolist()])
+        return out
+
+    load = functools.partial(load_for_classify, meta=meta)
+    yield from predict_batches(files, load, run, batch_size=batch_size or default_batch_size(model_device(model)),
+                               workers=workers, errors=(ImageReadError,), warn=warn)
 
 
 def _collect(items, errors: list[str] | None) -> list:
@@ -166,55 +187,93 @@ def classify_files(bundle: Path, files: list[str], top_k: int = 5, errors: list[
 
 def segment_at(backbone, decoder, slices: torch.Tensor, size: tuple[int, int], batch: int = 16) -> np.ndarray:
     """(D, 3, S, S) preprocessed slices -> (D, H, W) labels: logits resized (bilinear) to the input's
-    in-plane size, then argmax."""
+    in-plane size, then argmax; `batch` slices per forward."""
+    return np.stack(segment_images(backbone, decoder, slices, [tuple(size)] * len(slices), batch))
+
+
+def segment_images(backbone, decoder, xs: torch.Tensor, sizes: list[tuple[int, int]], batch: int = 16) -> list[np.ndarray]:
+    """(B, 3, S, S) preprocessed images -> one (H, W) uint8 label map per image at its own size
+    (`sizes`): logits resized bilinearly to that size, then argmax; `batch` images per forward."""
     from medical.segmentation import Segmenter
 
     model = Segmenter(backbone, decoder).eval()
     ref = next(backbone.parameters())
     out = []
     with torch.inference_mode():
-        for i in range(0, len(slices), batch):
-            logits = model(slices[i:i + batch].to(ref.device, ref.dtype))
-            if tuple(logits.shape[-2:]) != tuple(size):
-                logits = F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
-            out.append(logits.argmax(1).cpu())
-    return torch.cat(out).numpy().astype(np.uint8)
+        for i in range(0, len(xs), batch):
+            logits = model(xs[i:i + batch].to(ref.device, ref.dtype))
+            for row, size in zip(logits, sizes[i:i + batch]):
+                row = row[None]
+                if tuple(row.shape[-2:]) != tuple(size):
+                    row = F.interpolate(row.float(), size=tuple(size), mode="bilinear", align_corners=False)
+                out.append(row.argmax(1)[0].cpu().numpy().astype(np.uint8))
+    return out
 
 
-def iter_segment(bundle: Path, files: list[str], out_dir: Path, warn=_warn):
-    """Yield, file by file as each is written, the path of its predicted mask or, for a file that
-    cannot be read, its `ImageReadError`."""
+def load_for_segment(item: tuple[str, str], meta: dict) -> Loaded:
+    """One (file, output stem)'s input for a segmentation bundle: a 2D image's (3, S, S) and size,
+    or a volume's (D, 3, S, S) slices, in-plane size, slice axis and affine (predicted on its own:
+    its slices are the batch)."""
+    f, stem = item
+    pre = meta.get("preprocessing") or {}
+    img = _read(f)
+    x, is_volume, axis = _inputs(img, pre, f)
+    mismatch = input_warning(meta, f)
+    data = {"file": f, "stem": stem, "x": x[0], "volume": is_volume, "axis": axis}
+    if is_volume:
+        data["size"] = tuple(n for i, n in enumerate(img.shape) if i != axis)
+        if ".nii" in Path(f).name:
+            import nibabel as nib
+
+            data["affine"] = nib.load(str(f)).affine
+    else:
+        data["size"] = tuple(img.shape[:2])
+    return Loaded(data, warnings=(mismatch,) if mismatch else (), alone=is_volume)
+
+
+def iter_segment(bundle: Path, files: list[str], out_dir: Path, warn=_warn, batch_size: int | None = None,
+                 workers: int = 0):
+    """Yield, in the order given, the path of each file's predicted mask as it is written (2D
+    images `batch_size` per forward, default 16 on the CPU; a volume on its own, `batch_size`
+    slices per forward) or, for a file that cannot be read, its `ImageReadError` as soon as it is
+    read."""
     from medical.segmentation import load_segmenter
 
     backbone, decoder, meta = load_segmenter(bundle)
-    pre = meta.get("preprocessing") or {}
+    batch_size = batch_size or default_batch_size(model_device(backbone))
     # a/ct.nii.gz and b/ct.nii.gz: a_ct_mask / b_ct_mask, never one overwriting the other
     stems = unique_stems(files, stem=lambda p: p.name.split(".")[0])
-    for f, stem in zip(files, stems):
-        try:
-            img = _read(f)
-            x, is_volume, axis = _inputs(img, pre, f)
-        except ImageReadError as e:
-            yield e
+
+    def run(items: list[dict]) -> list:
+        """(what writing the mask needs, the mask at the input's size) per input."""
+        if items[0]["volume"]:  # alone: its slices are the batch
+            (v,) = items
+            masks = [np.moveaxis(segment_at(backbone, decoder, v["x"], v["size"], batch_size), 0, v["axis"])]
+        else:
+            masks = segment_images(backbone, decoder, torch.stack([v["x"] for v in items]),
+                                   [v["size"] for v in items], batch_size)
+        return [({k: x for k, x in v.items() if k != "x"}, mask) for v, mask in zip(items, masks)]
+
+    load = functools.partial(load_for_segment, meta=meta)
+    results = predict_batches(list(zip(files, stems)), load, run, batch_size=batch_size, workers=workers,
+                              errors=(ImageReadError,), warn=warn)
+    scale = 255 // max(1, len(meta.get("labels") or []) - 1, 1)  # visible grey levels per class
+    for item in results:
+        if isinstance(item, ImageReadError):
+            yield item
             continue
-        mismatch = input_warning(meta, f)
-        if mismatch:
-            warn(mismatch)
+        _, (v, mask) = item
         out_dir.mkdir(parents=True, exist_ok=True)
-        if is_volume:
+        if v["volume"]:
             import nibabel as nib
 
-            in_plane = [n for i, n in enumerate(img.shape) if i != axis]
-            mask = np.moveaxis(segment_at(backbone, decoder, x[0], in_plane), 0, axis)  # the input's shape
-            affine = nib.load(str(f)).affine if ".nii" in Path(f).name else np.eye(4)
-            path = out_dir / f"{stem}_mask.nii.gz"
+            path = out_dir / f"{v['stem']}_mask.nii.gz"
+            affine = v.get("affine", np.eye(4))
             _save_atomic(path, lambda tmp: nib.save(nib.Nifti1Image(mask, affine), str(tmp)))
         else:
             from PIL import Image
 
-            mask = segment_at(backbone, decoder, x, img.shape[:2])[0]
-            path = out_dir / f"{stem}_mask.png"
-            scale = 255 // max(1, len(meta.get("labels") or []) - 1, 1)  # visible grey levels per class
+            path = out_dir / f"{v['stem']}_mask.png"
             _save_atomic(path, lambda tmp: Image.fromarray(mask * scale).save(tmp, format="PNG"))
         yield path
 
@@ -258,6 +317,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, default=Path("predictions"), metavar="FOLDER",
                     help="segmentation: folder for the predicted masks, <name>_mask.png / .nii.gz (default ./predictions; "
                          "inputs sharing a name get their parent folder in it: a_ct_mask, b_ct_mask)")
+    add_arguments(ap, "images")
     ap.add_argument("files", nargs="+", metavar="FILE",
                     help="images: .png .jpg .dcm (2D), .nii / .nii.gz / .npy (3D volumes or 2D arrays)")
     return ap
@@ -266,15 +326,16 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     errors: list[str] = []
+    _, workers = resolve(args)  # the batch size follows the model's device (iter_classify / iter_segment)
 
     def results():
         adapter = resolve_adapter(args.adapter)  # a folder, catalogue name or reference; a typo names the closest
         meta = peft.read_meta(adapter)
         check_bundle(meta, f"{args.adapter} (adapter.json)")
         if meta.get("task") == "segmentation":
-            yield from iter_segment(adapter, args.files, args.out)
+            yield from iter_segment(adapter, args.files, args.out, batch_size=args.batch_size, workers=workers)
         else:
-            yield from iter_classify(adapter, args.files, args.top_k)
+            yield from iter_classify(adapter, args.files, args.top_k, batch_size=args.batch_size, workers=workers)
 
     return stream_results(results(), show, errors, (peft.BundleError, ImageReadError))
 

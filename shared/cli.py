@@ -593,12 +593,15 @@ def unique_stems(paths, stem=lambda p: p.stem) -> list[str]:
 
 
 def stream_results(items, show, errors: list[str] | None = None,
-                   stop: tuple[type[Exception], ...] = ()) -> int:
+                   stop: tuple[type[Exception], ...] = (), prefix: str = "error") -> int:
     """The shared loop of the predict CLIs: each item the iterable yields is handled as soon as it
     comes, so a long run shows its results as it goes and a crash loses none of those already made.
-    An item that is an exception is one file's error: `error: <message>` on stderr at once; any other
-    item goes to `show(item)` (which prints it). Messages appended to `errors` meanwhile are printed
-    after each item. Both streams are flushed after every item (stdout may be a pipe or a file).
+    An item that is an exception is one file's error: `<prefix>: <message>` on stderr at once
+    (`error`; vision.predict says `skipped`); any other item goes to `show(item)` (which prints it).
+    Messages appended to `errors` meanwhile are printed after each item. Both streams are flushed
+    after every item (stdout may be a pipe or a file). The batched CLIs (`shared.predict`) yield a
+    file's error when its decoding fails and a batch's results when the batch is done, so what is
+    printed always is what has been made. Nothing is kept per item.
     Exit status: 2 when an error of a `stop` type ends the run or any file failed, else 0."""
     failed = 0
     seen = 0
@@ -615,7 +618,7 @@ def stream_results(items, show, errors: list[str] | None = None,
         for item in items:
             if isinstance(item, Exception):
                 sys.stdout.flush()  # the lines before it come first, as they were made
-                print(f"error: {item}", file=sys.stderr, flush=True)
+                print(f"{prefix}: {item}", file=sys.stderr, flush=True)
                 failed += 1
             else:
                 show(item)

@@ -133,15 +133,15 @@ def resolve_entry(entry: Entry) -> Path:
     folder = resolve(entry.reference)
     meta_file = folder / META
     if not is_remote(entry.reference) and not entry.sha256:
-        meta = read_meta_file(meta_file)  # a missing bundle says so first
+        read_meta_file(meta_file)  # a missing or broken bundle says so first
         raise BundleError(f"{where}: a local reference needs the sha256 of its {META} "
                           f"(sha256: {sha256_file(meta_file)})")
     meta = read_meta_file(meta_file)
     if entry.sha256:
         got = sha256_file(meta_file)
         if got != entry.sha256:
-            raise BundleError(f"{where}: {meta_file} does not match the catalogue's sha256 (got {got[:12]}…, "
-                              f"want {entry.sha256[:12]}…): modified or replaced bundle")
+            raise BundleError(f"{where}: {meta_file} does not match the catalogue's sha256 (want "
+                              f"{entry.sha256[:12]}…, got {got}): a modified or replaced bundle")
     verify(folder, meta, where)
     return folder
 

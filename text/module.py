@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
 
 from shared import backbones, peft
-from shared.module import PeftModule, log_eval_mean, peft_tensor_names
+from shared.module import PeftModule, peft_tensor_names
 from text import backbone as _text_backbones  # noqa: F401  registers hf-encoder
 from text.data import IGNORE, target_columns, target_name
 from text.tagger import (TokenHead, decision_metrics, entity_decisions, extra_decisions, extra_metrics, extract_terms,
@@ -76,6 +77,7 @@ class TaggerModule(PeftModule):
             self.model = peft.Classifier(net, head, labels=labels)
         self.strict_loading = False  # checkpoints hold only the trained tensors
         self.register_buffer("class_weight", torch.tensor([o_weight] + [1.0] * (num_classes - 1)), persistent=False)
+        self.eval_losses = torch.nn.ModuleDict({f"{s}_{k}": MeanMetric() for s in ("val", "test") for k in ("tag", "extra")})
 
     def forward(self, inputs):
         return self.model(inputs)
@@ -104,12 +106,20 @@ class TaggerModule(PeftModule):
                 return None
             logits, labels, extra = logits[:n], labels[:n], [e[:n] for e in extra]
         loss, bce = self.loss(logits, labels, extra[0] if extra else None)
-        losses = {"loss": loss, **({"extra_loss": bce} if bce is not None else {})}
-        for name, value in losses.items():
-            if stage == "train":
-                self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=len(labels))
-            else:  # over every process's windows
-                log_eval_mean(self, f"{stage}/{name}", value, len(labels), prog_bar=name == "loss" and stage != "test")
+        if stage == "train":
+            self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+            if bce is not None:
+                self.log("train/extra_loss", bce, batch_size=len(labels))
+            return loss
+        # Means over the split, whatever the batches, reduced over every process (`_log_metrics`): the
+        # tag loss weighs each labelled token by its class weight (as cross_entropy does within a
+        # batch), the extra targets' BCE each labelled (token, target) pair; a batch without any adds nothing.
+        labelled = labels[labels != IGNORE]
+        if labelled.numel():
+            tag = loss - self.hparams.extra_weight * bce if bce is not None else loss
+            self.eval_losses[f"{stage}_tag"].update(tag.detach(), weight=float(self.class_weight[labelled].sum()))
+        if bce is not None and (pairs := int((~torch.isnan(extra[0])).sum())):
+            self.eval_losses[f"{stage}_extra"].update(bce.detach(), weight=pairs)
         return loss
 
     def evaluate(self, stage: str) -> dict[str, float]:
@@ -131,8 +141,19 @@ class TaggerModule(PeftModule):
         return out
 
     def _log_metrics(self, stage: str) -> None:
+        # split means: torchmetrics sums value x weight and the weights over the processes (every one computes)
+        tag, extra = self.eval_losses[f"{stage}_tag"], self.eval_losses[f"{stage}_extra"]
+        loss = tag.compute()
+        if self.extra_columns:
+            extra_loss = extra.compute()
+            loss = loss + self.hparams.extra_weight * extra_loss
+        tag.reset()
+        extra.reset()
         if self.trainer.sanity_checking:
             return
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "test")
+        if self.extra_columns:
+            self.log(f"{stage}/extra_loss", extra_loss)
         self.log_dict({f"{stage}/{k}": float(v) for k, v in self.evaluate(stage).items()})
 
     def trained_tensor_names(self) -> list[str]:

@@ -213,6 +213,7 @@ class AdapterBank:
         self.backbone, self.head = split(model)
         self.check_fingerprint = check_fingerprint
         self.state = state_of(self.backbone)
+        self.methods = list(self.state.methods)  # what the sites below were found for
         self._check_unmerged()
         unsupported = [f"{k} ({m.name})" for k, m in self.state.methods if not self._served(m)]
         if unsupported:
@@ -329,6 +330,8 @@ class AdapterBank:
         if self.state.merged:
             raise ValueError(f"AdapterBank: methods {self.state.merged} were merged into the backbone weights; a bank "
                              f"serves an unmerged model (load the adapters into a fresh backbone)")
+        if self.state.methods != self.methods:
+            raise ValueError("AdapterBank: methods were attached to the model after the bank was made; make a new bank")
 
     def _known(self, names: Sequence[str]) -> None:
         unknown = sorted({a for a in names if a not in self.states}, key=str)

@@ -78,7 +78,8 @@ def test_one_rule_for_the_ast_and_the_bird_paths(tmp_path):
 
 def test_results_are_printed_as_each_file_is_done(bundle, tmp_path, capsys, monkeypatch):
     """A crash while reading file 4 keeps what files 1-3 printed: file 1's result and file 2's error
-    were on the streams before file 3 was read."""
+    were on the streams before file 3 was read (one file per batch, decoded here: the old path;
+    tests/audio/test_predict_batches.py has the batched one)."""
     files = [_wav(tmp_path / "a.wav", 0.3), tmp_path / "missing.wav", _wav(tmp_path / "c.wav", 0.2),
              _wav(tmp_path / "d.wav", 0.1)]
     real = predict.read_audio
@@ -96,7 +97,7 @@ def test_results_are_printed_as_each_file_is_done(bundle, tmp_path, capsys, monk
 
     monkeypatch.setattr(predict, "read_audio", read)
     with pytest.raises(RuntimeError, match="decoder crashed"):
-        predict.main(["--adapter", str(bundle), *map(str, files)])
+        predict.main(["--adapter", str(bundle), "--batch-size", "1", "--workers", "0", *map(str, files)])
     assert _names(capsys.readouterr().out) == [str(files[0]), str(files[2])]
 
 
