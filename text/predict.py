@@ -76,24 +76,49 @@ class JargonTagger:
 
     def tag(self, text: str, reader: str | None = None, terms: list[str] | None = None,
             profile: str | None = None, threshold: float = 0.5) -> list[dict[str, Any]]:
+        prepared = self.prepare(text, terms)
+        prof = self.profile(reader, profile)
+        with torch.inference_mode():
+            outputs = word_outputs(self.model, self.encoder, [(prepared["words"], prof)])[0]
+        return self.rows_of(prepared, outputs, threshold)
+
+    def tag_many(self, prepared: list[dict[str, Any]], profile: str, threshold: float = 0.5,
+                 batch_size: int = 32) -> list[list[dict[str, Any]]]:
+        """`rows_of` for several prepared texts, their windows `batch_size` per forward (a long
+        text's windows and the next text's share a forward)."""
+        with torch.inference_mode():
+            outputs = word_outputs(self.model, self.encoder, [(d["words"], profile) for d in prepared], batch_size)
+        return [self.rows_of(d, o, threshold) for d, o in zip(prepared, outputs)]
+
+    @staticmethod
+    def prepare(text: str, terms: list[str] | None = None) -> dict[str, Any]:
+        """The text's words and, for given `terms`, where each occurs: ValueError for an empty text
+        or a term that does not occur (no model needed: this runs while the files are decoded)."""
         if not text or not text.strip():
             raise ValueError("empty abstract: nothing to tag")
         tokens = split_words(text)
         words = [w.text for w in tokens]
-        prof = self.profile(reader, profile)
-        outputs = word_outputs(self.model, self.encoder, [(words, prof)])[0]
-        c = num_tags(self.model)
-        probs, extra = outputs[:, :c], outputs[:, c:]
-        if terms is None:
-            rows = [{**s, "jargon": s["score"] >= threshold} for s in decode_terms(tokens, probs)]
-        else:
-            rows = []
+        found = None
+        if terms is not None:
+            found = []
             for t in terms:
                 phrase = [w.text for w in split_words(t)]
                 starts = find_all(words, phrase)
                 if not phrase or not starts:
                     raise ValueError(f"term {t!r} does not occur in the abstract")
-                best = max(((i, i + len(phrase)) for i in starts), key=lambda sp: span_score(probs, sp))
+                found.append((t, len(phrase), starts))
+        return {"tokens": tokens, "words": words, "terms": found}
+
+    def rows_of(self, prepared: dict[str, Any], outputs, threshold: float = 0.5) -> list[dict[str, Any]]:
+        """[{term, start, end, score, jargon}] of a prepared text from its (n_words, C + K) outputs."""
+        c = num_tags(self.model)
+        probs, extra = outputs[:, :c], outputs[:, c:]
+        if prepared["terms"] is None:
+            rows = [{**s, "jargon": s["score"] >= threshold} for s in decode_terms(prepared["tokens"], probs)]
+        else:
+            rows = []
+            for t, n, starts in prepared["terms"]:
+                best = max(((i, i + n) for i in starts), key=lambda sp: span_score(probs, sp))
                 s = span_score(probs, best)  # = entity_score over all occurrences
                 rows.append({"term": t, "start": best[0], "end": best[1], "score": s, "jargon": s >= threshold})
         targets = [target_name(col) for col in getattr(self.model.head, "extra_targets", [])]
@@ -195,10 +220,11 @@ def is_generative(adapter: str | Path) -> bool:
         return False  # the tagger path reports the problem
 
 
-def abstract_text(arg: str) -> str:
+def abstract_text(arg: str, warn: bool = True) -> str:
     """The abstract the command line gives: the text itself, or with @FILE the contents of a UTF-8
     file. A bad @FILE raises ValueError naming it (missing, a folder, not UTF-8, unreadable); text
-    that is the name of an existing file is still taken as the text, with a one-line warning."""
+    that is the name of an existing file is still taken as the text, with a one-line warning
+    (unless `warn` is False)."""
     if arg.startswith("@"):
         p = Path(arg[1:])
         if p.is_dir():
@@ -211,7 +237,7 @@ def abstract_text(arg: str) -> str:
             raise ValueError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason}); save the file as UTF-8") from None
         except OSError as e:
             raise ValueError(f"{p}: cannot read ({e.strerror or e})") from None
-    if arg.strip() and "\n" not in arg and len(arg) < 4096:
+    if warn and arg.strip() and "\n" not in arg and len(arg) < 4096:
         try:
             exists = Path(arg.strip()).exists()
         except (OSError, ValueError):  # e.g. a name too long for the file system: text

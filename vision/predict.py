@@ -15,13 +15,16 @@ full size): a larger photo is reduced while it is decoded (JPEG DCT scaling, box
 held as a full-size float array. 8- and 16-bit pictures (16-bit grey PNG / TIFF, 32-bit I / F)
 are scaled by their bit depth. Each map is written atomically as <out>/<stem>_<task>.png; two
 inputs with the same stem (a/photo.jpg, b/photo.png) get their parent folder in the name
-(a_photo_*, b_photo_*), so no output of a call overwrites another. One line per image, printed as
-soon as it is written, maps the image to its files. Unreadable files and folders are named on
-stderr as they come, the others predicted, and the exit code is 2.
+(a_photo_*, b_photo_*), so no output of a call overwrites another. Images are predicted
+--batch-size at a time (each resized to the model's input; the maps resized back to each image's
+own size), decoded by --workers processes meanwhile. One line per image, printed as soon as its
+files are written (in the order given, batch by batch), maps the image to its files. Unreadable
+files and folders are named on stderr as they are read, the others predicted, and the exit code is 2.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -30,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from shared.cli import unique_stems
+from shared.cli import stream_results, unique_stems
 from shared.fs import atomic_path
+from shared.predict import add_arguments, default_batch_size, model_device, predict_batches, resolve, stacked
 
 from .data import DataError, image_tensor
 from .images import read_picture
@@ -222,14 +226,51 @@ def read_image(path: Path, max_side: int | None = MAX_SIDE) -> np.ndarray:
         raise DataError(f"{path}: cannot read image ({e})") from None
 
 
+def maps_at(model, outs: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Each task's (C, h, w) decoder output resized bilinearly to the image's `size`, then rendered."""
+    return {t: render(model.tasks[t].kind, F.interpolate(o[None], size=tuple(size), mode="bilinear",
+                                                         align_corners=False)[0])
+            for t, o in outs.items()}
+
+
 @torch.no_grad()
 def predict(model, image_path: Path, max_side: int | None = MAX_SIDE) -> dict[str, np.ndarray]:
     """Each task's map at the image's resolution, at most `max_side` on the long side (logits resized
     bilinearly, then decoded)."""
     img = read_image(image_path, max_side)
     outs = model(image_tensor(img, model.image_size)[None])
-    return {t: render(model.tasks[t].kind, F.interpolate(o, size=img.shape[:2], mode="bilinear", align_corners=False)[0])
-            for t, o in outs.items()}
+    return maps_at(model, {t: o[0] for t, o in outs.items()}, img.shape[:2])
+
+
+def load_image(item: tuple[Path, str], image_size: int, max_side: int | None = MAX_SIDE,
+               overview: bool = True) -> dict:
+    """One (image, output stem)'s model input (3, S, S) at the model's size, the size its maps get
+    (the image's, at most `max_side`) and, for the overview, the picture at most 512 px; DataError
+    naming the file."""
+    f, stem = item
+    img = read_image(f, max_side)
+    return {"file": f, "stem": stem, "x": image_tensor(img, image_size), "size": tuple(img.shape[:2]),
+            "picture": read_image(f, 512) if overview else None}
+
+
+def iter_outputs(model, files: list[Path], max_side: int | None = MAX_SIDE, overview: bool = True,
+                 batch_size: int | None = None, workers: int = 0):
+    """Yield, in the order given, (image, stem, size, overview picture or None, {task: (C, h, w)
+    decoder output}) per image, `batch_size` images per forward (default 16 on the CPU; every image
+    is resized to the model's input, so any sizes stack), decoded by `workers` processes (0: here),
+    as each batch is done; an image that cannot be read yields its DataError as soon as it is read."""
+    model.eval()
+
+    def run(items: list[dict]) -> list:
+        with torch.inference_mode():
+            outs = stacked([v["x"] for v in items], model)
+        return [(v["file"], v["stem"], v["size"], v["picture"], o) for v, o in zip(items, outs)]
+
+    load = functools.partial(load_image, image_size=model.image_size, max_side=max_side, overview=overview)
+    for item in predict_batches(list(zip(files, unique_stems(files))), load, run,
+                                batch_size=batch_size or default_batch_size(model_device(model)),
+                                workers=workers, errors=(DataError,)):
+        yield item if isinstance(item, DataError) else item[1]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -244,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"(default {MAX_SIDE}; 0 keeps the full resolution)")
     ap.add_argument("--no-overview", action="store_true",
                     help="write only the maps, not <image stem>_overview.png (the image and every map, with legends)")
+    add_arguments(ap, "images")
     ap.add_argument("images", nargs="+", help="image files (JPEG / PNG / TIFF / BMP; 8 or 16 bit)")
     a = ap.parse_args(argv)
     from shared import peft
@@ -264,26 +306,24 @@ def main(argv: list[str] | None = None) -> None:
     names = {t: class_names(meta, t, task.channels) for t, task in model.tasks.items() if task.kind == "classes"}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    files = list(map(Path, a.images))
-    failed = 0
-    for f, stem in zip(files, unique_stems(files)):
-        try:
-            maps = predict(model, f, a.max_side)
-        except DataError as e:
-            print(f"skipped: {e}", file=sys.stderr, flush=True)
-            failed += 1
-            continue
+    batch_size, workers = resolve(a, model)
+
+    def write(item) -> None:  # one image's maps (and overview), then its line
+        f, stem, size, picture, outs = item
+        maps = maps_at(model, outs, size)
         written = []
         for t, arr in maps.items():
             dest = out / f"{stem}_{t}.png"
             write_map(dest, arr, description(kinds[t], names.get(t)))
             written.append(str(dest))
-        if not a.no_overview:
+        if picture is not None:
             dest = out / f"{stem}_overview.png"
-            write_overview(dest, overview(read_image(f, 512), maps, kinds, names, f"{f.name}: {label}"))
+            write_overview(dest, overview(picture, maps, kinds, names, f"{f.name}: {label}"))
             written.append(str(dest))
-        print(f"{f}: " + ", ".join(written), flush=True)
-    if failed:
+        print(f"{f}: " + ", ".join(written))
+
+    results = iter_outputs(model, list(map(Path, a.images)), a.max_side, not a.no_overview, batch_size, workers)
+    if stream_results(results, write, prefix="skipped"):
         raise SystemExit(2)
 
 

@@ -16,7 +16,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .anatomy import PLACEMENTS, Anatomy, Sublayer, UnsupportedMethod, anatomy, register_anatomy, sdpa_with_prefix
+from .anatomy import (PLACEMENTS, Anatomy, Resume, Sublayer, UnsupportedMethod, anatomy, register_anatomy,
+                      sdpa_with_prefix)
 from .families import ASTAnatomy, DecoderAnatomy, EncoderAnatomy, SwinAnatomy, ViTAnatomy, square_grid
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
@@ -205,7 +206,7 @@ def tiny_bert(hidden_size: int = 32, layers: int = 2, heads: int = 4, vocab_size
 
 
 __all__ = [
-    "PLACEMENTS", "Anatomy", "Sublayer", "UnsupportedMethod", "anatomy", "register_anatomy",
+    "PLACEMENTS", "Anatomy", "Resume", "Sublayer", "UnsupportedMethod", "anatomy", "register_anatomy",
     "sdpa_with_prefix", "square_grid", "ASTAnatomy", "DecoderAnatomy", "EncoderAnatomy",
     "SwinAnatomy", "ViTAnatomy", "BACKBONES", "register_backbone", "create", "seeded_rng", "seeded_build",
     "build_record", "describe_mismatch",

@@ -16,6 +16,11 @@ Vocabulary used by every method:
     norm   - the LayerNorm that belongs to the sublayer (pre-norm, or post-norm in BERT);
 - tokens: the (B, N, D) sequence that flows between blocks, `num_prefix` leading
   non-patch tokens (CLS, distillation, registers) and the patch grid.
+
+Resuming at a block (depth caching, `shared.depth_cache`): `tokens_entering(k, inputs)` runs the
+backbone's own forward up to block k and returns the tokens entering it as a `Resume`;
+`forward_from(resume)` runs blocks k.. (the same modules, so every method's hooks fire), the final
+norm, and returns the `Tokens` that `forward_tokens` would have.
 """
 from __future__ import annotations
 
@@ -47,6 +52,45 @@ class Sublayer:
 
 class UnsupportedMethod(ValueError):
     """A method cannot be attached to this backbone family (the message says why)."""
+
+
+@dataclass
+class Resume:
+    """The tokens entering block `block` of a backbone, standing in for the input batch they came from.
+
+    `Anatomy.forward_from(resume)` (and `shared.peft.Classifier`, given one in place of inputs) runs the
+    backbone on from that block. tokens: (B, N, D) (Swin: (B, H, W, C)), any float dtype (cast to the
+    blocks' dtype); mask: (B, N) attention mask of text encoders (1 real, 0 padding), else None; grid:
+    the input's patch grid where only the input knows it (timm ViT); input_ndim: the `ndim` of the
+    input batch, so code that branches on it (2D images vs 3D volumes) takes the same branch.
+    """
+
+    block: int
+    tokens: torch.Tensor
+    mask: torch.Tensor | None = None
+    grid: tuple[int, int] | None = None
+    input_ndim: int | None = None
+
+    @property
+    def ndim(self) -> int | None:
+        return self.input_ndim
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def to(self, *args, **kwargs) -> "Resume":
+        """Moved to a device like a batch of tensors (Lightning's transfer_batch_to_device calls this);
+        dtypes are kept (the mask stays integer, the tokens keep their storage dtype)."""
+        device = kwargs.pop("device", args[0] if args else None)
+        if isinstance(device, torch.dtype):
+            raise TypeError("Resume.to moves devices only; forward_from casts the tokens to the blocks' dtype")
+        nb = bool(kwargs.get("non_blocking", False))
+        move = (lambda t: t if t is None else t.to(device, non_blocking=nb))
+        return Resume(self.block, move(self.tokens), move(self.mask), self.grid, self.input_ndim)
+
+
+class _Reached(Exception):
+    """Raised by the hook of `tokens_entering` to stop the forward at the block it wanted."""
 
 
 class Anatomy(abc.ABC):
@@ -119,6 +163,62 @@ class Anatomy(abc.ABC):
     @abc.abstractmethod
     def forward_tokens(self, inputs) -> Tokens:
         """Run the backbone; return tokens after its final norm."""
+
+    # --- resuming at a block (depth caching) ------------------------------------------------
+    def resume_unsupported(self) -> str | None:
+        """Why `forward_from` is not available on this backbone (None where it is)."""
+        return (f"{self.family}: resuming the forward at a block (forward_from) is not implemented for this "
+                f"backbone family")
+
+    def resume_context(self, inputs) -> dict:
+        """What `forward_from` needs besides the tokens, read from the inputs (`Resume` fields)."""
+        return {}
+
+    def tokens_entering(self, index: int, inputs) -> Resume:
+        """The tokens entering block `index` (what its first forward pre-hook would receive, before
+        any method's hook on it), from the backbone's own forward stopped there; index ==
+        len(blocks): the last block's output, before the final norm. The caller picks grad mode
+        and train / eval mode."""
+        why = self.resume_unsupported()
+        if why:
+            raise UnsupportedMethod(why)
+        blocks = self.blocks()
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= len(blocks):
+            raise ValueError(f"block index {index!r} out of range 0..{len(blocks)} ({len(blocks)} blocks)")
+        box: dict = {}
+        if index < len(blocks):
+            def grab(module, args, kwargs):
+                box["x"] = args[0] if args else kwargs["hidden_states"]
+                raise _Reached
+            handle = blocks[index].register_forward_pre_hook(grab, prepend=True, with_kwargs=True)
+        else:
+            def grab(module, args, out):
+                box["x"] = out[0] if isinstance(out, tuple) else out
+                raise _Reached
+            handle = blocks[-1].register_forward_hook(grab)  # after every other hook on it
+        try:
+            self.forward_tokens(inputs)
+        except _Reached:
+            pass
+        finally:
+            handle.remove()
+        if "x" not in box:
+            raise RuntimeError(f"{self.family}: the forward never reached block {index}")
+        ndim = getattr(inputs, "ndim", None)
+        return Resume(index, box["x"], input_ndim=ndim, **self.resume_context(inputs))
+
+    def forward_from(self, resume: Resume) -> Tokens:
+        """Run blocks `resume.block`.. and the final norm on `resume.tokens`; the `Tokens` that
+        `forward_tokens` gives for the inputs the tokens came from."""
+        raise UnsupportedMethod(self.resume_unsupported() or f"{self.family}: no forward_from")
+
+    def _resume_input(self, resume: Resume) -> torch.Tensor:
+        """The cached tokens in the blocks' dtype, checked against the number of blocks."""
+        blocks = self.blocks()
+        if not 0 <= resume.block <= len(blocks):
+            raise ValueError(f"Resume.block {resume.block} out of range 0..{len(blocks)} ({len(blocks)} blocks)")
+        ref = next((p for p in self.model.parameters() if p.is_floating_point()), None)
+        return resume.tokens if ref is None else resume.tokens.to(ref.dtype)
 
     def fingerprint_id(self) -> str:
         """A human-readable backbone id (checkpoint name or architecture)."""

@@ -7,16 +7,29 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 from shared.heads import Tokens
 
-from .anatomy import Anatomy, Sublayer, register_anatomy
+from .anatomy import Anatomy, Resume, Sublayer, UnsupportedMethod, register_anatomy
 
 
 def _check_placement(placement: str) -> None:
     if placement not in ("mhsa", "ffn"):
         raise ValueError(f"placement must be 'mhsa' or 'ffn', got {placement!r}")
+
+
+def _hidden(out):
+    """A layer's hidden states (transformers layers may return a tuple with attentions)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _bidirectional_mask(config, x: torch.Tensor, mask: torch.Tensor | None):
+    """The attention mask a transformers encoder builds for its layers from a (B, N) mask (or None)."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    return create_bidirectional_mask(config=config, inputs_embeds=x, attention_mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,6 +83,27 @@ class ViTAnatomy(_TimmBlocks):
         # non-patch tokens = whatever precedes the grid: the prefix, plus kept prompt outputs
         return Tokens(x, x.shape[1] - grid[0] * grid[1], grid)
 
+    def resume_unsupported(self):
+        return None
+
+    def resume_context(self, inputs):
+        ph, pw = self.model.patch_embed.patch_size
+        return {"grid": (inputs.shape[-2] // ph, inputs.shape[-1] // pw)}
+
+    def forward_from(self, resume: Resume) -> Tokens:
+        x = self._resume_input(resume)  # (B, N, D)
+        rest = self.blocks()[resume.block:]
+        if getattr(self.model, "grad_checkpointing", False) and rest and torch.is_grad_enabled():
+            from timm.models import checkpoint_seq
+
+            x = checkpoint_seq(rest, x)  # as forward_features does under timm's grad checkpointing
+        else:
+            for block in rest:
+                x = block(x)
+        x = self.model.norm(x)
+        grid = resume.grid if resume.grid is not None else self.grid()
+        return Tokens(x, x.shape[1] - grid[0] * grid[1], grid)
+
     # prefix tuning
     def attention(self, block):
         return block.attn
@@ -117,6 +151,24 @@ class SwinAnatomy(_TimmBlocks):
         B, H, W, C = x.shape
         return Tokens(x.reshape(B, H * W, C), 0, (H, W))
 
+    def resume_unsupported(self):
+        return None
+
+    def forward_from(self, resume: Resume) -> Tokens:
+        """Any block: the rest of its stage's blocks (after the stage's patch merging, which ran
+        before it), then the later stages whole (their patch merging included)."""
+        x = self._resume_input(resume)  # (B, H, W, C) at the resolution of the block's stage
+        place = [(s, j) for s, stage in enumerate(self.model.layers) for j in range(len(stage.blocks))]
+        if resume.block < len(place):
+            s0, j0 = place[resume.block]
+            for block in list(self.model.layers[s0].blocks)[j0:]:
+                x = block(x)
+            for stage in list(self.model.layers)[s0 + 1:]:
+                x = stage(x)
+        x = self.model.norm(x)
+        B, H, W, C = x.shape
+        return Tokens(x.reshape(B, H * W, C), 0, (H, W))
+
 
 # ----------------------------------------------------------------------------------------------
 # transformers
@@ -156,6 +208,18 @@ class ASTAnatomy(Anatomy):
         x = self.model(input_values=inputs).last_hidden_state  # (B, P + F*T, D)
         f, t = self.grid()
         # P = CLS + distillation, or what a prompt method left there (dropped / kept prefix, prompt outputs)
+        return Tokens(x, x.shape[1] - f * t, (f, t))
+
+    def resume_unsupported(self):
+        return None
+
+    def forward_from(self, resume: Resume) -> Tokens:
+        x = self._resume_input(resume)  # (B, P + F*T, D)
+        mask = _bidirectional_mask(self.model.config, x, None)  # as ASTModel.forward without a mask
+        for layer in self.blocks()[resume.block:]:
+            x = _hidden(layer(x, mask))
+        x = self.model.layernorm(x)
+        f, t = self.grid()
         return Tokens(x, x.shape[1] - f * t, (f, t))
 
     def attention(self, block):
@@ -218,6 +282,20 @@ class WhisperAnatomy(Anatomy):
         x = self.model(input_features=inputs).last_hidden_state  # (B, P + T, D), final norm applied
         t = self.grid()[0]
         return Tokens(x, x.shape[1] - t, (t, 1))  # P: prompt outputs a method kept
+
+    def resume_unsupported(self):
+        return None
+
+    def forward_from(self, resume: Resume) -> Tokens:
+        x = self._resume_input(resume)  # (B, P + T, D)
+        m = self.model
+        for layer in self.blocks()[resume.block:]:
+            if m.training and m.layerdrop > 0 and torch.rand([]) < m.layerdrop:
+                continue  # LayerDrop, as WhisperEncoder.forward skips a layer while training
+            x = _hidden(layer(x, None))
+        x = m.layer_norm(x)
+        t = self.grid()[0]
+        return Tokens(x, x.shape[1] - t, (t, 1))
 
     def attention(self, block):
         return block.self_attn
@@ -283,6 +361,11 @@ class DecoderAnatomy(Anatomy):
     def final_norm(self):
         return _base_model(self.model).norm
 
+    def resume_unsupported(self):
+        return ("hf-decoder: causal decoders build rotary position embeddings and the causal mask inside "
+                "their forward and pass them to every layer; resuming at a block (depth caching) is "
+                "implemented for timm ViT / Swin, AST, Whisper encoders and BERT-class encoders")
+
     def forward_tokens(self, inputs):
         kwargs = dict(inputs) if isinstance(inputs, dict) else {"input_ids": inputs}
         kwargs.setdefault("use_cache", False)  # features only: a KV cache would be built and thrown away
@@ -333,6 +416,27 @@ class EncoderAnatomy(Anatomy):
         kwargs = inputs if isinstance(inputs, dict) else {"input_ids": inputs}
         x = _base_model(self.model)(**kwargs).last_hidden_state
         return Tokens(x, 1, None, kwargs.get("attention_mask"))  # the mask lets pooling skip padding
+
+    def resume_unsupported(self):
+        base = _base_model(self.model)
+        if getattr(base.config, "is_decoder", False):
+            return ("hf-encoder: this BERT-class model is configured as a decoder (causal mask, cache); "
+                    "resuming at a block is implemented for bidirectional encoders")
+        return None
+
+    def resume_context(self, inputs):
+        return {"mask": inputs.get("attention_mask") if isinstance(inputs, dict) else None}
+
+    def forward_from(self, resume: Resume) -> Tokens:
+        why = self.resume_unsupported()
+        if why:
+            raise UnsupportedMethod(why)
+        base = _base_model(self.model)
+        x = self._resume_input(resume)  # (B, N, D)
+        mask = _bidirectional_mask(base.config, x, resume.mask)  # as BertModel.forward builds it
+        for layer in self.blocks()[resume.block:]:
+            x = _hidden(layer(x, mask, None, encoder_attention_mask=None, cache=None))
+        return Tokens(x, 1, None, resume.mask)
 
 
 def square_grid(n: int) -> tuple[int, int]:

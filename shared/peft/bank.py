@@ -57,7 +57,6 @@ class _Rows:
     idx: torch.Tensor  # (B,) long, on the model's device
     n: int  # rows in the batch
     sites: dict[int, Any]  # id(served module) -> its stacks (immutable for this call)
-    bank: "AdapterBank"
 
 
 _ROWS: contextvars.ContextVar[_Rows | None] = contextvars.ContextVar("peft_adapter_bank_rows", default=None)
@@ -82,13 +81,14 @@ class _Dispatch:
         return getattr(type(self.module), self.attr)(self.module, *args, **kwargs)
 
 
-def _serve(module: nn.Module, attr: str) -> None:
+def _serve(module: nn.Module, attr: str, check_only: bool = False) -> None:
     current = module.__dict__.get(attr)
     if isinstance(current, _Dispatch) and current.module is module:
         return  # another bank on this model installed it: dispatch reads the active rows, not the bank
     if current is not None:
         raise ValueError(f"AdapterBank: {type(module).__name__} already has its own {attr} override; cannot serve it")
-    setattr(module, attr, _Dispatch(module, attr))
+    if not check_only:
+        setattr(module, attr, _Dispatch(module, attr))
 
 
 def _check_block_rows(block, args, kwargs):
@@ -232,15 +232,17 @@ class AdapterBank:
         self.factors: dict[str, dict[str, float]] = {}  # name -> method key -> scaling / the model's scaling
         self._lock = threading.Lock()
         self._plan: tuple[Any, ...] | None = None
-        for s in self.sites:
-            _serve(s.module, "forward" if s.kind == "lora" else "delta")
-        if self.head is not None:
-            _serve(self.head, "forward")
-        for block in anatomy(self.backbone).blocks():
+        for name, source in (adapters or {}).items():  # every adapter checked before the model is touched
+            self.add(name, source)
+        blocks = anatomy(self.backbone).blocks()
+        served = [(s.module, "forward" if s.kind == "lora" else "delta") for s in self.sites]
+        served += [(self.head, "forward")] if self.head is not None else []
+        for check_only in (True, False):
+            for module, attr in served:
+                _serve(module, attr, check_only)
+        for block in blocks:
             if _check_block_rows not in block._forward_pre_hooks.values():
                 block.register_forward_pre_hook(_check_block_rows, with_kwargs=True)
-        for name, source in (adapters or {}).items():
-            self.add(name, source)
 
     # ------------------------------------------------------------------------------- adapters
 
@@ -307,7 +309,7 @@ class AdapterBank:
         self._check_unmerged()
         order, sites, device = self._current_plan()
         idx = torch.tensor([order[a] for a in adapters], dtype=torch.long, device=device)
-        token = _ROWS.set(_Rows(idx, len(adapters), sites, self))
+        token = _ROWS.set(_Rows(idx, len(adapters), sites))
         try:
             yield
         finally:

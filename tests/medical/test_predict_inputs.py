@@ -122,7 +122,8 @@ def test_catalogue_pneumonia_bundle_records_chest_xray_and_keeps_its_tensors():
 
 def test_results_are_printed_as_each_file_is_done(chest_bundle, tmp_path, capsys, monkeypatch):
     """A crash on file 4 (an unexpected error) keeps what files 1-3 printed: file 1's result and
-    file 2's error were out before file 3 was read."""
+    file 2's error were out before file 3 was read (one file per batch, decoded here: the old path;
+    tests/medical/test_predict_batches.py has the batched one)."""
     files = [_png(tmp_path / "a.png"), tmp_path / "missing.png", _png(tmp_path / "c.png", 1), _png(tmp_path / "d.png", 2)]
     real_read = predict._read
     seen = []
@@ -139,7 +140,7 @@ def test_results_are_printed_as_each_file_is_done(chest_bundle, tmp_path, capsys
 
     monkeypatch.setattr(predict, "_read", read)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        predict.main(["--adapter", str(chest_bundle), *map(str, files)])
+        predict.main(["--adapter", str(chest_bundle), "--batch-size", "1", "--workers", "0", *map(str, files)])
     out = capsys.readouterr().out
     assert [line for line in out.splitlines() if not line.startswith(" ")] == [str(files[0]), str(files[2])]
 

@@ -218,6 +218,10 @@ def test_merged_models_and_unserved_methods_are_refused(tiny):
         bank(_batch(tiny, "vit"), adapters=NAMES)
     with pytest.raises(ValueError, match=r"methods \['lora'\] were merged"):
         peft.AdapterBank(model)
+    later, bank = _bank(tiny, "vit", peft.LoRA(r=4, alpha=8, targets=["qkv"]))
+    peft.attach(later, [peft.Adapter(bottleneck=4)])  # the bank would not serve the new adapter's rows
+    with pytest.raises(ValueError, match="methods were attached to the model after the bank was made"):
+        bank(_batch(tiny, "vit"), adapters=NAMES)
     for method in (peft.DoRA(r=4, targets=["qkv"]), peft.BitFit(), peft.Adapter(kind="convpass", bottleneck=4),
                    peft.LoRA(r=4, targets=["qkv"], bias="lora_only")):
         with pytest.raises(ValueError, match=f"methods {method.name} \\({method.name}\\) are not served"):

@@ -124,3 +124,26 @@ def test_fsdp2_two_processes_shard_train_and_save(tmp_path):
     size, *diffs = (tmp_path / "result.txt").read_text().split()
     assert size == "2"
     assert all(float(d) < 1e-5 for d in diffs), diffs  # outputs, gradients, outputs after save -> load
+
+
+def test_model_parallel_strategy_refuses_tensor_parallel_with_the_flags_to_use():
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    from shared.module import shard_for_strategy
+
+    class Mesh:  # the strategy's default on one node: every process on the tensor-parallel axis
+        def __getitem__(self, dim):
+            return SimpleNamespace(size=lambda: {"data_parallel": 1, "tensor_parallel": 4}[dim])
+
+        def size(self):
+            return 4
+
+    model = torch.nn.Linear(2, 2)
+    module = SimpleNamespace(_trainer=SimpleNamespace(strategy=ModelParallelStrategy()), device_mesh=Mesh())
+    with pytest.raises(ValueError, match="--trainer.strategy.data_parallel_size 4 --trainer.strategy.tensor_parallel_size 1"):
+        shard_for_strategy(module, model)
+    for trainer in (None, SimpleNamespace(strategy=DDPStrategy())):  # load_from_checkpoint; DDP: whole model
+        shard_for_strategy(SimpleNamespace(_trainer=trainer), model)
+    from torch.distributed.tensor import DTensor
+
+    assert not isinstance(model.weight, DTensor)

@@ -185,21 +185,23 @@ def test_a_failed_write_leaves_the_previous_file_whole(bundle, tmp_path, monkeyp
 
 def test_each_image_line_is_flushed_before_the_next_image(bundle, tmp_path, monkeypatch):
     """stdout to a file or pipe is block-buffered: the lines of images 1-2 must reach it before image
-    3 is read (here it crashes)."""
+    3 is read (here it crashes; one image per batch, decoded here: the old path;
+    tests/vision/test_predict_batches.py has the batched one)."""
     files = [_photo(tmp_path / f"{i}.png", 40, 32, seed=i) for i in range(3)]
-    real = predict.predict
+    real = predict.read_image
     calls = []
 
-    def flaky(model, path, *a, **kw):
+    def flaky(path, *a, **kw):
         calls.append(path)
         if len(calls) == 3:
             raise RuntimeError("out of memory")
-        return real(model, path, *a, **kw)
+        return real(path, *a, **kw)
 
     raw = io.BytesIO()
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="utf-8", write_through=False))
-    monkeypatch.setattr(predict, "predict", flaky)
+    monkeypatch.setattr(predict, "read_image", flaky)
     with pytest.raises(RuntimeError, match="out of memory"):
-        predict.main(["--adapter", str(bundle), "--out", str(tmp_path / "out"), *map(str, files)])
+        predict.main(["--adapter", str(bundle), "--out", str(tmp_path / "out"), "--batch-size", "1", "--workers", "0",
+                      "--no-overview", *map(str, files)])
     lines = raw.getvalue().decode().splitlines()
     assert [line.split(":")[0] for line in lines] == [str(files[0]), str(files[1])]
