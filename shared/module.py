@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -17,6 +17,7 @@ from torchmetrics.functional.classification import binary_auroc, binary_average_
 from torchmetrics.utilities import dim_zero_cat
 
 from shared import backbones, peft
+from shared.depth_cache import DepthCaching, check_mode
 from shared.distributed import EvalShare, fully_shard_model
 from shared.heads import asymmetric_loss, build_head
 
@@ -131,7 +132,7 @@ def sharded_state(state_dict: dict[str, Any]) -> bool:
     return any(isinstance(v, DTensor) for v in state_dict.values())
 
 
-class PeftModule(L.LightningModule):
+class PeftModule(DepthCaching, L.LightningModule):
     """Conventions every PEFT task module shares: AdamW over the trainable tensors (optionally
     grouped by `lr_groups`), a per-step cosine schedule with warm-up, testing on the best
     validation checkpoint (`monitor`), and checkpoints that hold only the trained tensors.
@@ -140,6 +141,11 @@ class PeftModule(L.LightningModule):
     lr, weight_decay, betas, eps, warmup_fraction (and optionally lr_groups and decay_exclude:
     no weight decay on biases, norms, prompts, prefixes and prototypes). The checkpoint mode
     follows the monitored metric (`monitor_mode`: min for losses and distances, else max).
+
+    Several processes (docs/operations.md): evaluation steps count only `real(n)` samples of each
+    batch (the distributed sampler's padding is left out), validation / test losses go through
+    `log_eval_mean`, and `configure_model` shards `self.model` with FSDP2 under Lightning's
+    `ModelParallelStrategy`.
     """
 
     monitor = "val/loss"
@@ -248,6 +254,13 @@ class ClassificationModule(PeftModule):
             `pos_weight` when training starts.
         recompute: recompute each block's activations in the backward instead of keeping them
             (`shared.peft.recompute`); see benchmarks/ for what it saves and costs.
+        depth_cache: off (or false), auto, fp16, bf16 or fp32: when every method adapts blocks k.. only and
+            the training data has no augmentation, compute the tokens entering block k once (the stem
+            and blocks below k in eval mode, no_grad), store them on disk in that dtype (auto: fp16, bf16
+            under bf16 precision) and train blocks k.. + final norm + head from them
+            (`shared.depth_cache`; docs/core.md, "Depth caching"). When it cannot apply, one warning
+            line says why and training runs on the normal path.
+        depth_cache_dir: where depth caches are kept (default ~/.cache/peft-suite/depth).
         init_bundle: start from a saved adapter bundle (its methods and head replace `methods` /
             `head`): evaluate a downloaded adapter on your data, or keep training it. Its labels
             must equal the data's labels.
@@ -261,9 +274,12 @@ class ClassificationModule(PeftModule):
                  lr_groups: dict[str, float] | None = None, warmup_fraction: float = 0.0,
                  orthogonality_weight: float = 1.0, preprocessing: dict[str, Any] | None = None,
                  init_bundle: str | None = None, monitor: str | None = None, decay_exclude: bool = False,
-                 pos_weight: list[float] | str | None = None, recompute: bool = False):
+                 pos_weight: list[float] | str | None = None, recompute: bool = False,
+                 depth_cache: Literal["off", "auto", "fp16", "bf16", "fp32"] | bool = "off",
+                 depth_cache_dir: str | None = None):
         super().__init__()
         self.save_hyperparameters()
+        check_mode(depth_cache)
         if loss not in ("auto", "ce", "bce", "asl"):
             raise ValueError(f"loss must be auto, ce, bce or asl, got {loss!r}")
         if pos_weight is not None and not multilabel:
@@ -296,6 +312,7 @@ class ClassificationModule(PeftModule):
                            if isinstance(pos_weight, (list, tuple)) else None)
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)  # the depth cache (shared.depth_cache.DepthCaching)
         if self.hparams.pos_weight == "auto" and self.pos_weight is None:
             data = getattr(self.trainer, "datamodule", None)
             weights = getattr(data, "pos_weight", None)

@@ -185,7 +185,12 @@ def predict_batches(items: Sequence, load: Callable[[Any], Any], run: Callable[[
                 yield from flush()
         yield from flush()
     finally:
-        del it  # stops the worker processes now (an early return, an error)
+        # Stop the workers now (done, an early return, an error). Left to the iterator's __del__, an error's
+        # traceback keeps it alive until the garbage collector frees the cycle, queues first: then every
+        # worker is waited for 5 s (torch's MP_STATUS_CHECK_INTERVAL) before it is killed.
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def _run(items: Sequence, batch: list[tuple[int, Any]], run: Callable[[list], list], errors) -> Iterator[Any]:

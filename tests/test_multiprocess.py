@@ -6,7 +6,8 @@ and once under `--trainer.strategy ddp --trainer.devices 2` (the probes: `torchr
 2`). The learning rate is 0, so both runs test the same weights and their test metrics must agree to
 float tolerance: a repeated sample counted, or a metric not reduced over the processes, shows. The
 two-process run writes one results folder (nothing left beside it) and each epoch line once.
-Vision's two-process test is in tests/vision (its metrics are vision.metrics').
+`medical.train` and `medical.segment` also run sharded (FSDP2: `--trainer.strategy ModelParallelStrategy`,
+which Lightning runs on CPU processes too). Vision's two-process test is in tests/vision/test_ddp_eval.py.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 2
 ONE = ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+FSDP2 = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ModelParallelStrategy",
+         "--trainer.strategy.data_parallel_size", "2", "--trainer.strategy.tensor_parallel_size", "1"]
 
 
 def _env() -> dict[str, str]:
@@ -51,10 +54,10 @@ def _assert_close(one: dict[str, float], two: dict[str, float], tol: float = 1e-
 
 
 def _train_twice(tmp_path: Path, module: str, recipe: str, data_flag: str, data_root: Path, *extra: str,
-                 runs: tuple[str, ...] = ("one", "two")):
+                 runs: tuple[str, ...] = ("one", "two"), strategy: list[str] = DDP):
     """(1-process metrics row, 2-process metrics row, 2-process stdout) of one recipe at lr 0."""
     rows, out = {"one": None}, ""
-    for name, devices in (("one", ONE), ("two", DDP)):
+    for name, devices in (("one", ONE), ("two", strategy)):
         if name not in runs:
             continue
         parent = tmp_path / name
@@ -97,7 +100,25 @@ def test_medical_train_two_processes(tmp_path):
     _assert_close(_test_metrics(one), _test_metrics(two))
 
 
-def test_medical_segment_two_processes(tmp_path):
+def test_medical_train_sharded_fsdp2(tmp_path):
+    """ModelParallelStrategy (FSDP2 through configure_model) on two CPU processes: the sharded run trains,
+    tests and saves as one process does (the bundle's tensors gathered whole: the same bytes at lr 0)."""
+    from safetensors.torch import load_file
+
+    from medical.synthetic import write_image_folder
+
+    data = write_image_folder(tmp_path / "images", per_class={"train": 4, "val": 3, "test": 3})
+    one, two, _ = _train_twice(tmp_path, "medical.train", "domains/medical/demo.yaml", "--data.init_args.root", data,
+                               strategy=FSDP2)
+    _assert_close(_test_metrics(one), _test_metrics(two))
+    a, b = (load_file(tmp_path / n / "run" / "adapter" / "adapter.safetensors") for n in ("one", "two"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    best = next((tmp_path / "two" / "run").rglob("best.ckpt"))
+    assert best.is_dir() and len(list(best.glob("*.distcp"))) == 2  # one shard per process
+
+
+@pytest.mark.parametrize("strategy", [DDP, FSDP2], ids=["ddp", "fsdp2"])
+def test_medical_segment_two_processes(tmp_path, strategy):
     import lightning as L
     import yaml
 
@@ -110,7 +131,7 @@ def test_medical_segment_two_processes(tmp_path):
     dm.setup("fit")
     _odd(len(dm.dataset("test")), "test"), _odd(len(dm.dataset("val")), "val")
     _, two, _ = _train_twice(tmp_path, "medical.segment", "domains/medical/segment_demo.yaml",
-                             "--data.init_args.root", data, runs=("two",))
+                             "--data.init_args.root", data, runs=("two",), strategy=strategy)
     # The decoder's BatchNorm statistics follow each process's training batches, so the weights of the
     # two runs differ: the reference is the two-process run's own bundle tested in this one process.
     recipe = yaml.safe_load((ROOT / "domains" / "medical" / "segment_demo.yaml").read_text())["model"]

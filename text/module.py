@@ -10,13 +10,14 @@ entities that carry that label, scored per entity (`<stage>/<target>/f1`, ...).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from shared import backbones, peft
+from shared.depth_cache import check_mode
 from shared.module import PeftModule, peft_tensor_names
 from text import backbone as _text_backbones  # noqa: F401  registers hf-encoder
 from text.data import IGNORE, target_columns, target_name
@@ -47,6 +48,11 @@ class TaggerModule(PeftModule):
             (set by `data.extra_targets`) adds one binary output per additional-information target.
         lr, weight_decay, betas, eps, warmup_fraction, lr_groups, decay_exclude: AdamW + cosine.
         init_bundle: start from a saved tagger bundle (e.g. the shared adapter a reader's adapter grows from).
+        depth_cache: off (or false), auto, fp16, bf16 or fp32: train the adapted top blocks from cached
+            inputs of the lowest adapted block (`shared.depth_cache`, docs/core.md "Depth caching"); each
+            window is stored at its own length and re-padded per batch (tags with the ignore index, the
+            attention mask rebuilt); validation and testing run the whole model on whole documents.
+        depth_cache_dir: where depth caches are kept (default ~/.cache/peft-suite/depth).
     """
 
     monitor = "val/f1"
@@ -56,9 +62,12 @@ class TaggerModule(PeftModule):
                  num_classes: int = 3, labels: list[str] | None = None, preprocessing: dict[str, Any] | None = None,
                  lr: float = 1e-3, weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, warmup_fraction: float = 0.0, lr_groups: dict[str, float] | None = None,
-                 decay_exclude: bool = False, init_bundle: str | None = None, extra_weight: float = 1.0):
+                 decay_exclude: bool = False, init_bundle: str | None = None, extra_weight: float = 1.0,
+                 depth_cache: Literal["off", "auto", "fp16", "bf16", "fp32"] | bool = "off",
+                 depth_cache_dir: str | None = None):
         super().__init__()
         self.save_hyperparameters()
+        check_mode(depth_cache)
         # the annotation columns (additional_definition, ...) the head predicts besides the tags
         self.extra_columns = target_columns((preprocessing or {}).get("extra_targets"))
         net = backbones.create(backbone, **(backbone_kwargs or {})).train()  # from_pretrained gives eval mode

@@ -13,7 +13,11 @@ prints "jargon".
 
 The text is the last argument, or @FILE for a UTF-8 file's contents (a folder, a missing file or
 another encoding is refused, naming it); text that is the name of an existing file is taken as
-text, with a warning ("did you mean @FILE?").
+text, with a warning ("did you mean @FILE?"). Several texts (or @FILEs) may be given: they are
+read and split into words by --workers processes while the model runs, the windows of --batch-size
+texts share forwards (--batch-size windows each), and each text's results, headed by its name
+(FILE, or "text N"), are printed as its batch is done; a text that cannot be used is named on
+stderr, the others are still predicted, and the exit code is 2.
 
 Generative bundles (python -m text.personalise): --adapter is the run's output folder (its readers'
 bundles under adapters/readers/) or one bundle; the reader's LoRA answers the study's yes / no
@@ -26,13 +30,18 @@ question for each term and the yes-no log-probability margin is printed (jargon 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from shared import peft
-from shared.cli import friendly
+from shared.cli import friendly, stream_results
 from shared.hub import resolve_adapter
+from shared.predict import add_arguments, predict_batches, resolve
 from text import module as _registers  # noqa: F401  (hf-encoder backbone, token head)
 from text.data import target_name
 from text.tagger import WindowEncoder, build_tokenizer, decode_terms, num_tags, span_score, word_outputs
@@ -266,6 +275,28 @@ def quiet_transformers() -> None:
         pass
 
 
+def load_text(item: tuple[str | None, str], terms: list[str] | None = None, generative: bool = False) -> dict[str, Any]:
+    """One (name, argument)'s text, read (@FILE) and split into words (tagger) with its --term
+    occurrences found, while the model runs; ValueError naming the text (its file, or "text N"
+    when several texts are given)."""
+    name, arg = item
+    try:
+        text = abstract_text(arg, warn=False)  # main() has warned about a file name given as text
+        if not generative:
+            return {"name": name, **JargonTagger.prepare(text, terms)}
+        if not text or not text.strip():
+            raise ValueError("empty abstract: nothing to score")
+        words = [w.text for w in split_words(text)]
+        for t in terms or []:
+            if not find_all(words, [w.text for w in split_words(t)]):
+                raise ValueError(f"term {t!r} does not occur in the abstract")
+        return {"name": name, "text": text}
+    except ValueError as e:
+        if name is None or str(e).startswith(f"{name}:"):
+            raise
+        raise ValueError(f"{name}: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m text.predict", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -275,42 +306,90 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", help="reader information for a reader the adapter has not seen, e.g. "
                                       "'reader new; background biology'")
     ap.add_argument("--term", action="append", dest="terms", metavar="TERM",
-                    help="a candidate term to decide (repeat it; each must occur in the text)")
+                    help="a candidate term to decide (repeat it; each must occur in every text)")
     ap.add_argument("--threshold", type=float, help="tagger: score at or above which a term is jargon (0.5); "
                                                     "generative: yes-no margin above which a term is jargon (0)")
     ap.add_argument("--all", action="store_true", help="print every candidate, not only those marked as jargon")
-    ap.add_argument("text", help="the abstract (quote it), or @FILE to read it from a file")
+    add_arguments(ap, "texts")
+    ap.add_argument("text", nargs="+", help="the abstract (quote it), or @FILE to read it from a file; several "
+                                            "texts: each one's results are headed by its name (FILE, or text N)")
     args = ap.parse_args(argv)
-    text = abstract_text(args.text)
+    several = len(args.text) > 1
+    items, failed = [], 0
+    for k, arg in enumerate(args.text, 1):
+        name = (arg[1:] if arg.startswith("@") else f"text {k}") if several else None
+        try:
+            abstract_text(arg)  # a bad @FILE is named before the bundle loads; the text itself is read by load_text
+        except ValueError as e:
+            if not several:
+                raise
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            failed += 1
+            continue
+        items.append((name, arg))
+    if not items:
+        return 2
     quiet_transformers()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers and forked decoding workers
     args.adapter = resolve_adapter(args.adapter)  # a folder, catalogue name or reference; a typo names the closest
-    if is_generative(args.adapter):
+    generative = is_generative(args.adapter)
+    if generative:
         threshold = 0.0 if args.threshold is None else args.threshold
-        rows = GenerativeJargon(args.adapter).score(text, args.reader, args.terms, args.profile, threshold)
-        who = f" for reader {args.reader}" if args.reader else f" for {args.profile!r}"
-        print(f"{sum(r['jargon'] for r in rows)} of {len(rows)} terms marked as jargon{who} "
-              f"(yes-no log-probability margin > {threshold:g}):")
-        for r in rows:
-            if args.all or r["jargon"]:
-                print(f"{r['score']:+.3f}\t{'jargon' if r['jargon'] else '-'}\t{r['term']}")
-        return 0
-    if args.threshold is None:
-        args.threshold = 0.5
-    tagger = JargonTagger(args.adapter)
-    rows = tagger.tag(text, args.reader, args.terms, args.profile, args.threshold)
-    shown = [r for r in rows if args.all or r["jargon"]]
-    who = f" for reader {args.reader}" if args.reader else ""
-    n = len([r for r in rows if r["jargon"]])
-    if tagger.marks == "terms":  # a term extractor: what it marks are terms, nobody's jargon
-        print(f"{n} of {len(rows)} candidate spans marked as terms (score >= {args.threshold}):")
+        scorer = GenerativeJargon(args.adapter)
+        scorer.resolve(args.reader, args.profile)  # an unknown reader: one error, before any text
+        batch_size, workers = resolve(args)
+
+        def run(docs):  # each abstract's prompts share one forward of its head: one abstract at a time
+            return [scorer.score(d["text"], args.reader, args.terms, args.profile, threshold) for d in docs]
+
+        def show(item) -> None:
+            (name, _), rows = item
+            who = f" for reader {args.reader}" if args.reader else f" for {args.profile!r}"
+            print(f"{name + ': ' if name else ''}{sum(r['jargon'] for r in rows)} of {len(rows)} terms marked as "
+                  f"jargon{who} (yes-no log-probability margin > {threshold:g}):")
+            for r in rows:
+                if args.all or r["jargon"]:
+                    print(f"{r['score']:+.3f}\t{'jargon' if r['jargon'] else '-'}\t{r['term']}")
     else:
-        print(f"{n} of {len(rows)} terms marked as jargon{who} (score >= {args.threshold}):")
-    mark = "term" if tagger.marks == "terms" else "jargon"
-    for r in shown:
-        wants = "".join(f"\t{t} {p:.2f}" for t, p in r.get("extra", {}).items())  # extra targets, if trained
-        print(f"{r['score']:.3f}\t{mark if r['jargon'] else '-'}\t{r['term']}{wants}")
-    return 0
+        threshold = 0.5 if args.threshold is None else args.threshold
+        tagger = JargonTagger(args.adapter)
+        profile = tagger.profile(args.reader, args.profile)  # an unknown reader: one error, before any text
+        batch_size, workers = resolve(args, tagger.model)
+        mark = "term" if tagger.marks == "terms" else "jargon"
+
+        def run(docs):  # the windows of every text of the batch, batch_size per forward
+            return tagger.tag_many(docs, profile, threshold, batch_size)
+
+        def show(item) -> None:
+            (name, _), rows = item
+            head = f"{name}: " if name else ""
+            n = len([r for r in rows if r["jargon"]])
+            if tagger.marks == "terms":  # a term extractor: what it marks are terms, nobody's jargon
+                print(f"{head}{n} of {len(rows)} candidate spans marked as terms (score >= {threshold}):")
+            else:
+                who = f" for reader {args.reader}" if args.reader else ""
+                print(f"{head}{n} of {len(rows)} terms marked as jargon{who} (score >= {threshold}):")
+            for r in rows:
+                if args.all or r["jargon"]:
+                    wants = "".join(f"\t{t} {p:.2f}" for t, p in r.get("extra", {}).items())  # extra targets
+                    print(f"{r['score']:.3f}\t{mark if r['jargon'] else '-'}\t{r['term']}{wants}")
+
+    load = functools.partial(load_text, terms=args.terms, generative=generative)
+    results = predict_batches(items, load, run, batch_size=batch_size, workers=workers, errors=(ValueError,))
+    if not several:  # one text: its problem is the command's error (one line, exit 2)
+        for item in results:
+            if isinstance(item, Exception):
+                raise item
+            show(item)
+        return 0
+    return 2 if stream_results(results, show) or failed else 0
+
+
+def _cli() -> None:
+    status = main()
+    if status:
+        raise SystemExit(status)
 
 
 if __name__ == "__main__":
-    sys.exit(friendly(main))
+    sys.exit(friendly(_cli))

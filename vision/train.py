@@ -11,6 +11,10 @@ Every key of a recipe is also a flag (`--data.size 224`, `--model.lr 1e-3`, `--t
 train.log} through a staging folder under the output folder's lock, so a failed or stopped run never
 overwrites a previous one. SIGTERM / SIGINT stop a run (exit 143 / 130); `--resume` (same flags)
 continues it from the last.ckpt its staging folder keeps (docs/operations.md).
+
+`--model.depth_cache {off,auto,fp16,bf16,fp32}` (the other domains' depth caching, docs/core.md) is
+accepted but refused here with a warning: the dense decoders read every Swin stage's features and the
+hypernetwork methods adapt every block, so training always runs the whole backbone.
 """
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ DEFAULTS: dict[str, Any] = {
     "data": {"root": None, "layout": "pascal_context", "tasks": None, "size": 224, "batch_size": 8,
              "num_workers": 0, "missing": "skip", "num_classes": None, "cache": False},
     "model": {"backbone": "swin-t", "backbone_kwargs": {}, "methods": [{"name": "polyhistor_lite"}],
-              "decoder_width": 64, "lr": 1e-3, "weight_decay": 1e-4, "warmup_steps": 0},
+              "decoder_width": 64, "lr": 1e-3, "weight_decay": 1e-4, "warmup_steps": 0,
+              "depth_cache": "off"},  # accepted for symmetry with the other domains; refused (DEPTH_CACHE_REFUSED)
     # metric definitions: "reference" (the multi-task benchmark's code), "previous", or {task: name}
     # (vision.metrics.DEFINITIONS); metrics.json and the bundle record the one used per task
     "eval": {"definition": "reference"},
@@ -43,6 +48,10 @@ DEFAULTS: dict[str, Any] = {
                 "log_every_n_steps": 10},
 }
 DEMO_ROOT = Path("runs/vision_demo")
+# Why `model.depth_cache` (shared.depth_cache) does not apply here; a run that asks for it warns and trains as usual.
+DEPTH_CACHE_REFUSED = (
+    "vision.train's decoders read the feature map of every Swin stage (multi-scale), so no single block's input "
+    "holds what the rest of the model needs, and the Polyhistor / hypernetwork methods adapt every block")
 DEMO_MARK = ".peft-suite-demo"
 
 
@@ -128,6 +137,15 @@ def run(cfg: dict[str, Any], echo: bool = True, resume: bool | str = False) -> d
 
     if not cfg["data"]["root"]:
         raise ConfigError("data.root is not set: pass --data.root /path/to/dataset (or run without arguments for the demo)")
+    from shared.depth_cache import check_mode
+
+    try:
+        depth_cache = check_mode(cfg["model"].get("depth_cache", "off"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if depth_cache != "off":
+        print(f"warning: depth_cache {depth_cache}: not used: {DEPTH_CACHE_REFUSED}; training runs on the normal path",
+              file=sys.stderr, flush=True)
     L.seed_everything(cfg["seed"], verbose=False)
     dm = DenseDataModule(**cfg["data"], seed=cfg["seed"])
     model = build_model(cfg["model"]["backbone"], dm.tasks, cfg["model"]["methods"], cfg["model"]["backbone_kwargs"],

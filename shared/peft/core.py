@@ -11,7 +11,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from shared.backbones import Anatomy, anatomy
+from shared.backbones import Anatomy, Resume, anatomy
 
 from .base import Method, PeftState, from_dict, state_of
 from .hyper import active_task, use_task
@@ -27,6 +27,8 @@ class Classifier(nn.Module):
         self.anatomy = anatomy(backbone)
 
     def tokens(self, inputs):
+        if isinstance(inputs, Resume):  # cached block inputs (shared.depth_cache): the blocks from there on
+            return self.anatomy.forward_from(inputs)
         return self.anatomy.forward_tokens(inputs)
 
     def forward(self, inputs) -> torch.Tensor:

@@ -42,7 +42,7 @@ def check(out: Path) -> dict[str, float]:
     from torch.distributed.tensor import DTensor
 
     from shared import backbones, peft
-    from shared.distributed import full_tensor, fully_shard_model
+    from shared.distributed import full_tensor, fully_shard_model, whole
 
     rank, size = dist.get_rank(), dist.get_world_size()
     model = build().eval()
@@ -55,6 +55,9 @@ def check(out: Path) -> dict[str, float]:
     assert all(isinstance(p, DTensor) for p in sharded.parameters())  # every tensor sharded
     with torch.no_grad():
         out_diff = (sharded(x) - expected).abs().max().item()
+    with whole(sharded), torch.no_grad():  # code that calls the backbone's submodules directly
+        tokens_diff = (backbones.anatomy(sharded.backbone).forward_tokens(x).x
+                       - backbones.anatomy(reference.backbone).forward_tokens(x).x).abs().max().item()
     sharded(x).square().sum().backward()  # every process the same batch: the averaged gradient is the same
     grads = dict(reference.named_parameters())
     grad_diff, missing = 0.0, []
@@ -74,8 +77,8 @@ def check(out: Path) -> dict[str, float]:
     with torch.no_grad():
         load_diff = (loaded(x) - expected).abs().max().item()
     if rank == 0:
-        (out / "result.txt").write_text(f"{size} {out_diff} {grad_diff} {load_diff}\n")
-    return {"outputs": out_diff, "gradients": grad_diff, "loaded": load_diff}
+        (out / "result.txt").write_text(f"{size} {out_diff} {tokens_diff} {grad_diff} {load_diff}\n")
+    return {"outputs": out_diff, "tokens": tokens_diff, "gradients": grad_diff, "loaded": load_diff}
 
 
 if __name__ == "__main__":  # under torchrun

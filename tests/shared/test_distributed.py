@@ -111,7 +111,7 @@ def test_fsdp2_sharded_model_equals_unsharded_and_saves_a_loadable_bundle(tmp_pa
         sys.path.pop(0)
     # ~1.5 s once timm and Hugging Face peft are imported (the first test to use them pays that)
     diffs = check(tmp_path)  # the old peft.save failed here: "invalid python storage" of a DTensor
-    assert diffs["outputs"] < 1e-6 and diffs["gradients"] < 1e-6 and diffs["loaded"] < 1e-6, diffs
+    assert max(diffs.values()) < 1e-6, diffs  # outputs, tokens read under `whole`, gradients, save -> load
 
 
 @pytest.mark.slow
@@ -123,7 +123,7 @@ def test_fsdp2_two_processes_shard_train_and_save(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     size, *diffs = (tmp_path / "result.txt").read_text().split()
     assert size == "2"
-    assert all(float(d) < 1e-5 for d in diffs), diffs  # outputs, gradients, outputs after save -> load
+    assert all(float(d) < 1e-5 for d in diffs), diffs  # outputs, tokens under `whole`, gradients, save -> load
 
 
 def test_model_parallel_strategy_refuses_tensor_parallel_with_the_flags_to_use():
