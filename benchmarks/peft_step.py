@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """CPU benchmark of the PEFT core: training-step time and peak memory per method, LoRA
-inference before and after merging, and a linear-probe epoch on cached vs recomputed features.
+inference before and after merging, a linear-probe epoch on cached vs recomputed features, and
+depth caching (LoRA on the top blocks trained from cached block inputs, shared.depth_cache).
 
     python benchmarks/peft_step.py --quick                   # depth-2 ViT-B width, ~45 s idle
     python benchmarks/peft_step.py --out benchmarks/results  # ViT-B/16, ~8 min on 2 cores
     python benchmarks/peft_step.py --model minilm            # real all-MiniLM-L6-v2 (also dinov2-s14, smollm2)
+    python benchmarks/peft_step.py --only full,linear_probe,depth --out /tmp/depth   # some sections only
 
 Results go to <out>/peft_step.json and <out>/peft_step.md for the default `--model vit` (a random
 timm ViT), to <out>/peft_step_<model>.json / .md for the real-weights models (the table is also
@@ -34,9 +36,11 @@ if str(ROOT) not in sys.path:  # `python benchmarks/peft_step.py` without an ins
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the step_runs / step_report modules beside it
 from step_report import cpu_model, ratio, render_markdown, write_atomic  # noqa: E402
-from step_runs import MODELS, run_inference, run_probe, run_train, stage_smollm2  # noqa: E402
+from step_runs import (MODELS, run_depth_fill, run_depth_train, run_inference, run_probe, run_train,  # noqa: E402
+                       stage_smollm2)
 
-TARGETS = {"step_ratio_max": 0.70, "memory_ratio_max": 0.50, "merged_ratio_max": 1.02, "cache_speedup_min": 20.0}
+TARGETS = {"step_ratio_max": 0.70, "memory_ratio_max": 0.50, "merged_ratio_max": 1.02, "cache_speedup_min": 20.0,
+           "depth_cached_ratio_max": 0.30}
 EXIT_MISSING = 3  # a real model's weights are not installed: nothing was measured
 
 # (key, label, PEFT method as a dict for shared.peft.from_dict, or None)
@@ -78,6 +82,23 @@ def train_configs(depth: int, model: str = "vit") -> list[tuple[str, str, dict |
     ]
     left_out = m.get("left_out", {})
     return [c for c in configs if c[0] not in left_out]
+
+
+def depth_config(depth: int, model: str = "vit") -> tuple[int, str, dict] | str:
+    """(top, label, method) of the depth-caching rows: LoRA r8 a16 on the family's attention projections
+    of the top round(depth / 4) blocks (3 of 12), or why the rows are left out on this model."""
+    m = MODELS[model]
+    if m.get("no_depth_cache"):
+        return m["no_depth_cache"]
+    if depth < 2:
+        return f"depth caching needs a block below the adapted ones; the model has {depth} block"
+    top = max(1, round(depth / 4))
+    blocks = list(range(depth - top, depth))
+    method = {"name": "lora", "r": 8, "alpha": 16, "targets": m["lora_re"].format("|".join(map(str, blocks)))}
+    return top, f"LoRA r8 a16 on {'/'.join(m['lora'])} of the top {top} of {depth} blocks ({blocks[0]}-{blocks[-1]})", method
+
+
+SECTIONS = ("inference", "probe", "depth")  # --only names these beside the training rows' keys
 
 
 # ----------------------------------------------------------------------------- real-weights assets
@@ -155,6 +176,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--infer-reps", type=int, default=None, help="timed forwards per model (default 12; quick 5)")
     ap.add_argument("--probe-images", type=int, default=None, help="probe dataset size (default 64; quick 16)")
     ap.add_argument("--probe-epochs", type=int, default=None, help="timed cached epochs (default 20; quick 5)")
+    ap.add_argument("--depth-images", type=int, default=None, help="examples in the depth cache (default: batch x "
+                    "(warmup + steps), so every timed cached step reads a new batch)")
+    ap.add_argument("--depth-storage", choices=["fp16", "bf16", "fp32"], default="fp16",
+                    help="dtype of the depth cache (what --model.depth_cache auto picks on CPU: fp16)")
+    ap.add_argument("--only", default=None, help="comma-separated training-row keys and sections (inference, probe, "
+                    "depth) to measure; the others are left out and the results go to <stem>_partial.json / .md")
     args = ap.parse_args(argv)
     q = args.quick
     for name, full, quick in [("warmup", 3, 2), ("steps", 8, 3), ("infer_reps", 12, 5),
@@ -176,6 +203,18 @@ def parse_args(argv=None) -> argparse.Namespace:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         ap.error("--warmup must be >= 0")
+    if args.depth_images is None:
+        args.depth_images = args.batch * (args.warmup + args.steps)
+    if args.depth_images < 1:
+        ap.error("--depth-images must be >= 1")
+    if args.only is not None:
+        keys = {k for k, _, _ in train_configs(12, args.model)} | set(SECTIONS)
+        args.only = [k.strip() for k in args.only.split(",") if k.strip()]
+        unknown = sorted(set(args.only) - keys)
+        if unknown or not args.only:
+            ap.error(f"--only: unknown {unknown or 'empty list'}; choose from {', '.join(sorted(keys))}")
+        if "full" not in args.only:
+            args.only.insert(0, "full")  # every ratio is to full fine-tuning
     return args
 
 
@@ -192,9 +231,10 @@ def main(argv=None) -> int:
 def _main(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     start = time.perf_counter()
     model = MODELS[args.model]
-    stem = "peft_step" if args.model == "vit" else f"peft_step_{args.model}"
+    stem = ("peft_step" if args.model == "vit" else f"peft_step_{args.model}") + ("_partial" if args.only else "")
     spec = {k: getattr(args, k) for k in ("threads", "batch", "img", "backbone", "backbone_kwargs", "warmup",
-                                          "steps", "infer_reps", "probe_images", "probe_epochs")}
+                                          "steps", "infer_reps", "probe_images", "probe_epochs", "depth_images")}
+    wanted = (lambda key: True) if not args.only else (lambda key: key in args.only)
     extra: dict = {}
     if args.model != "vit":
         try:
@@ -206,7 +246,7 @@ def _main(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         if model["kind"] == "text":
             spec["seq"] = args.seq
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "timm", "shared.peft", "shared.heads", "shared.data"]
+    ctx.set_forkserver_preload(["torch", "timm", "shared.peft", "shared.heads", "shared.data", "shared.depth_cache"]
                                + ([model["preload"]] if "preload" in model else []))
     if args.model == "smollm2":
         folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="peft_step_smollm2_"))
@@ -219,7 +259,8 @@ def _main(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
             return 1
         spec["backbone_kwargs"] = {"checkpoint": folder}
     config = {**spec, **extra, "quick": args.quick, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-              "python": platform.python_version(), "loadavg_start": _loadavg(), "versions": {}}
+              "python": platform.python_version(), "loadavg_start": _loadavg(), "versions": {},
+              "depth_storage": args.depth_storage, "only": args.only}
     res: dict = {"config": config, "targets": TARGETS}
     if model.get("left_out"):
         res["left_out"] = dict(model["left_out"])
@@ -228,6 +269,8 @@ def _main(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     rows = []
     depth = spec["depth"] if "depth" in spec else int(spec.get("backbone_kwargs", {}).get("depth", 12))
     for key, label, method in train_configs(depth, args.model):
+        if not wanted(key):
+            continue
         print(f"[peft_step] training step: {label} ...", flush=True)
         load = _loadavg(1)
         try:
@@ -249,6 +292,81 @@ def _main(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     res["train_step"] = rows
     res["peak_reset_ok"] = all(r.get("peak_reset_ok", True) for r in rows)
 
+    if wanted("depth"):
+        res["depth_cache"] = _depth_section(ctx, spec, depth, args, full, rows)
+        failed = failed or any("error" in r for r in res["depth_cache"].get("rows", []))
+        res["peak_reset_ok"] = res["peak_reset_ok"] and all(r.get("peak_reset_ok", True)
+                                                            for r in res["depth_cache"].get("rows", []))
+
+    if not wanted("inference"):
+        res["inference"] = {"skipped": "not measured (--only)"}
+    else:
+        failed = _inference_section(ctx, spec, model, res) or failed
+    if not wanted("probe"):
+        res["probe_epoch"] = {"skipped": "not measured (--only)"}
+    else:
+        failed = _probe_section(ctx, spec, res) or failed
+
+    res["loadavg_end"] = _loadavg()
+    res["runtime_s"] = time.perf_counter() - start
+    md = render_markdown(res)
+    out = Path(args.out)
+    write_atomic(out / f"{stem}.json", json.dumps(res, indent=2) + "\n")
+    write_atomic(out / f"{stem}.md", md)
+    print(md, flush=True)
+    print(f"[peft_step] wrote {out / f'{stem}.json'} and {out / f'{stem}.md'} in {res['runtime_s']:.0f} s")
+    return 1 if failed else 0
+
+
+def _depth_section(ctx, spec: dict, depth: int, args, full: dict | None, rows: list[dict]) -> dict:
+    """LoRA on the top blocks: uncached step, the caching epoch (time, size on disk, storage error), the
+    step trained from the cache, each in its own process; ratios to full fine-tuning."""
+    cfg = depth_config(depth, args.model)
+    if isinstance(cfg, str):
+        return {"skipped": cfg}
+    top, label, method = cfg
+    out: dict = {"top": top, "label": label, "method": method, "storage": args.depth_storage, "rows": []}
+    ref = full["step_s"] if full is not None else None
+    probe = next((r for r in rows if r["key"] == "linear_probe" and "error" not in r), None)
+    with tempfile.TemporaryDirectory(prefix="peft_step_depth_") as folder:
+        steps = [("depth_uncached", f"{label}, uncached", lambda: _run_isolated(ctx, run_train, spec, "lora_top", method)),
+                 ("depth_fill", f"the caching epoch ({args.depth_storage}, {spec['depth_images']} examples), per batch",
+                  lambda: _run_isolated(ctx, run_depth_fill, spec, method, args.depth_storage, folder)),
+                 ("depth_cached", f"{label}, trained from the depth cache (after the caching epoch)",
+                  lambda: _run_isolated(ctx, run_depth_train, spec, method, folder))]
+        fill = None
+        for key, row_label, fn in steps:
+            print(f"[peft_step] depth cache: {row_label} ...", flush=True)
+            load = _loadavg(1)
+            try:
+                if key == "depth_cached" and (fill is None or "error" in fill):
+                    raise RuntimeError("the caching epoch failed, so there is no cache to train from")
+                r = fn()
+                r.pop("versions", None)
+            except Exception as e:
+                r = {"error": _error(e)}
+            r.update(key=key, label=row_label, loadavg_1min=f"{load} -> {_loadavg(1)}")
+            if key == "depth_fill":
+                fill = r
+            seconds = r.get("fill_s_per_batch", r.get("step_s"))
+            if "error" not in r and ref:
+                r["ratio"] = ratio(seconds, ref)
+                if "peak_rss_gib" in r:
+                    r["peak_rss_ratio"] = ratio(r["peak_rss_gib"], full["peak_rss_gib"])
+            out["rows"].append(r)
+    cached = next((r for r in out["rows"] if r["key"] == "depth_cached" and "error" not in r), None)
+    if cached is not None and fill is not None and "error" not in fill and ref:
+        # the epoch that writes the cache: every batch pays the lower blocks' no_grad forward once, then trains
+        out["caching_epoch_ratio"] = ratio(fill["fill_s_per_batch"] + cached["step_s"], ref)
+    if probe is not None and ref:
+        out["rows"].append({"key": "linear_probe", "label": "linear probe (no_grad backbone), from the training table",
+                            "step_s": probe["step_s"], "step_s_min": probe["step_s_min"],
+                            "ratio": ratio(probe["step_s"], ref), "loadavg_1min": probe["loadavg_1min"]})
+    return out
+
+
+def _inference_section(ctx, spec: dict, model: dict, res: dict) -> bool:
+    failed = False
     print("[peft_step] inference: bare / LoRA unmerged / LoRA merged ...", flush=True)
     try:
         inf = _run_isolated(ctx, run_inference, spec)
@@ -263,7 +381,11 @@ def _main(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
             "merged_max_abs_diff": inf["merged_max_abs_diff"]}
     except Exception as e:
         res["inference"], failed = {"error": _error(e)}, True
+    return failed
 
+
+def _probe_section(ctx, spec: dict, res: dict) -> bool:
+    failed = False
     print("[peft_step] linear-probe epoch: recomputed vs cached features ...", flush=True)
     try:
         p = _run_isolated(ctx, run_probe, spec)
@@ -273,16 +395,7 @@ def _main(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         res["probe_epoch"] = p
     except Exception as e:
         res["probe_epoch"], failed = {"error": _error(e)}, True
-
-    res["loadavg_end"] = _loadavg()
-    res["runtime_s"] = time.perf_counter() - start
-    md = render_markdown(res)
-    out = Path(args.out)
-    write_atomic(out / f"{stem}.json", json.dumps(res, indent=2) + "\n")
-    write_atomic(out / f"{stem}.md", md)
-    print(md, flush=True)
-    print(f"[peft_step] wrote {out / f'{stem}.json'} and {out / f'{stem}.md'} in {res['runtime_s']:.0f} s")
-    return 1 if failed else 0
+    return failed
 
 
 def _loadavg(n: int = 3) -> str:

@@ -18,6 +18,7 @@ GIB = 2**30
 #             token for the causal decoder)
 #   left_out: methods of the table the core does not support on that family, and why
 #   call:     extra keyword arguments of every forward (SmolLM2: no KV cache, see _inputs)
+#   no_depth_cache: why the depth-caching rows are left out on that family
 MODELS = {
     "vit": {"kind": "image", "lora": ("qkv",), "lora_re": r"blocks\.({})\.attn\.qkv", "pool": "cls"},
     "dinov2-s14": {
@@ -36,6 +37,8 @@ MODELS = {
         "registry": "hf-causal-lm", "depth": 30, "preload": "text.backbone",
         "lora": ("q_proj", "v_proj"), "lora_re": r"model\.layers\.({})\.self_attn\.(q_proj|v_proj)",
         "pool": "last", "call": {"use_cache": False},
+        "no_depth_cache": "depth caching: causal decoders are refused by shared.depth_cache (rotary positions and "
+                          "the causal mask are built inside the model's forward)",
         "left_out": {"prompt": "deep prompt: the core's DecoderAnatomy refuses prompt tokens (they would "
                                "desynchronise the causal mask, rotary positions and KV cache)",
                      "bitfit": "BitFit: Llama-class decoders have no bias parameters (no Linear bias, RMSNorm "
@@ -310,6 +313,114 @@ def run_probe(spec: dict) -> dict:
     return {"images" if image else "sequences": n, "recompute_epoch_s": recompute_s, "cache_fingerprint_s": fingerprint_s,
             "cache_fill_s": fill_s, "cache_load_s": load_s, "cached_epoch_s": statistics.median(times),
             "cached_epoch_s_min": min(times), "cached_epoch_s_all": times, "versions": _versions(spec)}
+
+
+# ----------------------------------------------------------------------------- depth caching
+def _depth_data(spec: dict, n: int, backbone):
+    """n random training examples as a dataset of (inputs, label) rows: images (3, H, W), or
+    {input_ids, attention_mask} sequences (right-padded as _inputs makes them)."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(2)
+    labels = torch.randint(0, NUM_CLASSES, (n,))
+    inputs = _inputs(spec, n, backbone)
+    if _model(spec)["kind"] == "image":
+        return TensorDataset(inputs, labels)
+    call = _model(spec).get("call", {})
+    tensors = {k: v for k, v in inputs.items() if k not in call}
+    return [({k: v[i] for k, v in tensors.items()}, labels[i]) for i in range(n)]
+
+
+def run_depth_fill(spec: dict, method: dict, storage: str, folder: str) -> dict:
+    """The caching epoch: the tokens entering the lowest adapted block for spec["depth_images"] random
+    examples, written with shared.depth_cache.write_rows (stem and lower blocks in eval mode, no_grad);
+    its time per batch, the size on disk, and the eval-mode logit difference of every storage dtype
+    against the uncached forward (one batch)."""
+    peak_reset = _reset_peak()
+    torch = _setup(spec["threads"])
+    from torch.utils.data import DataLoader
+
+    from shared.depth_cache import STORAGE, DepthRows, depth_plan, write_rows
+
+    model = _classifier(spec, method, frozen=False)
+    plan = depth_plan(model)
+    n, b = spec["depth_images"], spec["batch"]
+    data = _depth_data(spec, n, model.backbone)
+    loader = DataLoader(data, batch_size=b)
+    first = next(iter(loader))[0]
+    call = _model(spec).get("call", {})
+    model.eval()
+    with torch.no_grad():
+        model.anatomy.tokens_entering(plan.block, first)  # warm-up forward, outside the timing
+        ref = model(first if not call else {**first, **call})  # (B, C) uncached logits
+        resume = model.anatomy.tokens_entering(plan.block, first)
+        diffs = {}
+        for name, dtype in STORAGE.items():
+            stored = type(resume)(resume.block, resume.tokens.to(dtype), resume.mask, resume.grid, resume.input_ndim)
+            diffs[name] = (model(stored) - ref).abs().max().item()
+    t0 = time.perf_counter()
+    meta = write_rows(model, loader, plan.block, storage, folder)
+    fill_s = time.perf_counter() - t0
+    rows = DepthRows(folder)
+    batches = -(-n // b)
+    return {"block": plan.block, "n_blocks": plan.n_blocks, "storage": storage, "examples": n, "fill_s": fill_s,
+            "fill_s_per_batch": fill_s / batches, "bytes": rows.nbytes, "bytes_per_example": rows.nbytes / n,
+            "written_meta_s": meta["seconds"], "logit_max_abs_diff": diffs, "logit_max_abs": ref.abs().max().item(),
+            "peak_rss_gib": _status_kib("VmHWM") * 1024 / GIB, "peak_reset_ok": peak_reset, "versions": _versions(spec)}
+
+
+def run_depth_train(spec: dict, method: dict, folder: str) -> dict:
+    """A training step from a written depth cache: the next shuffled batch read from disk (memory map),
+    the blocks from the lowest adapted one + final norm + head forward, backward, AdamW."""
+    peak_reset = _reset_peak()
+    torch = _setup(spec["threads"])
+    import gc
+
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from shared.depth_cache import DepthRows, cached_loader, depth_plan
+
+    model = _classifier(spec, method, frozen=False)
+    model.train()
+    rows = DepthRows(folder)
+    if rows.meta["block"] != depth_plan(model).block:
+        raise RuntimeError(f"{folder}: cache for block {rows.meta['block']}, the model adapts from {depth_plan(model).block}")
+    loader = cached_loader(rows, like=DataLoader(range(len(rows)), batch_size=spec["batch"], shuffle=True))
+    gc.collect()
+    baseline_kib = _status_kib("VmRSS")
+    construct_peak_kib = _status_kib("VmHWM")
+    peak_reset = _reset_peak() and peak_reset
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    batches = iter(())
+
+    def step():
+        nonlocal batches
+        try:
+            resume, y = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            resume, y = next(batches)
+        F.cross_entropy(model(resume), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(spec["warmup"]):
+        step()
+    times = []
+    for _ in range(spec["steps"]):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    steps_peak_kib = _status_kib("VmHWM")
+    return {"key": "depth_cached", "trainable_params": sum(p.numel() for p in params),
+            "total_params": sum(p.numel() for p in model.parameters()), "step_s": statistics.median(times),
+            "step_s_min": min(times), "step_s_all": times, "baseline_rss_gib": baseline_kib * 1024 / GIB,
+            "peak_rss_gib": max(construct_peak_kib, steps_peak_kib) * 1024 / GIB,
+            "peak_above_baseline_gib": (steps_peak_kib - baseline_kib) * 1024 / GIB, "peak_reset_ok": peak_reset,
+            "versions": _versions(spec)}
 
 
 def stage_smollm2(spec: dict, folder: str) -> dict:

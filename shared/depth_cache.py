@@ -429,9 +429,14 @@ def _split_batch(batch: Any) -> tuple[Any, list[torch.Tensor]]:
 
 
 def _to_device(x: Any, device: torch.device) -> Any:
-    from shared.data import _to_device as move
-
-    return move(x, device)
+    """Inputs (a tensor, or the dict / tuple of tensors an HF model takes) on `device`."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, Mapping):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_device(v, device) for v in x)
+    return x
 
 
 def _pad_key(t: torch.Tensor) -> Any:

@@ -47,6 +47,8 @@ def _test_metrics(row: dict) -> dict[str, float]:
 
 
 def _assert_close(one: dict[str, float], two: dict[str, float], tol: float = 1e-5) -> None:
+    print("1 process:  ", {k: round(v, 6) for k, v in one.items()})  # shown by pytest -rP
+    print("2 processes:", {k: round(v, 6) for k, v in two.items()})
     assert one and one.keys() == two.keys(), (one, two)
     for k in one:
         both_nan = isinstance(one[k], float) and math.isnan(one[k]) and math.isnan(two[k])

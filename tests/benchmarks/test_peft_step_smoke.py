@@ -5,7 +5,7 @@ from pathlib import Path
 
 SCRIPT_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 TINY = [
-    "--backbone", "vit_tiny_patch16_224", "--backbone-kwargs", '{"depth": 1, "embed_dim": 32, "num_heads": 2}',
+    "--backbone", "vit_tiny_patch16_224", "--backbone-kwargs", '{"depth": 2, "embed_dim": 32, "num_heads": 2}',
     "--img", "32", "--batch", "2", "--threads", "1", "--warmup", "0", "--steps", "2",
     "--infer-reps", "1", "--probe-images", "4", "--probe-epochs", "1",
 ]
@@ -28,7 +28,7 @@ def test_peft_step_tiny_run_writes_every_row(tmp_path, monkeypatch, capsys):
     assert md in capsys.readouterr().out  # the table is printed too
 
     rows = {r["key"]: r for r in res["train_step"]}
-    assert list(rows) == [k for k, _, _ in peft_step.train_configs(depth=1)]
+    assert list(rows) == [k for k, _, _ in peft_step.train_configs(depth=2)]
     for key, r in rows.items():
         assert "error" not in r, r
         for field in ("trainable_params", "total_params", "step_s", "step_s_min", "step_ratio",
@@ -49,6 +49,15 @@ def test_peft_step_tiny_run_writes_every_row(tmp_path, monkeypatch, capsys):
     probe = res["probe_epoch"]
     for field in ("recompute_epoch_s", "cached_epoch_s", "cache_fill_s", "cache_load_s", "speedup"):
         assert _positive(probe[field]), (field, probe[field])
+
+    depth = {r["key"]: r for r in res["depth_cache"]["rows"]}  # LoRA on the top block, cached at block 1
+    assert list(depth) == ["depth_uncached", "depth_fill", "depth_cached", "linear_probe"]
+    assert all("error" not in r and _positive(r["ratio"]) for r in depth.values()), depth
+    fill = depth["depth_fill"]
+    assert fill["block"] == 1 and fill["examples"] == 4 and _positive(fill["bytes_per_example"])
+    assert fill["logit_max_abs_diff"]["fp32"] == 0.0 and fill["logit_max_abs_diff"]["fp16"] < 1e-2
+    assert depth["depth_cached"]["trainable_params"] == depth["depth_uncached"]["trainable_params"]
+    assert "## Depth caching" in md
 
     cfg = res["config"]
     assert cfg["threads"] == 1 and cfg["batch"] == 2 and cfg["img"] == 32 and cfg["cpu"]
@@ -81,6 +90,15 @@ def test_train_configs_per_model_family(monkeypatch):
     assert "prompt" not in smol and "bitfit" not in smol
     assert smol["lora"]["targets"] == ["q_proj", "v_proj"]
     assert set(peft_step.MODELS["smollm2"]["left_out"]) == {"prompt", "bitfit"}
+
+
+def test_depth_config_is_lora_on_the_top_quarter(monkeypatch):
+    peft_step = _import_script(monkeypatch)
+    top, label, method = peft_step.depth_config(12)
+    assert top == 3 and method["targets"] == r"blocks\.(9|10|11)\.attn\.qkv" and "top 3 of 12" in label
+    assert peft_step.depth_config(12, "dinov2-s14")[2] == method
+    assert peft_step.depth_config(6, "minilm")[2]["targets"] == r"encoder\.layer\.(4|5)\.attention\.self\.(query|value)"
+    assert "causal" in peft_step.depth_config(30, "smollm2") and "1 block" in peft_step.depth_config(1)
 
 
 def test_left_out_methods_are_refused_by_the_core(monkeypatch):
