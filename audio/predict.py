@@ -19,7 +19,16 @@ from audio.features import AudioError, FbankConfig, check_silence, read_audio
 from shared import peft
 from shared.cli import positive_int, print_top
 from shared.hub import resolve_adapter
-from shared.predict import Loaded, add_arguments, default_batch_size, model_device, predict_batches, resolve, stacked, warn_line
+from shared.predict import (
+    Loaded,
+    add_arguments,
+    default_batch_size,
+    model_device,
+    predict_batches,
+    resolve,
+    stacked,
+    warn_line,
+)
 
 EPILOG = """\
 output: per file, its path, then one line per class: "  <probability>  <label>" (softmax).

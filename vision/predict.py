@@ -35,7 +35,14 @@ from PIL import Image
 
 from shared.cli import stream_results, unique_stems
 from shared.fs import atomic_path
-from shared.predict import add_arguments, default_batch_size, model_device, predict_batches, resolve, stacked
+from shared.predict import (
+    add_arguments,
+    default_batch_size,
+    model_device,
+    predict_batches,
+    resolve,
+    stacked,
+)
 
 from .data import DataError, image_tensor
 from .images import read_picture

@@ -145,7 +145,19 @@ def test_matrix_covers_every_registered_method():
     assert any(a.reduction is not None for a in adapters) and any(a.train_norms for a in adapters)
 
 
-APPLICABLE = [pytest.param(a, v, id=f"{a}-{v}") for a in SPECS for v in VARIANTS if v not in SPECS[a].unsupported]
+# The default tier runs every method on the timm ViT and, on every other anatomy, the variants whose
+# code paths differ per family (peft-injected LoRA, our sublayer hooks at both placements, the
+# mergeable adapter, token methods, BitFit, full); the whole matrix runs with `-m slow`.
+CORE_VARIANTS = ("lora", "lora_qkv", "adapter_bottleneck_ffn_parallel", "adapter_bottleneck_mhsa_sequential_linear",
+                 "adapter_conformer_ffn_parallel", "prompt_deep", "prefix", "bitfit", "full")
+
+
+def _cell(a: str, v: str):
+    default = a == "vit" or v in CORE_VARIANTS
+    return pytest.param(a, v, id=f"{a}-{v}", marks=() if default else pytest.mark.slow)
+
+
+APPLICABLE = [_cell(a, v) for a in SPECS for v in VARIANTS if v not in SPECS[a].unsupported]
 UNSUPPORTED = [pytest.param(a, v, w, id=f"{a}-{v}") for a in SPECS for v, w in SPECS[a].unsupported.items()]
 
 

@@ -67,8 +67,7 @@ def test_a_batch_that_fails_for_one_input_is_retried_file_by_file():
 def test_a_crash_while_decoding_keeps_the_files_decoded_before_it(workers):
     got = []
     with pytest.raises(RuntimeError, match="decoder crashed"):
-        for g in P.predict_batches([1, 2, 99, 4], _load, lambda b: list(b), batch_size=8, workers=workers):
-            got.append(g)
+        got.extend(P.predict_batches([1, 2, 99, 4], _load, lambda b: list(b), batch_size=8, workers=workers))
     assert got == [(1, 1), (2, 2)]  # was in the batch being filled: predicted before the error is raised
 
 

@@ -94,8 +94,8 @@ def test_a_bad_text_is_named_and_the_others_predicted(tagger_bundle, tmp_path, c
     assert predict.main(["--adapter", str(tagger_bundle), "--batch-size", "2", "--workers", "1", *args]) == 2
     out, err = capsys.readouterr()
     assert [h.split(": ")[0] for h, _ in _scores(out)] == ["text 1", "text 4"]
-    assert err.splitlines() == [f"error: {tmp_path / 'latin.txt'}: not UTF-8 text (byte 4: invalid continuation byte); "
-                                f"save the file as UTF-8",
+    assert err.splitlines() == [(f"error: {tmp_path / 'latin.txt'}: not UTF-8 text (byte 4: invalid continuation "
+                                 f"byte); save the file as UTF-8"),
                                 f"error: {tmp_path / 'nope.txt'}: file not found (@FILE reads the abstract from that file)",
                                 "error: text 5: empty abstract: nothing to tag"]
     # --term must occur in every text: the one without it is named
