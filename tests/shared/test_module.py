@@ -133,6 +133,7 @@ def test_failed_run_keeps_previous_results(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow  # two fresh interpreters (~60 s); the de-duplication logic is in the default tier (test_distributed.py)
 def test_ddp_two_processes_train_and_save_one_bundle(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
