@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/adapter_bank.py` without an installed checkout
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch  # noqa: E402  (after the sys.path line above)
 
 PEFT_ANCHOR = 0.91  # issue 22: HF peft's mixed 8 / one adapter throughput, ViT-S/16, batch 32, 2 CPU threads
 GOAL = 0.95

@@ -16,6 +16,9 @@ DataLoader, the per-file errors and the ordering.
   at most one batch of decoded inputs waits in the main process, about one more in the workers.
 - An unexpected error while decoding (a bug, a crash) raises, as without batches, after the batch
   already decoded has been predicted and yielded: no result made before it is lost.
+- With workers, the first file is decoded in the main process before they start, so whatever
+  decoding imports or caches on first use (MONAI, pydicom, a tokenizer) is loaded once and
+  inherited by the forked workers; a single file never starts a worker.
 
 Defaults (`add_arguments`, `resolve`): `--batch-size` 16 on the CPU (the predict CLIs run there;
 `BATCH_ACCELERATOR` when the model sits on a GPU), `--workers` min(4, CPUs - 1), 0 on a one-core

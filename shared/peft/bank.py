@@ -31,8 +31,9 @@ import contextvars
 import dataclasses
 import os
 import threading
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -94,12 +95,9 @@ def _serve(module: nn.Module, attr: str, check_only: bool = False) -> None:
 def _check_block_rows(block, args, kwargs):
     """Forward pre-hook on every block: inside `rows()` the block's batch must have one row per name."""
     ctx = _ROWS.get()
-    if ctx is None:
-        return None
     x = args[0] if args and torch.is_tensor(args[0]) else kwargs.get("hidden_states")
-    if torch.is_tensor(x) and x.dim() >= 2 and x.shape[0] != ctx.n:
+    if ctx is not None and torch.is_tensor(x) and x.dim() >= 2 and x.shape[0] != ctx.n:
         raise ValueError(f"AdapterBank.rows: {ctx.n} adapter names for a batch of {x.shape[0]} rows; give one name per row")
-    return None
 
 
 def _per_row(ctx: _Rows, x: torch.Tensor, first, second, first_bias=None, second_bias=None, act=None) -> torch.Tensor:
@@ -461,16 +459,10 @@ class AdapterBank:
                 ref = s.module.down.weight
                 device = device or ref.device
                 f = torch.tensor([self.factors[n][key] for n in names], dtype=torch.float32)
-
-                def stack(t, scaled=False):
-                    x = torch.stack([self.states[n][t].float() for n in names])
-                    if scaled:
-                        x = x * f.reshape(-1, *[1] * (x.dim() - 1))
-                    return x.to(ref.device, ref.dtype)
-
+                down, up = _stack(self.states, names, dw, ref), _stack(self.states, names, uw, ref, f)
                 sites[id(s.module)] = _AdapterStacks(
-                    stack(dw).transpose(1, 2).contiguous(), stack(db).unsqueeze(1),
-                    stack(uw, True).transpose(1, 2).contiguous(), stack(ub, True).unsqueeze(1))
+                    down.transpose(1, 2).contiguous(), _stack(self.states, names, db, ref).unsqueeze(1),
+                    up.transpose(1, 2).contiguous(), _stack(self.states, names, ub, ref, f).unsqueeze(1))
         if self.head is not None:
             heads = None
             if names and self.head_states[names[0]] is not None:
@@ -487,6 +479,14 @@ class AdapterBank:
         if device is None:
             device = next(self.backbone.parameters()).device
         return order, sites, device
+
+
+def _stack(states, names, tensor: str, ref: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
+    """(K, ...) tensor `tensor` of every adapter, each times its factor, in `ref`'s device and dtype."""
+    x = torch.stack([states[n][tensor].float() for n in names])
+    if factor is not None:
+        x = x * factor.reshape(-1, *[1] * (x.dim() - 1))
+    return x.to(ref.device, ref.dtype)
 
 
 def _ref_params(site: _Site):

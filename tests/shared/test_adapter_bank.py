@@ -120,7 +120,7 @@ def test_matches_hf_peft_mixed_batch(tiny):
     import peft as hf_peft
 
     pristine = tiny.backbone("vit")
-    model, bank = _bank(tiny, "vit", peft.LoRA(r=4, alpha=8, targets=["qkv"]))
+    _, bank = _bank(tiny, "vit", peft.LoRA(r=4, alpha=8, targets=["qkv"]))
     cfg = hf_peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv"])
     ref = hf_peft.get_peft_model(copy.deepcopy(pristine), cfg, adapter_name="a")
     for name in "bc":
@@ -170,7 +170,7 @@ def test_a_deep_copy_serves_itself(tiny):
 
 
 def test_unknown_names_and_wrong_row_counts_are_refused(tiny):
-    model, bank = _bank(tiny, "vit", peft.LoRA(r=4, alpha=8, targets=["qkv"]))
+    _, bank = _bank(tiny, "vit", peft.LoRA(r=4, alpha=8, targets=["qkv"]))
     x = _batch(tiny, "vit")
     with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['zz'\]; the bank holds a, b, c"):
         bank(x, adapters=["a", "zz", "a", "b"])
@@ -183,7 +183,7 @@ def test_unknown_names_and_wrong_row_counts_are_refused(tiny):
 
 
 def test_mismatched_shapes_and_methods_are_refused_untouched(tiny, tmp_path):
-    model, bank = _bank(tiny, "vit", peft.LoRA(r=4, alpha=8, targets=["qkv"]))
+    _, bank = _bank(tiny, "vit", peft.LoRA(r=4, alpha=8, targets=["qkv"]))
     other = peft.attach(tiny.backbone("vit"), [peft.LoRA(r=2, alpha=8, targets=["qkv"])])
     with pytest.raises(ValueError, match=r"adapter 'r2' does not fit .*one method and shape.*shape blocks\.0\.attn\.qkv"
                                          r"\.lora_A\.lora\.weight: \(2, 32\) vs the model's \(4, 32\)"):
