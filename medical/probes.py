@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -118,10 +118,14 @@ def auroc(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def train_linear_grid(feats: dict[str, dict[str, torch.Tensor]], num_classes: int, multilabel: bool = False,
-                      epochs: int = 10, batch_size: int = 128, lrs=LRS, n: int = 4, seed: int = 0):
+                      epochs: int = 10, batch_size: int = 128, lrs=LRS, n: int = 4, seed: int = 0,
+                      resume: dict | None = None, on_epoch: Callable[[dict], None] | None = None):
     """SGD (momentum 0.9) + cosine, `epochs` over the cached train features; best head chosen on val.
 
-    Returns (best ProbeResult, all results). Metric: accuracy (single-label) or macro AUROC.
+    `on_epoch(state)` is called after every epoch with the loop's state (heads, optimizer, schedule,
+    the batch order's generator, epochs done); `resume` (such a state) continues from it, to the
+    result of an uninterrupted run. Returns (best ProbeResult, all results, the grid). Metric:
+    accuracy (single-label) or macro AUROC.
     """
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -134,7 +138,14 @@ def train_linear_grid(feats: dict[str, dict[str, torch.Tensor]], num_classes: in
     n_train = len(labels["train"])
     steps = epochs * math.ceil(n_train / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
-    for _ in range(epochs):
+    done = 0
+    if resume is not None:
+        grid.load_state_dict(resume["grid"])
+        opt.load_state_dict(resume["opt"])
+        sched.load_state_dict(resume["sched"])
+        g.set_state(resume["generator"])
+        done = int(resume["epochs_done"])
+    for epoch in range(done, epochs):
         order = torch.randperm(n_train, generator=g)
         for i in range(0, n_train, batch_size):
             idx = order[i:i + batch_size]
@@ -152,6 +163,9 @@ def train_linear_grid(feats: dict[str, dict[str, torch.Tensor]], num_classes: in
             loss.backward()
             opt.step()
             sched.step()
+        if on_epoch is not None:
+            on_epoch({"grid": grid.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                      "generator": g.get_state(), "epochs_done": epoch + 1})
     results = []
     with torch.no_grad():
         val_out, test_out = grid(splits["val"]), grid(splits["test"])

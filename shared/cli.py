@@ -381,7 +381,7 @@ def _fit_test_save(cli, claim: OutputRun, evaluate, describe) -> dict[str, Any]:
     if trainer.is_global_zero:
         print(f"trainable parameters: {s['trainable']:,} of {s['total']:,} ({s['trainable_percent']:.3f}%) "
               f"by method: {s['by_method']}")
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()  # CPU: every thread of this process (fit + test)
     with deferred_stop(trainer):
         trainer.fit(model, datamodule=data, ckpt_path=claim.resume_from)
     best = next((c for c in trainer.checkpoint_callbacks if not isinstance(c, LastCheckpoint)
@@ -405,7 +405,8 @@ def _fit_test_save(cli, claim: OutputRun, evaluate, describe) -> dict[str, Any]:
            "method": method_label(attached_methods(model)),
            "trainable_params": s["trainable"], "total_params": s["total"], **metrics,
            "best_checkpoint": Path(ckpt).name if ckpt else None,
-           "train_seconds": round(time.time() - t0, 1), "config": recipe_of(cfg)}
+           "train_seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - cpu0, 1),
+           "config": recipe_of(cfg)}
     if trainer.is_global_zero or sharded:  # under torch.distributed process 0 writes
         model.save_bundle(stage / "adapter", metrics={**metrics, **definition})
     if trainer.is_global_zero:

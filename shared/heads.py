@@ -219,10 +219,13 @@ class PrototypicalHead(nn.Module):
     def similarity_maps(self, tokens: Tokens, eps: float = 1e-8) -> torch.Tensor:
         """ReLU'd, scaled cosine similarity of every prototype at every (upsampled) location:
         (B, C, P, H', W'). Its spatial max is `similarities`; explanations read where it peaks
-        (in time x frequency only with patch_layout "grid")."""
+        (in time x frequency only with patch_layout "grid"). A sequence without a frequency axis
+        (grid (T, 1), e.g. Whisper's time steps) gives maps (B, C, P, upsample x T, 1): prototypes
+        over time."""
         fmap = self.feature_map(tokens)
-        if self.upsample != 1:
-            fmap = F.interpolate(fmap, scale_factor=self.upsample, mode="bilinear", align_corners=False)
+        if self.upsample != 1:  # a 1-wide map (a sequence: grid (T, 1)) is upsampled along its length only
+            scale = (self.upsample, 1) if fmap.shape[-1] == 1 else self.upsample
+            fmap = F.interpolate(fmap, scale_factor=scale, mode="bilinear", align_corners=False)
         f = F.normalize(fmap, dim=1, eps=eps)  # (B, D, H', W')
         p = F.normalize(self.prototypes, dim=1, eps=eps)  # (C*P, D)
         sim = (torch.einsum("bdhw,kd->bkhw", f, p) / self.cosine_scale).relu()  # (B, C*P, H', W')

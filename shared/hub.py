@@ -659,7 +659,7 @@ def model_card(meta: dict[str, Any], repo_id: str, entry: Entry | None = None, l
              "## Metrics", "", f"Measured on: {data}", "", "| metric | value |", "|---|---:|"]
     metrics = (entry.metrics if entry else None) or meta.get("metrics") or {}
     lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
-    domain = "medical" if bb.get("id") in ("dinov2", "tiny-vit") else "audio" if bb.get("id") in ("ast", "tiny-ast") else None
+    domain = "medical" if bb.get("id") in ("dinov2", "tiny-vit") else "audio" if bb.get("id") in ("ast", "tiny-ast", "whisper", "tiny-whisper") else None
     from shared import weights
 
     lines += ["", "## Usage", "", "```bash", "pip install -e .   # in a peft-suite clone"]

@@ -29,7 +29,8 @@ from typing import Any
 from shared.fs import atomic_path, atomic_write
 
 # Recipe keys that vary between the runs of one experiment (or do not change its results).
-RUN_KEYS = {"seed_everything", "seed", "test_fold", "val_fold", "fold", "cache_dir", "num_workers",
+RUN_KEYS = {"seed_everything", "seed", "test_fold", "val_fold", "fold", "test_speakers", "val_speakers",
+            "depth_cache_dir", "cache_dir", "num_workers",
             "enable_progress_bar", "enable_model_summary", "enable_checkpointing", "logger",
             "default_root_dir", "output_dir", "run_name", "accelerator", "devices"}
 NOT_FRACTIONS = re.compile(r"loss|hd\d*|hausdorff|distance|seconds|time|epoch|step|volumes|count|params", re.I)
@@ -89,9 +90,16 @@ def summarise(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
                     "values": vals, "trainable_params": trainable[0] if len(trainable) == 1 else trainable or None,
                     "trainable_percent": (100.0 * max(trainable) / total) if trainable and total else None,
                     "recipe": dict(recipe) if recipe is not None else None,
+                    "cpu_seconds": _mean_of(rs, "cpu_seconds"), "train_seconds": _mean_of(rs, "train_seconds"),
                     "unit": ((rs[0].get("units") or {}) if isinstance(rs[0].get("units"), dict) else {}).get(metric)})
     _name_variants(out)
     return out
+
+
+def _mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
+    """Mean of a numeric field over the runs that record it (None when none does)."""
+    vals = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+    return statistics.fmean(vals) if vals else None
 
 
 def _name_variants(summary: list[dict[str, Any]]) -> None:
@@ -131,7 +139,9 @@ def _params(s: dict[str, Any]) -> str:
     return f"{t:,}" if isinstance(t, int) else f"{min(t):,}-{max(t):,}"
 
 
-def markdown(summary: list[dict[str, Any]], metric: str) -> str:
+def markdown(summary: list[dict[str, Any]], metric: str, columns=None) -> str:
+    """The table. `columns`: extra [(header, cell(entry) -> str)] placed before the run names."""
+    columns = list(columns or [])
     pct = is_fraction(metric, summary)
     scale = 100.0 if pct else 1.0
     units = sorted({s["unit"] for s in summary if s.get("unit")})
@@ -139,9 +149,11 @@ def markdown(summary: list[dict[str, Any]], metric: str) -> str:
     protocol = any(s.get("protocol") for s in summary)
     definition = any(s.get("definition") for s in summary)
     variant = any(s.get("variant") for s in summary)
+    cpu = any(s.get("cpu_seconds") is not None for s in summary)
     head = ["dataset", "method", "backbone", "shots"] + (["protocol"] if protocol else []) + \
         (["metric definition"] if definition else []) + (["recipe"] if variant else []) + \
-        ["runs (folds)", f"{metric}{unit} (mean ± std)", "trainable params", "% of total", "run names"]
+        ["runs (folds)", f"{metric}{unit} (mean ± std)", "trainable params", "% of total"] + \
+        (["CPU s per run"] if cpu else []) + [h for h, _ in columns] + ["run names"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         folds = ",".join(map(str, s["folds"])) or "-"
@@ -150,13 +162,16 @@ def markdown(summary: list[dict[str, Any]], metric: str) -> str:
         cells += [str(s.get("definition") or "-")] if definition else []
         cells += [s.get("variant") or "-"] if variant else []
         cells += [f"{s['runs']} ({folds})", f"{scale * s['mean']:.2f} ± {scale * s['std']:.2f}", _params(s),
-                  f"{s['trainable_percent']:.3f}" if s.get("trainable_percent") is not None else "-",
-                  ", ".join(s.get("run_names", []))]
+                  f"{s['trainable_percent']:.3f}" if s.get("trainable_percent") is not None else "-"]
+        cells += [f"{s['cpu_seconds']:.0f}" if s.get("cpu_seconds") is not None else "-"] if cpu else []
+        cells += [cell(s) for _, cell in columns] + [", ".join(s.get("run_names", []))]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"std: population std over the runs of a row (divide by n; PETL-AST reports the same); "
                  f"rows average only runs whose saved recipes differ in fold / seed alone."
-                 + (" Values in %." if pct else ""))
+                 + (" Values in %." if pct else "")
+                 + (" CPU s per run: the mean over a row's runs of the training process's CPU time (all its "
+                    "threads) for fit + test (`cpu_seconds` in metrics.json)." if cpu else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -185,6 +200,13 @@ def figure(summary: list[dict[str, Any]], metric: str):
         x = t if isinstance(t, int) else (max(t) if t else None)
         if x is None:
             skipped += 1
+            continue
+        if x == 0:  # nothing trained (a zero-shot baseline): no place on a log axis, a level line instead
+            col = colours(i % 10)
+            label = s.get("label") or f"{s['dataset']}: {s['method']}"
+            ax.axhline(scale * s["mean"], color=col, linestyle="--", linewidth=1.2,
+                       label=f"{label}: 0 trained, {runs_text(s['runs'])}" + (", mean" if s["runs"] > 1 else ""))
+            drawn += 1
             continue
         x, y, col = max(1, x), scale * s["mean"], colours(i % 10)
         label = s.get("label") or f"{s['dataset']}: {s['method']}"
@@ -235,7 +257,7 @@ def slug(metric: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", metric).strip("-") or "metric"
 
 
-def main(argv: list[str] | None = None, default_metric: str = "test/acc") -> str:
+def main(argv: list[str] | None = None, default_metric: str = "test/acc", columns=None) -> str:
     ap = argparse.ArgumentParser(description="Summarise run folders into a Markdown table and a plot")
     ap.add_argument("runs", help="folder searched recursively for metrics.json")
     ap.add_argument("--metric", default=default_metric)
@@ -249,7 +271,7 @@ def main(argv: list[str] | None = None, default_metric: str = "test/acc") -> str
     if not summary:
         metrics = sorted({k for r in rows for k, v in r.items() if "/" in k and isinstance(v, (int, float))})
         raise SystemExit(f"no run under {args.runs} reports {args.metric!r} (they report: {', '.join(metrics) or 'nothing'})")
-    table = markdown(summary, args.metric)
+    table = markdown(summary, args.metric, columns=columns(summary) if callable(columns) else columns)
     out = Path(args.out or Path(args.runs) / f"report-{slug(args.metric)}.md")
     png = Path(args.plot or Path(args.runs) / f"report-{slug(args.metric)}.png")
     atomic_write(out, table)

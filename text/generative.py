@@ -22,7 +22,7 @@ import contextlib
 import inspect
 import random
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -318,21 +318,46 @@ def train_yes_no(scorer: YesNoScorer, items: list[tuple[Query, bool]], steps: in
 
 def personalise(scorer: YesNoScorer, train: list[Query], shared_steps: int, reader_steps: int, lr: float = 1e-3,
                 batch_size: int = 8, seed: int = 0, shared_prefix: bool = False,
-                log: dict[str, Any] | None = None, group_size: int | None = None) -> ReaderBank:
+                log: dict[str, Any] | None = None, group_size: int | None = None,
+                done: dict[str, dict[str, torch.Tensor]] | None = None,
+                on_unit: Callable[[ReaderBank, dict[str, Any]], None] | None = None) -> ReaderBank:
     """The shared starting adapter (all readers' training queries), then one adapter per reader from it.
     `log`, if given, receives the losses and wall seconds: shared_s, shared_losses, readers_s,
-    reader_s / reader_losses per reader."""
+    reader_s / reader_losses per reader.
+
+    Resuming (`text.personalise --resume`): `on_unit(bank, log)` is called after the shared adapter and after
+    each reader's; `done` ({adapter name: tensors}, from `bank.states` at such a point, with `log` as it was
+    then) skips the adapters already trained. Each adapter's training depends only on the shared adapter and
+    the seed, so a resumed run trains the rest exactly as an uninterrupted one."""
     log = {} if log is None else log
+    done = done or {}
     bank = ReaderBank(scorer.model)
-    t0 = time.perf_counter()
-    log["shared_losses"] = train_yes_no(scorer, [(q, True) for q in train], shared_steps, lr, batch_size, seed,
-                                        shared_prefix, group_size) if shared_steps else []
-    log["shared_s"] = time.perf_counter() - t0
-    start = bank.snapshot()
-    bank.add(SHARED, start)
-    log["reader_s"], log["reader_losses"] = {}, {}
-    t1 = time.perf_counter()
+
+    def restore(name: str) -> None:  # a finished adapter of the stopped run, into the model and the bank
+        from shared.artifacts import trained_tensors
+
+        live = trained_tensors(bank.bank.backbone)
+        with torch.no_grad():
+            for k, v in done[name].items():
+                live[k].copy_(v)
+        bank.add(name)
+
+    if SHARED in done:
+        restore(SHARED)
+    else:
+        t0 = time.perf_counter()
+        log["shared_losses"] = train_yes_no(scorer, [(q, True) for q in train], shared_steps, lr, batch_size, seed,
+                                            shared_prefix, group_size) if shared_steps else []
+        log["shared_s"] = time.perf_counter() - t0
+        bank.add(SHARED, bank.snapshot())
+        if on_unit is not None:
+            on_unit(bank, log)
+    log.setdefault("reader_s", {})
+    log.setdefault("reader_losses", {})
     for reader in sorted({q.reader for q in train}):
+        if reader in done:
+            restore(reader)
+            continue
         t = time.perf_counter()
         bank.use(SHARED)
         mine = [(q, True) for q in train if q.reader == reader]
@@ -341,7 +366,9 @@ def personalise(scorer: YesNoScorer, train: list[Query], shared_steps: int, read
                                                           group_size)
         bank.add(reader)
         log["reader_s"][reader] = time.perf_counter() - t
-    log["readers_s"] = time.perf_counter() - t1
+        if on_unit is not None:
+            on_unit(bank, log)
+    log["readers_s"] = sum(log["reader_s"].values())
     return bank
 
 

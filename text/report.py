@@ -3,7 +3,9 @@
 - per dataset / domain (ACTER `acter-<domain>` rows are the held-out domains): `report-test-f1.md` +
   `report-test-f1.png` (F1 against trainable parameters), through `shared.report`;
 - per reader (personalised runs): `report-readers.md`, one row per run, one column per reader, and
-  the macro F1 over readers.
+  the macro F1 over readers;
+- the ACTER method table (runs with bootstrap intervals, `data.bootstrap`): `report-methods.md`, one
+  row per held-out domain x regime x learning rate (`method_table`).
 
 Both name the metric definition each run followed (`definition` in metrics.json: "reference", or
 the option, e.g. `term_match=term_key`; docs/metrics.md); runs of different definitions are never
@@ -12,6 +14,7 @@ averaged into one row.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -19,6 +22,8 @@ from shared import report as R
 from shared.fs import atomic_write
 
 PREFIX = "test/f1_reader/"
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "peft_step_minilm.json"
+REGIME_ORDER = ("full", "lora", "adapter", "bitfit", "linear_probe")
 
 
 def reader_table(rows: list[dict]) -> str:
@@ -36,11 +41,136 @@ def reader_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _methods(row: dict) -> list[dict]:
+    return list(((row.get("config") or {}).get("model") or {}).get("methods") or [])
+
+
+def _canonical(method: dict) -> str:
+    """A method config with its defaults filled in (the core's dataclass), as comparable JSON."""
+    from shared import peft
+
+    return json.dumps(peft.from_dict(dict(method)).to_dict(), sort_keys=True, default=str)
+
+
+def regime_name(methods: list[dict]) -> str:
+    """A readable name of what trained: `LoRA r8 on query,key,value,dense`, `adapter ffn parallel b64`, ..."""
+    if not methods:
+        return "frozen encoder + token head (linear probe)"
+    names = []
+    for m in methods:
+        if m["name"] == "lora":
+            t = m.get("targets")
+            names.append(f"LoRA r{m.get('r', 8)} on {','.join(t) if isinstance(t, list) else t}")
+        elif m["name"] == "adapter":
+            size = f"b{m['bottleneck']}" if m.get("bottleneck") else f"RR{m.get('reduction', 12)}"
+            names.append(f"adapter {m.get('placement', 'both')} {m.get('mode', 'parallel')} {size}")
+        elif m["name"] == "full":
+            names.append("full fine-tuning")
+        elif m["name"] == "bitfit":
+            names.append("BitFit")
+        else:
+            names.append(m["name"])
+    return " + ".join(names)
+
+
+def bench_rows(path: Path = BENCH) -> dict[str, dict]:
+    """benchmarks/results/peft_step_minilm.json's training-step rows without recomputation or block
+    subsets, keyed by the canonical method config ("full" / "linear_probe" for those two)."""
+    if not Path(path).is_file():
+        return {}
+    out = {}
+    for r in json.loads(Path(path).read_text()).get("train_step", []):
+        if r["key"] in ("full", "linear_probe"):
+            out[r["key"]] = r
+        elif r.get("method") and "recompute" not in r["key"] and "blocks" not in r["method"] \
+                and isinstance(r["method"].get("targets", []), list):
+            out[_canonical(r["method"])] = r
+    return out
+
+
+def bench_row(methods: list[dict], bench: dict[str, dict]) -> dict | None:
+    if not methods:
+        return bench.get("linear_probe")
+    if len(methods) == 1 and methods[0]["name"] == "full":
+        return bench.get("full")
+    return bench.get(_canonical(methods[0])) if len(methods) == 1 else None
+
+
+def _ci(r: dict, m: str) -> str:
+    v, lo, hi = r.get(f"test/{m}"), r.get(f"test/{m}_lo"), r.get(f"test/{m}_hi")
+    if not isinstance(v, (int, float)):
+        return "-"
+    return f"{100 * v:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]" if isinstance(lo, (int, float)) else f"{100 * v:.1f}"
+
+
+def method_table(rows: list[dict], bench_path: Path = BENCH) -> str:
+    """ACTER runs with bootstrap intervals: one row per run (held-out domain x regime x lr): F1 /
+    precision / recall with their 95% intervals over test sentences, predicted / gold terms, trainable
+    parameters, the step-time and peak-memory ratios to full fine-tuning from `benchmarks/results/
+    peft_step_minilm.json` (its row of the same method config; '-' where it has none), validation F1 of
+    the tested epoch (what an lr grid chooses on) and the run's CPU time. Where one domain and regime ran
+    with several learning rates, the run of the best validation F1 is marked chosen."""
+    rows = [r for r in rows if str(r.get("dataset", "")).startswith("acter-") and "test/f1_lo" in r]
+    if not rows:
+        return ""
+    bench = bench_rows(bench_path)
+    order = {k: i for i, k in enumerate(REGIME_ORDER)}
+
+    def regime_key(r):
+        ms = _methods(r)
+        return "linear_probe" if not ms else ms[0]["name"]
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], json.dumps(_methods(r), sort_keys=True)), []).append(r)
+    chosen = {id(max(g, key=lambda r: r.get("val/f1_best", -1.0))) for g in groups.values() if len(g) > 1}
+    head = ["held-out domain", "regime", "lr", "F1 % [95% CI]", "precision %", "recall %", "predicted / gold",
+            "trainable params", "step vs full", "peak RSS vs full", "above baseline vs full", "val F1 %",
+            "CPU min (threads)", "run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows.sort(key=lambda r: (r["dataset"], order.get(regime_key(r), 99), float((r["config"].get("model") or {})
+                                                                              .get("lr", 0)), str(r.get("run"))))
+    missing = set()
+    for r in rows:
+        ms, lr = _methods(r), (r["config"].get("model") or {}).get("lr")
+        b = bench_row(ms, bench)
+        name = regime_name(ms)
+        if b is None:
+            missing.add(name)
+        group = groups[(r["dataset"], json.dumps(ms, sort_keys=True))]
+        mark = "" if len(group) == 1 else (" (chosen on val)" if id(r) in chosen else " (not chosen)")
+        cpu = r.get("cpu_seconds")
+        cells = [r["dataset"].removeprefix("acter-"), name + mark, f"{lr:g}" if isinstance(lr, (int, float)) else "-",
+                 _ci(r, "f1"), _ci(r, "precision"), _ci(r, "recall"),
+                 f"{r.get('test/n_predicted', 0):,.0f} / {r.get('test/n_gold', 0):,.0f}",
+                 f"{r.get('trainable_params', 0):,}",
+                 *(f"{b[k]:.2f}x" if b else "-" for k in ("step_ratio", "peak_rss_ratio", "peak_above_baseline_ratio")),
+                 f"{100 * r['val/f1_best']:.1f}" if isinstance(r.get("val/f1_best"), (int, float)) else "-",
+                 (f"{cpu / 60:.1f}" if isinstance(cpu, (int, float)) else "-") + f" ({r.get('torch_threads', '?')})",
+                 str(r.get("run"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    n = sorted({int(r.get("test/bootstrap_resamples", 0)) for r in rows})
+    notes = [f"Intervals: 95% percentile bootstrap over the held-out domain's test sentences ({'/'.join(map(str, n))} "
+             f"seeded resamples; text.bootstrap): each resample is scored as a corpus (its predicted and gold term "
+             f"sets); the point value is the full test set's TermEval score."]
+    if bench:
+        cfg = json.loads(Path(bench_path).read_text()).get("config", {})
+        notes.append(f"Ratios to full fine-tuning: {Path(bench_path).name} (training step, batch {cfg.get('batch')} x "
+                     f"{cfg.get('seq')} tokens, {cfg.get('threads')} thread(s), a mean-pooled classification head), "
+                     f"the row of the same method config.")
+    if missing:
+        notes.append("The benchmark has no row for: " + "; ".join(sorted(missing)) + " ('-').")
+    notes.append("CPU min: the training process's CPU time for fit + test (`cpu_seconds`), torch threads in brackets.")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(prog="python -m text.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", help="folder searched recursively for metrics.json (e.g. runs/text_demo)")
     ap.add_argument("--metric", default="test/f1", help="metric of the per-dataset table (test/f1)")
+    ap.add_argument("--bench", default=str(BENCH), help="step benchmark JSON the method table takes its time and "
+                                                        "memory ratios from (benchmarks/results/peft_step_minilm.json)")
     args = ap.parse_args(argv)
     rows = R.collect(args.runs)
     if not rows:
@@ -53,6 +183,10 @@ def main(argv: list[str] | None = None) -> str:
     R.plot(summary, args.metric, Path(args.runs) / f"report-{R.slug(args.metric)}.png")
     readers = reader_table(rows)
     out = table
+    methods = method_table(rows, Path(args.bench))
+    if methods:
+        atomic_write(Path(args.runs) / "report-methods.md", methods)
+        out += "\nACTER method table (report-methods.md):\n\n" + methods
     if readers:
         atomic_write(Path(args.runs) / "report-readers.md", readers)
         out += "\nper reader (test F1 of the jargon class, %):\n\n" + readers

@@ -216,36 +216,58 @@ def word_probs(model: nn.Module, encoder: WindowEncoder, docs: list[tuple[list[s
     return [p[:, :c] for p in word_outputs(model, encoder, docs, batch_size)]
 
 
+def window_probs(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, N, C + K) logits -> the C tag probabilities (softmax), then one probability per extra target
+    (sigmoid), in float32."""
+    logits = logits.float()
+    return torch.cat([logits[..., :num_classes].softmax(-1), logits[..., num_classes:].sigmoid()], -1)
+
+
 @torch.no_grad()
-def word_outputs(model: nn.Module, encoder: WindowEncoder, docs: list[tuple[list[str], str]],
-                 batch_size: int = 32) -> list[np.ndarray]:
-    """(n_words, C + K) for each (words, profile): the C tag probabilities (softmax), then one
-    probability per extra target of the head (sigmoid); long texts are windowed."""
+def window_outputs(model: nn.Module, windows: list[Window], pad_id: int, batch_size: int = 32) -> list[np.ndarray]:
+    """Per window, (n_tokens, C + K) probabilities (`window_probs`). The windows are batched in order
+    of length, so a batch pads to about its own length (ACTER: a quarter of the tokens an
+    unsorted batch pads to); each window's rows come back in the given order."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    jobs = []  # (doc index, window)
-    for d, (words, profile) in enumerate(docs):
-        jobs += [(d, w) for w in encoder.encode(words, profile)]
     c = num_tags(model)
-    out: list[np.ndarray] = [None] * len(docs)  # type: ignore[list-item]
-    best = [np.full(len(w), -1) for w, _ in docs]  # each word's distance to its window's edge
-    for i in range(0, len(jobs), batch_size):
-        chunk = jobs[i:i + batch_size]
-        inputs = collate([w for _, w in chunk], encoder.tok.pad_id)[0]
-        logits = model({k: v.to(device) for k, v in inputs.items()}).float()
-        probs = torch.cat([logits[..., :c].softmax(-1), logits[..., c:].sigmoid()], -1).cpu().numpy()
-        for d in {d for d, _ in chunk}:
-            if out[d] is None:
-                out[d] = np.zeros((len(docs[d][0]), probs.shape[-1]), dtype=np.float32)
-        for row, (d, w) in enumerate(chunk):
-            for j, pos in enumerate(w.positions):
-                word = w.start + j
-                centre = min(j, len(w.positions) - 1 - j) if w.end < len(docs[d][0]) or w.start > 0 else 10**9
-                if centre > best[d][word]:
-                    best[d][word], out[d][word] = centre, probs[row, pos]
+    order = sorted(range(len(windows)), key=lambda i: len(windows[i].input_ids))
+    out: list[np.ndarray] = [None] * len(windows)  # type: ignore[list-item]
+    for i in range(0, len(order), batch_size):
+        chunk = order[i:i + batch_size]
+        inputs = collate([windows[j] for j in chunk], pad_id)[0]
+        probs = window_probs(model({k: v.to(device) for k, v in inputs.items()}), c).cpu().numpy()
+        for row, j in enumerate(chunk):
+            out[j] = probs[row, :len(windows[j].input_ids)]
     model.train(was_training)
     return out
+
+
+def merge_windows(lengths: list[int], jobs: list[tuple[int, Window]], probs: list[np.ndarray]) -> list[np.ndarray]:
+    """Per doc of `lengths[d]` words, (n_words, C + K): each word takes its row from the window (`jobs`:
+    (doc index, window), in the docs' order) where it sits farthest from an edge; on a tie, the
+    earlier window. `probs`: each job's window rows (`window_outputs`)."""
+    out: list[np.ndarray] = [None] * len(lengths)  # type: ignore[list-item]
+    best = [np.full(n, -1) for n in lengths]  # each word's distance to its window's edge
+    for (d, w), p in zip(jobs, probs):
+        if out[d] is None:
+            out[d] = np.zeros((lengths[d], p.shape[-1]), dtype=np.float32)
+        for j, pos in enumerate(w.positions):
+            word = w.start + j
+            centre = min(j, len(w.positions) - 1 - j) if w.end < lengths[d] or w.start > 0 else 10**9
+            if centre > best[d][word]:
+                best[d][word], out[d][word] = centre, p[pos]
+    return out
+
+
+def word_outputs(model: nn.Module, encoder: WindowEncoder, docs: list[tuple[list[str], str]],
+                 batch_size: int = 32) -> list[np.ndarray]:
+    """(n_words, C + K) for each (words, profile): the C tag probabilities (softmax), then one
+    probability per extra target of the head (sigmoid); long texts are windowed (`merge_windows`)."""
+    jobs = [(d, w) for d, (words, profile) in enumerate(docs) for w in encoder.encode(words, profile)]
+    probs = window_outputs(model, [w for _, w in jobs], encoder.tok.pad_id, batch_size)
+    return merge_windows([len(words) for words, _ in docs], jobs, probs)
 
 
 def decode(probs: np.ndarray) -> list[int]:
@@ -337,10 +359,13 @@ def decision_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def extract_terms(model, encoder, docs: list[Doc], key=term_key) -> tuple[set[str], list[list[int]]]:
+def extract_terms(model, encoder, docs: list[Doc], key=term_key,
+                  probs: list[np.ndarray] | None = None) -> tuple[set[str], list[list[int]]]:
     """TermEval: the set of unique terms the model tags in `docs` (each tagged word span joined by
-    spaces, then `key`: `termeval_key` for the reference match, `term_key` for ours), and the tags."""
-    probs = word_probs(model, encoder, [(d.words, d.profile) for d in docs])
+    spaces, then `key`: `termeval_key` for the reference match, `term_key` for ours), and the tags.
+    `probs`: the docs' word tag probabilities when already computed."""
+    if probs is None:
+        probs = word_probs(model, encoder, [(d.words, d.profile) for d in docs])
     tags = [decode(p) for p in probs]
     terms = set()
     for d, t in zip(docs, tags):
@@ -438,6 +463,6 @@ def decode_terms(words: list, probs: np.ndarray) -> list[dict[str, Any]]:
 
 
 __all__ = ["HashTokenizer", "HFTokenizer", "build_tokenizer", "WindowEncoder", "Window", "collate", "TokenHead",
-           "word_probs", "word_outputs", "entity_decisions", "extra_decisions", "extra_metrics", "decision_metrics",
+           "word_probs", "word_outputs", "window_outputs", "window_probs", "merge_windows", "entity_decisions", "extra_decisions", "extra_metrics", "decision_metrics",
            "extract_terms", "term_metrics", "tag_spans", "decode_terms", "acter_normalise", "termeval_key", "term_keyer", "TERM_MATCH",
            "entity_score", "span_score", "term_key", "O", "B", "I"]

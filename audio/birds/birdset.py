@@ -26,7 +26,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from audio.birds.frontend import BirdFbankConfig, clip_features, event_window, read_clip, fbank_birdmae
+from audio.birds.frontend import BirdFbankConfig, clip_features, event_window, frontend_config, read_clip
 from audio.features import AudioError
 
 # the eight BirdSet test sets and their class counts (Rauch et al. 2025; BirdSet)
@@ -47,7 +47,8 @@ class Item:
 
 
 class WindowDataset(torch.utils.data.Dataset):
-    """(features (1, frames, mels), multi-hot target (C,)) per item."""
+    """(features, multi-hot target (C,)) per item: features (1, frames, mels) with Bird-MAE's fbank,
+    (mels, frames) with Whisper's log-mel (`cfg.compute`)."""
 
     def __init__(self, items: list[Item], num_classes: int, cfg: BirdFbankConfig = BirdFbankConfig()):
         self.items, self.num_classes, self.cfg = items, num_classes, cfg
@@ -66,7 +67,7 @@ class WindowDataset(torch.utils.data.Dataset):
             wave = read_clip(it.path, sample_rate=self.cfg.sample_rate)
             s, e = event_window(it.events, wave.numel() / self.cfg.sample_rate, self.cfg.window_s)
             sr = self.cfg.sample_rate
-            x = fbank_birdmae(wave[int(s * sr):int(e * sr)], self.cfg, source=it.path).unsqueeze(0)
+            x = self.cfg.compute(wave[int(s * sr):int(e * sr)], source=it.path)
         else:
             x = clip_features(it.path, it.start, it.end, self.cfg)
         return x, self.target(i)
@@ -172,7 +173,7 @@ class BirdSetDataModule(L.LightningDataModule):
     def __init__(self, root: str, layout: str = "auto", task: str | None = None, train_split: str = "train",
                  test_split: str = "test_5s", few_shot: int | None = None, seed: int = 0, batch_size: int = 32,
                  num_workers: int = 0, classes: list[str] | None = None, val_fraction: float = 0.0,
-                 pad: str = "waveform"):
+                 pad: str = "waveform", frontend: str = "birdmae", target_frames: int | None = None):
         super().__init__()
         if layout not in ("auto", "hf", "csv"):
             raise ValueError(f"layout must be auto, hf or csv, got {layout!r}")
@@ -181,7 +182,7 @@ class BirdSetDataModule(L.LightningDataModule):
         self.root, self.layout, self.task = Path(root).expanduser(), layout, task.upper() if task else None
         self.train_split, self.test_split, self.few_shot, self.seed = train_split, test_split, few_shot, seed
         self.batch_size, self.num_workers, self.classes = batch_size, num_workers, classes
-        self.cfg = BirdFbankConfig(pad=pad)
+        self.cfg = frontend_config(frontend, pad, target_frames)
         self.name = self.task or self.root.name
         self.val_fraction = val_fraction
         self.splits: dict[str, WindowDataset] = {}

@@ -7,6 +7,11 @@ the window's spectrogram (frequency axis in Hz on the mel scale) with each firin
 best-matching patch outlined and numbered as in the table (default runs/explain/explain_<clip>.png;
 `--output` picks the file).
 
+A Whisper-token probe (`domains/bioacoustic/fsdd_whisper.yaml`) has no frequency axis: its
+prototypes live over time, so each firing prototype is a time span (one 20 ms token, or a cell of
+the upsampled time axis) drawn across the whole (Whisper log-mel, 0-8 kHz) spectrogram, and the
+table gives its time in seconds with no frequency column.
+
 A clip longer than one 5 s window is scanned with sliding windows and the window with the most
 confident prediction is explained (`--start SECONDS` picks one; it must be >= 0).
 
@@ -26,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from audio.birds.frontend import BirdFbankConfig, clip_features, duration_of, sliding_windows
+from audio.birds.frontend import BirdFbankConfig, clip_features, config_from_dict, duration_of, sliding_windows
 from shared.heads import PrototypicalHead, Tokens
 
 HOP_S = 0.010  # fbank hop
@@ -40,11 +45,18 @@ def similarity_maps(head: PrototypicalHead, tokens: Tokens, eps: float = 1e-8) -
     return head.similarity_maps(tokens, eps)
 
 
-def hz_to_mel(hz: float) -> float:
+SCALES = ("kaldi", "slaney")  # kaldi's fbank (HTK mel, Bird-MAE); slaney mel (librosa / Whisper)
+
+
+def hz_to_mel(hz: float, scale: str = "kaldi") -> float:
+    if scale == "slaney":  # linear below 1 kHz (3 / 200 mel per Hz), logarithmic above
+        return 3.0 * hz / 200.0 if hz < 1000.0 else 15.0 + 27.0 * math.log(hz / 1000.0) / math.log(6.4)
     return 2595.0 * math.log10(1 + hz / 700.0)
 
 
-def mel_to_hz(m: float) -> float:
+def mel_to_hz(m: float, scale: str = "kaldi") -> float:
+    if scale == "slaney":
+        return 200.0 * m / 3.0 if m < 15.0 else 1000.0 * math.exp((m - 15.0) * math.log(6.4) / 27.0)
     return 700.0 * (10 ** (m / 2595.0) - 1.0)
 
 
@@ -56,31 +68,40 @@ def mel_bin_edges_hz(n_bins: int = 128, low: float = LOW_HZ, high: float = 16_00
     return pts[:n_bins] + [pts[-1]]
 
 
-def bin_to_hz(position: float, n_bins: int = 128, low: float = LOW_HZ, high: float = 16_000.0) -> float:
+def bin_to_hz(position: float, n_bins: int = 128, low: float = LOW_HZ, high: float = 16_000.0,
+              scale: str = "kaldi") -> float:
     """The frequency at a position on the picture's mel-bin axis, where pixel row i spans [i, i + 1)
-    and its centre i + 0.5 is bin i's centre (mel point i + 1 of kaldi's n_bins + 2)."""
-    lo, hi = hz_to_mel(low), hz_to_mel(high)
-    return mel_to_hz(lo + (hi - lo) * (position + 0.5) / (n_bins + 1))
+    and its centre i + 0.5 is bin i's centre (mel point i + 1 of the n_bins + 2 equally spaced on
+    the mel `scale`: kaldi's fbank, or the slaney filters of Whisper's log-mel)."""
+    lo, hi = hz_to_mel(low, scale), hz_to_mel(high, scale)
+    return mel_to_hz(lo + (hi - lo) * (position + 0.5) / (n_bins + 1), scale)
 
 
-def hz_to_bin(hz: float, n_bins: int = 128, low: float = LOW_HZ, high: float = 16_000.0) -> float:
+def hz_to_bin(hz: float, n_bins: int = 128, low: float = LOW_HZ, high: float = 16_000.0, scale: str = "kaldi") -> float:
     """`bin_to_hz` inverted: the position of `hz` on the mel-bin axis."""
-    lo, hi = hz_to_mel(low), hz_to_mel(high)
-    return (hz_to_mel(hz) - lo) / (hi - lo) * (n_bins + 1) - 0.5
+    lo, hi = hz_to_mel(low, scale), hz_to_mel(high, scale)
+    return (hz_to_mel(hz, scale) - lo) / (hi - lo) * (n_bins + 1) - 0.5
 
 
 def explain(clf, x: torch.Tensor, labels: list[str], threshold: float = 0.5, top_prototypes: int = 3,
-            window_start: float = 0.0, patch: int = 16, frontend: BirdFbankConfig | None = None,
+            window_start: float = 0.0, patch: int | None = None, frontend: BirdFbankConfig | None = None,
             audio_s: float | None = None, nyquist: float | None = None) -> list[dict]:
-    """Rows of the explanation for one window x (1, frames, mels): one row per (predicted class,
-    firing prototype), sorted by class then contribution. A class is predicted when its probability
-    is >= threshold; with none above it, the most probable class is explained.
+    """Rows of the explanation for one window x (the frontend's model input: (1, frames, mels) for
+    Bird-MAE, (mels, frames) for Whisper): one row per (predicted class, firing prototype), sorted by
+    class then contribution. A class is predicted when its probability is >= threshold; with none
+    above it, the most probable class is explained.
+
+    A map cell spans frames / H' frames and mels / W' mel bins (`patch`, when given: the patch size,
+    divided by the upsampling). A time-only map (W' = 1: Whisper tokens) gives time spans: the
+    rows' `mel_bins` and `hz` are None.
 
     Each row's `flags` name evidence where the input has nothing: PADDING when the matched cell's
     centre lies after the window's first `audio_s` seconds of audio, NYQUIST when more than half of its
-    band (in Hz) lies above `nyquist` (half the file's own sample rate)."""
+    band (in Hz) lies above `nyquist` (half the file's own sample rate; never for a time span, which
+    covers every frequency)."""
     cfg = frontend or BirdFbankConfig()
     n_bins, high = cfg.num_mel_bins, cfg.sample_rate / 2
+    scale, low = getattr(cfg, "frequency_scale", "kaldi"), getattr(cfg, "low_hz", LOW_HZ)
     head = clf.head
     if not isinstance(head, PrototypicalHead):
         raise ValueError(f"audio.explain needs a prototypical probe bundle, this one has a {getattr(head, 'kind', '?')} head")
@@ -93,7 +114,12 @@ def explain(clf, x: torch.Tensor, labels: list[str], threshold: float = 0.5, top
         maps = similarity_maps(head, tokens)[0]  # (C, P, H', W'): H' = time, W' = mel
     weights = head.weight.detach().clamp(min=0)  # (C, P)
     predicted = [int(c) for c in torch.nonzero(probs >= threshold).flatten()] or [int(probs.argmax())]
-    cell_t, cell_f = patch / head.upsample, patch / head.upsample  # frames / mel bins per upsampled cell
+    time_only = maps.shape[-1] == 1
+    n_frames = cfg.spectrogram(x).shape[-1] if hasattr(cfg, "spectrogram") else x.shape[-2]
+    if patch is not None:
+        cell_t = cell_f = patch / head.upsample  # frames / mel bins per upsampled cell
+    else:
+        cell_t, cell_f = n_frames / maps.shape[-2], n_bins / maps.shape[-1]
     audio_end = window_start + audio_s if audio_s is not None else None
     rows = []
     for c in sorted(predicted, key=lambda c: -float(probs[c])):
@@ -105,18 +131,22 @@ def explain(clf, x: torch.Tensor, labels: list[str], threshold: float = 0.5, top
                 continue
             flat = int(maps[c, p].flatten().argmax())
             ti, fi = divmod(flat, maps.shape[-1])
-            f0, f1 = int(fi * cell_f), int(min((fi + 1) * cell_f, n_bins))
             t0, t1 = window_start + ti * cell_t * HOP_S, window_start + (ti + 1) * cell_t * HOP_S
-            hz0, hz1 = bin_to_hz(f0, n_bins, LOW_HZ, high), bin_to_hz(f1, n_bins, LOW_HZ, high)
             flags = []
             if audio_end is not None and (t0 + t1) / 2 > audio_end + 1e-9:
                 flags.append(PADDING)
-            if nyquist is not None and (hz0 + hz1) / 2 > nyquist:
-                flags.append(NYQUIST)
+            if time_only:  # a time span: every frequency
+                mel_bins = hz = None
+            else:
+                f0, f1 = int(fi * cell_f), int(min((fi + 1) * cell_f, n_bins))
+                hz0, hz1 = bin_to_hz(f0, n_bins, low, high, scale), bin_to_hz(f1, n_bins, low, high, scale)
+                mel_bins, hz = (f0, f1), (round(hz0), round(hz1))
+                if nyquist is not None and (hz0 + hz1) / 2 > nyquist:
+                    flags.append(NYQUIST)
             rows.append({"class": labels[c], "probability": float(probs[c]), "prototype": c * head.prototypes_per_class + p,
                          "similarity": float(sims[p]), "weight": float(weights[c, p]), "contribution": float(contrib[p]),
                          "share": float(contrib[p]) / total if total > 0 else 0.0,
-                         "t_start": t0, "t_end": t1, "mel_bins": (f0, f1), "hz": (round(hz0), round(hz1)),
+                         "t_start": t0, "t_end": t1, "mel_bins": mel_bins, "hz": hz,
                          "cell": (ti, fi), "flags": flags})
     return rows
 
@@ -143,15 +173,24 @@ def warnings_for(rows: list[dict], audio_end: float | None, window_end: float, n
     return out
 
 
-def table(rows: list[dict], nyquist: float | None = None) -> str:
-    """The rows as Markdown, numbered as the patches in the picture; `note` flags evidence where the
-    input holds nothing (`explain`'s flags)."""
-    lines = ["| # | class | p | prototype | similarity | weight | contribution (share) | time (s) | frequency (Hz) | note |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+def is_time_only(rows: list[dict]) -> bool:
+    """Rows of a probe without a frequency axis (time spans): `explain` leaves their `mel_bins` None."""
+    return bool(rows) and all("mel_bins" in r and r["mel_bins"] is None for r in rows)
+
+
+def table(rows: list[dict], nyquist: float | None = None, time_only: bool | None = None) -> str:
+    """The rows as Markdown, numbered as the patches (time spans) in the picture; `note` flags evidence
+    where the input holds nothing (`explain`'s flags). Time-only rows (Whisper tokens) have no
+    frequency column, and their time to the millisecond (a token is 20 ms)."""
+    time_only = is_time_only(rows) if time_only is None else time_only
+    head = "| # | class | p | prototype | similarity | weight | contribution (share) | time (s) |"
+    lines = [head + (" note |" if time_only else " frequency (Hz) | note |"),
+             "|---|---|---|---|---|---|---|---|---|" + ("" if time_only else "---|")]
     for i, r in enumerate(rows, 1):
+        when = f"{r['t_start']:.3f}-{r['t_end']:.3f}" if time_only else f"{r['t_start']:.2f}-{r['t_end']:.2f}"
+        band = "" if time_only else f" {r['hz'][0]}-{r['hz'][1]} |"
         lines.append(f"| {i} | {r['class']} | {r['probability']:.2f} | #{r['prototype']} | {r['similarity']:.3f} | "
-                     f"{r['weight']:.2f} | {r['contribution']:.3f} ({100 * r['share']:.0f}%) | "
-                     f"{r['t_start']:.2f}-{r['t_end']:.2f} | {r['hz'][0]}-{r['hz'][1]} | "
+                     f"{r['weight']:.2f} | {r['contribution']:.3f} ({100 * r['share']:.0f}%) | {when} |{band} "
                      f"{flag_text(r.get('flags', []), nyquist) or '-'} |")
     return "\n".join(lines)
 
@@ -168,7 +207,9 @@ def figure(x: torch.Tensor, rows: list[dict], title: str, window_start: float = 
     """The explanation picture (a matplotlib Figure, Agg): the window's log-mel spectrogram with a colour
     bar, time in s, frequency in Hz (ticks at round frequencies, placed on the mel scale), each row's
     patch outlined in its class colour and numbered as in the table (a legend lists the numbers), the
-    padding after the audio and the band above the input's Nyquist frequency shaded and labelled."""
+    padding after the audio and the band above the input's Nyquist frequency shaded and labelled.
+    Time-only rows (Whisper tokens) are time spans: a band across every frequency, its edges in the
+    class colour, numbered at the top; the legend gives each span in seconds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,22 +219,24 @@ def figure(x: torch.Tensor, rows: list[dict], title: str, window_start: float = 
 
     cfg = frontend or BirdFbankConfig()
     n_bins, high = cfg.num_mel_bins, cfg.sample_rate / 2
-    spec = x[0].T.numpy()  # (mels, frames)
+    scale, low = getattr(cfg, "frequency_scale", "kaldi"), getattr(cfg, "low_hz", LOW_HZ)
+    spec = (cfg.spectrogram(x) if hasattr(cfg, "spectrogram") else x[0].T).numpy()  # (mels, frames)
+    time_only = is_time_only(rows)
     t_end = window_start + spec.shape[1] * HOP_S
     fig, ax = plt.subplots(figsize=(11, 4.2), layout="constrained")
     im = ax.imshow(spec, origin="lower", aspect="auto", cmap="magma", extent=(window_start, t_end, 0, spec.shape[0]))
     fig.colorbar(im, ax=ax, pad=0.01, label="log-mel energy (normalised)")
     ticks, last = [], -math.inf
     for hz in HZ_TICKS:  # round frequencies, at least 6 % of the axis apart (the low ones crowd on the mel scale)
-        y = hz_to_bin(hz, n_bins, LOW_HZ, high)
-        if LOW_HZ < hz <= high and 0 <= y <= spec.shape[0] and y - last >= 0.06 * spec.shape[0]:
+        y = hz_to_bin(hz, n_bins, low, high, scale)
+        if low < hz <= high and 0 <= y <= spec.shape[0] and y - last >= 0.06 * spec.shape[0]:
             ticks.append(hz)
             last = y
-    ax.set_yticks([hz_to_bin(hz, n_bins, LOW_HZ, high) for hz in ticks], [hz_label(hz) for hz in ticks])
+    ax.set_yticks([hz_to_bin(hz, n_bins, low, high, scale) for hz in ticks], [hz_label(hz) for hz in ticks])
     ax.set_ylabel("frequency (Hz, mel scale)")
     ax.set_xlabel("time (s)")
     ax.xaxis.set_major_locator(MaxNLocator(nbins=11, steps=[1, 2, 2.5, 5, 10]))
-    ax.set_title("\n".join(textwrap.wrap(title, 120)), fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=9)
 
     extra = []  # legend entries of the shaded regions
     if audio_s is not None and window_start + audio_s < t_end - 1e-9:
@@ -203,7 +246,7 @@ def figure(x: torch.Tensor, rows: list[dict], title: str, window_start: float = 
         ax.text((a + t_end) / 2, spec.shape[0] * 0.97, "padding", rotation=90 if t_end - a < 0.6 else 0,
                 ha="center", va="top", fontsize=7, color="white")
     if nyquist is not None and nyquist < high:
-        y = hz_to_bin(nyquist, n_bins, LOW_HZ, high)
+        y = hz_to_bin(nyquist, n_bins, low, high, scale)
         extra.append(ax.axhspan(y, spec.shape[0], facecolor="0.8", alpha=0.35, hatch="\\\\", edgecolor="white", lw=0,
                                 label=f"above the input's Nyquist ({hz_label(nyquist)} Hz): no energy"))
         ax.text(window_start + 0.02 * (t_end - window_start), (y + spec.shape[0]) / 2, f"> {hz_label(nyquist)} Hz: no input",
@@ -214,19 +257,30 @@ def figure(x: torch.Tensor, rows: list[dict], title: str, window_start: float = 
     handles, cells = [], {}
     for i, r in enumerate(rows, 1):
         col = colours(classes.index(r["class"]) % 10)
-        f0, f1 = r["mel_bins"]
         flagged = bool(r.get("flags"))
-        ax.add_patch(patches.Rectangle((r["t_start"], f0), r["t_end"] - r["t_start"], f1 - f0, fill=False,
-                                       edgecolor=col, linewidth=1.2 + 2 * r["share"], linestyle="--" if flagged else "-"))
-        cells.setdefault((r["t_start"], f0, f1), []).append((i, col))
         note = " [" + ", ".join(r["flags"]) + "]" if flagged else ""
-        handles.append(patches.Patch(facecolor="none", edgecolor=col, linestyle="--" if flagged else "-",
+        style = "--" if flagged else "-"
+        if time_only:  # a time span over every frequency: a tinted band with edges in the class colour
+            ax.axvspan(r["t_start"], r["t_end"], facecolor=col, alpha=0.25, lw=0)
+            for t in (r["t_start"], r["t_end"]):
+                ax.axvline(t, color=col, linewidth=0.8 + 1.5 * r["share"], linestyle=style)
+            cells.setdefault((r["t_start"], spec.shape[0], spec.shape[0]), []).append((i, col))  # labels at the top
+            where = f", {r['t_start']:.2f}-{r['t_end']:.2f} s"
+        else:
+            f0, f1 = r["mel_bins"]
+            ax.add_patch(patches.Rectangle((r["t_start"], f0), r["t_end"] - r["t_start"], f1 - f0, fill=False,
+                                           edgecolor=col, linewidth=1.2 + 2 * r["share"], linestyle=style))
+            cells.setdefault((r["t_start"], f0, f1), []).append((i, col))
+            where = ""
+        handles.append(patches.Patch(facecolor=col if time_only else "none", alpha=0.5 if time_only else None,
+                                     edgecolor=col, linestyle=style,
                                      label=f"{i}: {r['class']} #{r['prototype']}, sim {r['similarity']:.2f}, "
-                                           f"{100 * r['share']:.0f}% of the class{note}"))
+                                           f"{100 * r['share']:.0f}% of the class{where}{note}"))
     _number_patches(ax, cells, (window_start, t_end), spec.shape[0])
     ax.set_xlim(window_start, t_end)
     ax.set_ylim(0, spec.shape[0])
-    fig.legend(handles=handles + extra, loc="outside right upper", fontsize=7, title="patch: class #prototype",
+    title = "time span: class #prototype" if time_only else "patch: class #prototype"
+    fig.legend(handles=handles + extra, loc="outside right upper", fontsize=7, title=title,
                title_fontsize=7, frameon=False)
     return fig
 
@@ -324,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"{args.adapter}: not a prototypical probe bundle (head: {(meta.get('head') or {}).get('kind')}); "
                          f"use RUN/prototypical/adapter from python -m audio.probe")
     clf = peft.from_bundle(args.adapter).eval()
-    cfg = BirdFbankConfig.from_dict(meta.get("preprocessing") or {})  # the frontend the probe was trained on
+    cfg = config_from_dict(meta.get("preprocessing") or {})  # the frontend the probe was trained on
     path = Path(args.clip)
     if args.start is not None:
         s, e = args.start, min(args.start + cfg.window_s, duration_of(path))
@@ -337,9 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = explain(clf, x, clf.labels or [str(i) for i in range(clf.head.num_classes)], args.threshold, args.top,
                    window_start=s, frontend=cfg, audio_s=audio_s, nyquist=nyquist)
     out = Path(args.output) if args.output else DEFAULT_DIR / f"explain_{path.stem}.png"
-    window_end = s + x.shape[1] * HOP_S
+    window_end = s + cfg.spectrogram(x).shape[-1] * HOP_S
     title = (f"{path.name}, {s:.2f}-{window_end:.2f} s ({audio_s:.2f} s of audio, {rate} Hz): prototypes behind "
              + ", ".join(dict.fromkeys(r["class"] for r in rows)))
+    if is_time_only(rows):
+        title += " (time spans: the backbone's tokens are time steps, with no frequency axis)"
     plot(x, rows, out, title, s, audio_s, nyquist, cfg)
     print(f"{path} ({s:.2f}-{e:.2f} s of audio; the window's features span {s:.2f}-{window_end:.2f} s)")
     print(table(rows, nyquist))

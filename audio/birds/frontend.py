@@ -9,6 +9,8 @@ windows BirdSet evaluates on.
   std, which the Bird-MAE hub feature extractor keeps. `BirdFbankConfig(pad="fbank_min")` is the
   former convention: a short clip's own fbank padded with its minimum (no zero-padded audio, so
   no frames straddling the clip's end), a longer one's first 512 frames.
+- `BirdWhisperConfig`: Whisper's log-mel (16 kHz, 80 slaney mel, 10 ms hop) of the same windows,
+  (mels, frames), for a `whisper` backbone (`frontend: whisper` in the data modules).
 - `read_clip(path, start, end)`: mono float32 at 32 kHz from any rate; one `AudioError` naming the
   file when it is unreadable, silent, not finite, or shorter than a window it was asked for.
 - `event_window(events, duration)`: the 5 s window centred on a focal recording's first detected
@@ -17,6 +19,7 @@ windows BirdSet evaluates on.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,6 +59,103 @@ class BirdFbankConfig:
         computed with "fbank_min", and keeps it."""
         fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**{"pad": "fbank_min", **fields})
+
+    # the layout of the features `compute` returns, for the explanation picture
+    frequency_scale = "kaldi"  # mel points of kaldi's fbank, from LOW_HZ to Nyquist
+    low_hz = 20.0
+
+    def compute(self, wave: torch.Tensor, source: str = "waveform") -> torch.Tensor:
+        """(1, frames, mels): one window's model input (`fbank_birdmae`)."""
+        return fbank_birdmae(wave, self, source).unsqueeze(0)
+
+    @staticmethod
+    def spectrogram(x: torch.Tensor) -> torch.Tensor:
+        """A model input (1, frames, mels) as (mels, frames)."""
+        return x[0].T
+
+
+@dataclass(frozen=True)
+class BirdWhisperConfig:
+    """Whisper's log-mel frontend (`audio.whisper.logmel_whisper`: 16 kHz, 25 ms window, 10 ms hop,
+    slaney mel from 0 Hz to 8 kHz) on BirdSet's 5 s windows, for a `whisper` backbone: a window is
+    zero-padded as a waveform to `target_frames` x 10 ms (Whisper pads every input so), and
+    `target_frames` must hold the whole window (500 frames for 5 s). Features are (mels, frames),
+    Whisper's layout; bundles record `frontend: whisper_logmel`."""
+
+    target_frames: int = 500
+    num_mel_bins: int = 80
+    sample_rate: int = 16_000
+    window_s: float = WINDOW_S
+    pad = "waveform"  # not a setting: Whisper's padding is always zeros appended to the waveform
+    frequency_scale = "slaney"  # Whisper's mel filters: slaney scale from 0 Hz to Nyquist
+    low_hz = 0.0
+
+    def __post_init__(self):
+        self.mel()  # checks target_frames, num_mel_bins and sample_rate (one line each)
+        if not self.window_s > 0:
+            raise ValueError(f"whisper frontend: window_s must be > 0, got {self.window_s!r}")
+        if self.target_frames * 0.010 < self.window_s - 1e-9:
+            need = int(math.ceil(self.window_s / 0.010 / 2) * 2)
+            raise ValueError(f"whisper frontend: target_frames={self.target_frames} covers "
+                             f"{self.target_frames * 0.010:g} s, less than the {self.window_s:g} s window "
+                             f"(set data.init_args.target_frames and backbone_kwargs.max_frames to >= {need})")
+
+    def mel(self):
+        from audio.whisper import WhisperMelConfig
+
+        return WhisperMelConfig(self.target_frames, self.num_mel_bins, self.sample_rate)
+
+    def to_dict(self) -> dict:
+        from audio.whisper import FRONTEND
+
+        return {"frontend": FRONTEND, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BirdWhisperConfig":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    def compute(self, wave: torch.Tensor, source: str = "waveform") -> torch.Tensor:
+        """(mels, target_frames): one window's model input (`logmel_whisper`)."""
+        from audio.whisper import logmel_whisper
+
+        wave = torch.as_tensor(wave, dtype=torch.float32).flatten()
+        return logmel_whisper(wave, self.mel(), source)
+
+    @staticmethod
+    def spectrogram(x: torch.Tensor) -> torch.Tensor:
+        """A model input (mels, frames) as (mels, frames)."""
+        return x
+
+
+FRONTENDS = ("birdmae", "whisper")
+
+
+def frontend_config(frontend: str = "birdmae", pad: str = "waveform", target_frames: int | None = None):
+    """The data modules' `frontend` setting -> its config: "birdmae" (`BirdFbankConfig`, `pad`) or
+    "whisper" (`BirdWhisperConfig`, `target_frames`, default 500 = the 5 s window)."""
+    if frontend == "birdmae":
+        if target_frames is not None:
+            raise ValueError("data.init_args.target_frames applies to frontend: whisper only (Bird-MAE's fbank "
+                             "is always 512 frames)")
+        return BirdFbankConfig(pad=pad)
+    if frontend == "whisper":
+        if pad != "waveform":
+            raise ValueError(f"data.init_args.pad: {pad!r} cannot apply to frontend: whisper (Whisper zero-pads "
+                             f"the waveform, pad: waveform)")
+        return BirdWhisperConfig() if target_frames is None else BirdWhisperConfig(target_frames=target_frames)
+    raise ValueError(f"data.init_args.frontend must be one of {', '.join(FRONTENDS)}, got {frontend!r}")
+
+
+def config_from_dict(d: dict):
+    """The frontend config a bundle's `preprocessing` records (Bird-MAE's fbank when it names none)."""
+    from audio.whisper import FRONTEND
+
+    name = (d or {}).get("frontend", "fbank_birdmae")
+    if name == FRONTEND:
+        return BirdWhisperConfig.from_dict(d)
+    if name == "fbank_birdmae":
+        return BirdFbankConfig.from_dict(d or {})
+    raise ValueError(f"preprocessing.frontend {name!r} is not a bioacoustic frontend (fbank_birdmae, {FRONTEND})")
 
 
 def fbank_birdmae(wave: torch.Tensor, cfg: BirdFbankConfig = BirdFbankConfig(), source: str = "waveform") -> torch.Tensor:
@@ -127,8 +227,9 @@ def sliding_windows(duration: float, window_s: float = WINDOW_S, hop_s: float | 
 
 def clip_features(path: str | Path, start: float | None, end: float | None,
                   cfg: BirdFbankConfig = BirdFbankConfig()) -> torch.Tensor:
-    """(1, frames, mels): the model input for one window of one file."""
-    return fbank_birdmae(read_clip(path, start, end, cfg.sample_rate), cfg, source=str(path)).unsqueeze(0)
+    """The model input for one window of one file: (1, frames, mels) for Bird-MAE's fbank, (mels,
+    frames) for `BirdWhisperConfig`."""
+    return cfg.compute(read_clip(path, start, end, cfg.sample_rate), source=str(path))
 
 
 def duration_of(path: str | os.PathLike) -> float:
@@ -141,5 +242,6 @@ def duration_of(path: str | os.PathLike) -> float:
     return info.frames / info.samplerate
 
 
-__all__ = ["SAMPLE_RATE", "WINDOW_S", "PADS", "BirdFbankConfig", "fbank_birdmae", "read_clip", "event_window",
+__all__ = ["SAMPLE_RATE", "WINDOW_S", "PADS", "FRONTENDS", "BirdFbankConfig", "BirdWhisperConfig", "frontend_config",
+           "config_from_dict", "fbank_birdmae", "read_clip", "event_window",
            "sliding_windows", "clip_features", "duration_of"]

@@ -8,6 +8,8 @@ pass over it (augmentation is off: a cached token is the same in every epoch).
     python -m audio.probe                                             # offline demo (synthetic birds)
     python -m audio.probe --config domains/bioacoustic/hsn.yaml --data.root /data/birdset/HSN
     python -m audio.probe --config domains/bioacoustic/fsdd.yaml     # real audio: FSDD soundscapes
+    python -m audio.probe --config domains/bioacoustic/fsdd_whisper.yaml   # the same on Whisper tiny.en tokens
+    python -m audio.probe ... --resume                                # continue a run stopped by SIGTERM / Ctrl-C
 
 Writes OUTPUT_DIR/<kind>/metrics.json (test/cmap, test/auroc, test/top1, and `definition`:
 "reference" when the metrics follow BirdSet's code, see `audio.birds.metrics`; `definitions` and
@@ -19,6 +21,12 @@ all batch x class elements (`--loss_reduction`, "batchmean" = summed over classe
 cosine divided by 1.01 (`--cosine_scale`), short clips zero-padded as audio (`--data.init_args.pad`),
 and the patch map laid out on the true time x mel grid (`--patch_layout grid`, ours: Bird-MAE's
 reshape lays 4 time steps x 8 mel patches along each row, `birdmae_reshape`).
+
+Backbones: Bird-MAE (`bird-mae`, `tiny-bird-mae`; tokens on a time x mel patch grid, a CLS token)
+or a Whisper encoder (`whisper`, `tiny-whisper`, with `data.init_args.frontend: whisper` and
+`target_frames` = the backbone's `max_frames`): its tokens are time steps only (20 ms each, no
+CLS, no frequency axis), so the prototypical head's prototypes live over time (maps of T x 1,
+upsampled along time) and options that need a frequency axis or a CLS token are refused in one line.
 """
 from __future__ import annotations
 
@@ -28,11 +36,11 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 from torch import nn
 
 from audio.birds import metrics as M
@@ -41,6 +49,7 @@ from shared.cli import friendly, parse_tool_args, write_json_atomic
 from shared.data import FeatureCache, dataset_digest, extract_features_once
 from shared.distributed import is_main, launched
 from shared.lifecycle import OutputRun
+from shared.resume import LoopCheckpoint
 from shared.heads import (ASL_REDUCTIONS, PATCH_LAYOUTS, AttentiveHead, LinearHead, PrototypicalHead, Tokens,
                           asymmetric_loss)
 from shared.module import cosine_with_warmup
@@ -174,12 +183,15 @@ def parser() -> ArgumentParser:
     p.add_argument("--backbone_kwargs", type=dict[str, Any], default={})
     p.add_argument("--probes", type=list[str], default=list(KINDS))
     p.add_argument("--prototypes_per_class", type=int, default=20)
-    p.add_argument("--focal_similarity", type=bool, default=True)
+    p.add_argument("--focal_similarity", type=Optional[bool], default=None,
+                   help="prototypes match patch tokens minus CLS (Bird-MAE); default: on when the backbone has a CLS "
+                        "token, off otherwise (Whisper)")
     p.add_argument("--upsample", type=int, default=2)
     p.add_argument("--cosine_scale", type=float, default=1.01,
                    help="prototype cosine divided by this (Bird-MAE: 1.01; 1.0: the plain cosine)")
     p.add_argument("--patch_layout", default="grid",
-                   help="patch map before upsampling: grid (true time x mel) or birdmae_reshape (Bird-MAE's)")
+                   help="patch map before upsampling: grid (true time x mel; a time-only backbone: time x 1) or "
+                        "birdmae_reshape (Bird-MAE's; needs a time x mel grid)")
     p.add_argument("--loss_reduction", default="mean",
                    help="asymmetric loss: mean over batch x classes (Bird-MAE), batchmean (summed over classes), sum")
     p.add_argument("--metrics", type=dict[str, str], default={},
@@ -199,6 +211,9 @@ def parser() -> ArgumentParser:
     p.add_argument("--accelerator", default="auto", help="where features are extracted: auto, cpu, gpu / cuda")
     p.add_argument("--num_threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default); 1 suits tiny models on a busy CPU")
+    p.add_argument("--resume", action=ActionYesNo, default=False,
+                   help="continue the stopped run of this --output_dir from the last.ckpt its staging folder kept "
+                        "(after its last finished epoch; same recipe and flags); an error when there is none")
     p.add_subclass_arguments(L.LightningDataModule, "data")
     return p
 
@@ -210,6 +225,46 @@ def _device(accelerator: str) -> torch.device:
     if a not in ("auto", "cpu", "gpu", "cuda"):
         raise ValueError(f"--accelerator must be auto, cpu, gpu or cuda; got {accelerator!r}")
     return torch.device("cuda" if a != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def is_whisper(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) == "whisper"
+
+
+def check_backbone(model: nn.Module, anat, frontend, cfg) -> bool:
+    """The backbone, the data frontend and the probe options fit together; returns the focal setting.
+
+    A Whisper encoder reads Whisper log-mel windows of exactly its `max_frames`; Bird-MAE reads the
+    Bird-MAE fbank. A backbone whose tokens have no frequency axis (grid (T, 1)) cannot take
+    Bird-MAE's reshape layout, and one without a CLS token cannot take focal similarity. One
+    ValueError naming the setting otherwise."""
+    from audio.birds.frontend import BirdWhisperConfig
+
+    whisper, mel = is_whisper(model), isinstance(frontend, BirdWhisperConfig)
+    if whisper and not mel:
+        raise ValueError(f"--backbone {cfg.backbone} reads Whisper log-mel features: set data.init_args.frontend: "
+                         f"whisper (with data.init_args.target_frames = backbone_kwargs.max_frames)")
+    if mel and not whisper:
+        raise ValueError(f"data.init_args.frontend: whisper makes Whisper log-mel features, but --backbone "
+                         f"{cfg.backbone} is not a Whisper encoder (use frontend: birdmae)")
+    if whisper:
+        frames = 2 * int(model.config.max_source_positions)
+        if frames != frontend.target_frames:
+            raise ValueError(f"backbone_kwargs.max_frames is {frames} but data.init_args.target_frames is "
+                             f"{frontend.target_frames}: set both to the same value (500 = one 5 s window)")
+        if model.config.num_mel_bins != frontend.num_mel_bins:
+            raise ValueError(f"--backbone {cfg.backbone} expects {model.config.num_mel_bins} mel bins but the "
+                             f"frontend makes {frontend.num_mel_bins} (data.init_args.num_mel_bins / "
+                             f"backbone_kwargs.num_mel_bins)")
+    grid = anat.grid()
+    time_only = grid is None or grid[1] == 1
+    if "prototypical" in cfg.probes and time_only and cfg.patch_layout != "grid":
+        raise ValueError(f"--patch_layout {cfg.patch_layout} cannot apply: the {cfg.backbone} tokens are time steps "
+                         f"with no frequency axis (use --patch_layout grid)")
+    if "prototypical" in cfg.probes and cfg.focal_similarity and anat.num_prefix_tokens == 0:
+        raise ValueError(f"--focal_similarity true cannot apply: the {cfg.backbone} tokens have no CLS token to "
+                         f"subtract (use --focal_similarity false, or leave it unset)")
+    return anat.num_prefix_tokens > 0 if cfg.focal_similarity is None else bool(cfg.focal_similarity)
 
 
 def results_table(rows: dict[str, dict]) -> str:
@@ -238,8 +293,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"--cosine_scale must be > 0, got {cfg.cosine_scale}")
     # torchrun --nproc_per_node N: every process extracts its share of the tokens. The output folder's
     # lock (process 0) and a staging folder: a failed or stopped run leaves the previous results as they were
-    with launched(), OutputRun(cfg.output_dir, resumable=False) as claim:
+    # A stopped run keeps its staging folder with last.ckpt (after its last finished epoch) for --resume
+    with launched(), OutputRun(cfg.output_dir, resume=bool(cfg.resume)) as claim:
         return _run(p, cfg, definitions, claim)
+
+
+RUN_KEYS = ("config", "output_dir", "resume")  # not part of the recipe: where it writes, how it was started
+
+
+def recipe_of(cfg) -> dict[str, Any]:
+    return {k: v for k, v in cfg.as_dict().items() if k not in RUN_KEYS}
 
 
 def _run(p: ArgumentParser, cfg, definitions, claim: OutputRun) -> dict[str, Any]:
@@ -249,15 +312,20 @@ def _run(p: ArgumentParser, cfg, definitions, claim: OutputRun) -> dict[str, Any
         torch.set_num_threads(cfg.num_threads)
     L.seed_everything(cfg.seed_everything, verbose=False)
     data = (p.instantiate(cfg) if hasattr(p, "instantiate") else p.instantiate_classes(cfg)).data
+    model = backbones.create(cfg.backbone, **cfg.backbone_kwargs).eval()
+    anat = backbones.anatomy(model)
+    focal = check_backbone(model, anat, data.cfg, cfg) if hasattr(data, "cfg") else cfg.focal_similarity is not False
     data.setup("fit")
     if is_main():
         print(data.describe() if hasattr(data, "describe") else type(data).__name__)
-    model = backbones.create(cfg.backbone, **cfg.backbone_kwargs).eval()
     if cfg.backbone.startswith("tiny") and is_main():
-        print(f"backbone: {cfg.backbone}, the Bird-MAE architecture with RANDOM weights (no pretrained knowledge)")
+        arch = "a Whisper encoder" if is_whisper(model) else "the Bird-MAE architecture"
+        print(f"backbone: {cfg.backbone}, {arch} with RANDOM weights (no pretrained knowledge)")
+    elif is_whisper(model) and is_main():
+        print(f"backbone: {cfg.backbone}, weights {model.config.name_or_path}, {2 * model.config.max_source_positions} "
+              f"frames -> {model.config.max_source_positions} time tokens of 20 ms (no frequency axis)")
     device = _device(cfg.accelerator)
     model.to(device)
-    anat = backbones.anatomy(model)
     cache = FeatureCache(Path(cfg.cache_dir).expanduser())
     from shared.peft import fingerprint
 
@@ -281,7 +349,7 @@ def _run(p: ArgumentParser, cfg, definitions, claim: OutputRun) -> dict[str, Any
     dim, c = train_tokens.shape[-1], y_train.shape[1]
 
     torch.manual_seed(cfg.seed_everything)
-    heads = make_heads(cfg.probes, dim, c, cfg.prototypes_per_class, cfg.focal_similarity, cfg.upsample,
+    heads = make_heads(cfg.probes, dim, c, cfg.prototypes_per_class, focal, cfg.upsample,
                        cfg.cosine_scale, cfg.patch_layout)
     opt = optimizer(heads, cfg.lr, cfg.prototype_lr, cfg.weight_decay, cfg.betas)
     steps_per_epoch = math.ceil(len(y_train) / cfg.batch_size)
@@ -290,7 +358,19 @@ def _run(p: ArgumentParser, cfg, definitions, claim: OutputRun) -> dict[str, Any
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, total, warmup))
     g = torch.Generator().manual_seed(cfg.seed_everything)
     epoch_times = []
-    for epoch in range(cfg.epochs):
+    # last.ckpt after every epoch: heads, optimizer, schedule, the batch order's generator, the RNGs
+    # (where and how fast it runs may change on a resume: threads, device, cache folder)
+    ckpt = LoopCheckpoint(claim, "audio.probe", {k: v for k, v in recipe_of(cfg).items()
+                                                 if k not in ("num_threads", "accelerator", "cache_dir", "time_recompute")})
+    saved = ckpt.load()
+    if saved is not None:
+        heads.load_state_dict(saved["heads"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        g.set_state(saved["generator"])
+        epoch_times = list(saved["epoch_times"])
+        print(f"resumed after epoch {len(epoch_times)}/{cfg.epochs} from {ckpt.path.name}")
+    for epoch in range(len(epoch_times), cfg.epochs):
         t0 = time.perf_counter()
         loss = train_epoch(heads, opt, sched, cached_batches(train_tokens, y_train, num_prefix, grid,
                                                              cfg.batch_size, g), cfg.ortho_weight, cfg.grad_clip,
@@ -298,6 +378,8 @@ def _run(p: ArgumentParser, cfg, definitions, claim: OutputRun) -> dict[str, Any
         epoch_times.append(time.perf_counter() - t0)
         if epoch == 0 or (epoch + 1) % max(1, cfg.epochs // 5) == 0 or epoch + 1 == cfg.epochs:
             print(f"epoch {epoch + 1}/{cfg.epochs}: summed probe loss {loss:.4f} ({epoch_times[-1]:.3f} s on the cache)")
+        ckpt.save({"heads": heads.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                   "generator": g.get_state(), "epoch_times": epoch_times})
     recompute_s = None
     if cfg.time_recompute:  # the same step on copies, fed by the backbone instead of the cache
         h2, t0 = copy.deepcopy(heads), time.perf_counter()
@@ -314,14 +396,15 @@ def _run(p: ArgumentParser, cfg, definitions, claim: OutputRun) -> dict[str, Any
     peft.attach(model, [], backbone_id=cfg.backbone)
     out = Path(cfg.output_dir)
     stage = claim.stage  # everything is written here, then replaces out in one step
-    recipe = {k: v for k, v in cfg.as_dict().items() if k not in ("config", "output_dir")}
+    recipe = recipe_of(cfg)
     rows = {}
     cached_s = sum(epoch_times) / len(epoch_times) if epoch_times else float("nan")
     for kind, head in heads.items():
         conventions = {"loss_reduction": cfg.loss_reduction,
                        "short_clips": getattr(getattr(data, "cfg", None), "pad", None)}
         if kind == "prototypical":
-            conventions.update(cosine_scale=cfg.cosine_scale, patch_layout=cfg.patch_layout)
+            conventions.update(cosine_scale=cfg.cosine_scale, patch_layout=cfg.patch_layout, focal=focal,
+                               prototype_axes="time" if grid[1] == 1 else "time x frequency")
         row = {"method": f"{kind}_probe", **scores(logits[kind], y_test, definitions),
                "definition": M.definition_label(definitions), "definitions": definitions, "conventions": conventions,
                "trainable_params": sum(p.numel() for p in head.parameters()),
@@ -344,7 +427,9 @@ def _run(p: ArgumentParser, cfg, definitions, claim: OutputRun) -> dict[str, Any
     note = (f"metric definitions: {label}" + (" (BirdSet's metric code)" if label == "reference" else "")
             + f"; loss reduction {cfg.loss_reduction}, cosine / {cfg.cosine_scale:g}, patch layout {cfg.patch_layout}, "
               f"short clips padded: {data.cfg.pad if hasattr(data, 'cfg') else '?'}")
-    atomic_write(stage / "results.md", f"# {rows[next(iter(rows))]['dataset']}: probes on {cfg.backbone}\n\n{table}\n\n"
+    weights = model.config.name_or_path if is_whisper(model) and not cfg.backbone.startswith("tiny") else None
+    on = cfg.backbone + (f" ({weights}, {grid[0]} time tokens)" if weights else "")
+    atomic_write(stage / "results.md", f"# {rows[next(iter(rows))]['dataset']}: probes on {on}\n\n{table}\n\n"
                                        f"{note}\n\nwall time {wall:.1f} s (feature extraction {t_extract:.1f} s)\n")
     claim.publish()
     print(table)

@@ -195,9 +195,11 @@ class SyntheticBirdsDataModule(BirdSetDataModule):
 
     def __init__(self, root: str = "runs/bioacoustic_demo/birds", num_species: int = 5, focal_per_species: int = 8,
                  soundscapes: int = 12, few_shot: int | None = None, seed: int = 0, batch_size: int = 32,
-                 num_workers: int = 0, val_fraction: float = 0.0, pad: str = "waveform"):
+                 num_workers: int = 0, val_fraction: float = 0.0, pad: str = "waveform", frontend: str = "birdmae",
+                 target_frames: int | None = None):
         super().__init__(root, layout="csv", few_shot=few_shot, seed=seed, batch_size=batch_size,
-                         num_workers=num_workers, val_fraction=val_fraction, pad=pad)
+                         num_workers=num_workers, val_fraction=val_fraction, pad=pad, frontend=frontend,
+                         target_frames=target_frames)
         self.num_species, self.focal_per_species, self.soundscapes = num_species, focal_per_species, soundscapes
         self.name = "synthetic-birds"
 
@@ -215,9 +217,11 @@ class FSDDSoundscapesDataModule(BirdSetDataModule):
     def __init__(self, recordings: str = "../shared/data/fsdd/recordings",
                  root: str = "runs/bioacoustic_fsdd/soundscapes", test_speakers: list[str] | None = None,
                  soundscapes: int = 60, few_shot: int | None = None, seed: int = 0, batch_size: int = 32,
-                 num_workers: int = 0, val_fraction: float = 0.0, pad: str = "waveform"):
+                 num_workers: int = 0, val_fraction: float = 0.0, pad: str = "waveform", frontend: str = "birdmae",
+                 target_frames: int | None = None):
         super().__init__(root, layout="csv", few_shot=few_shot, seed=seed, batch_size=batch_size,
-                         num_workers=num_workers, val_fraction=val_fraction, pad=pad)
+                         num_workers=num_workers, val_fraction=val_fraction, pad=pad, frontend=frontend,
+                         target_frames=target_frames)
         self.recordings = Path(recordings).expanduser()
         self.test_speakers = tuple(test_speakers or ("theo", "nicolas"))
         self.n_soundscapes = soundscapes

@@ -356,7 +356,8 @@ def test_fsdd_recipe_runs_with_lora(tmp_path):
                 "--model.backbone_kwargs", "{max_length: 100, num_mel_bins: 128, hidden_size: 16, layers: 1, heads: 2}",
                 "--data.num_workers", "0", "--data.cache_dir", str(tmp_path / "c"), "--trainer.max_epochs", "1",
                 "--trainer.logger", "false", "--trainer.accelerator", "cpu", "--output_dir", str(tmp_path / "run")])
-    assert row["dataset"] == "fsdd" and row["protocol"] == "speaker-disjoint (test theo; val nicolas)"
+    assert row["dataset"] == "fsdd" and row["protocol"] == "speaker-disjoint (1 test, 1 validation speaker)"
+    assert row["fold"] == "theo" and row["config"]["data"]["init_args"]["val_speakers"] == ["nicolas"]
     assert row["config"]["data"]["init_args"]["split"] == "speaker"
     meta = json.loads((tmp_path / "run" / "adapter" / "adapter.json").read_text())
     assert meta["labels"] == ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

@@ -420,6 +420,7 @@ def test_train_then_predict_with_tiny_whisper(tmp_path, capsys):
                  "--data.init_args.batch_size", "16", "--model.backbone", "tiny-whisper",
                  "--model.backbone_kwargs", "{max_frames: 100, num_mel_bins: 80}",
                  "--data.init_args.num_workers", "0", "--data.init_args.cache_dir", str(tmp_path / "cache"),
+                 "--model.depth_cache_dir", str(tmp_path / "depth"), "--trainer.check_val_every_n_epoch", "1",
                  "--output_dir", str(tmp_path / "run"), "--trainer.max_epochs", "1", "--trainer.logger", "false",
                  "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
                  "--trainer.accelerator", "cpu"])

@@ -71,6 +71,23 @@ def test_16_bit_png_keeps_its_gradient_and_equals_the_8_bit_picture(model, tmp_p
         assert np.abs(m16[t].astype(int) - m8[t].astype(int)).max() <= 1, t
 
 
+def test_real_16_bit_ct_slice_is_read_on_its_16_bit_scale(model, tmp_path):
+    """A real 16-bit medical image (pydicom's CT_small.dcm, a 128 x 128 CT slice, values 128..2191) saved as a
+    16-bit PNG: read on the 16-bit scale, its grey levels kept (the old reader saturated it to 255 everywhere)."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+
+    ct = dcmread(get_testdata_file("CT_small.dcm")).pixel_array  # int16, all values >= 0 in this slice
+    assert ct.min() >= 0 and ct.max() > 255
+    Image.fromarray(ct.astype(np.uint16)).save(tmp_path / "ct16.png")
+    assert Image.open(tmp_path / "ct16.png").mode == "I;16"
+    got = read_picture(tmp_path / "ct16.png")
+    np.testing.assert_allclose(got[..., 0], ct.astype(np.float32) * 255 / 65535, atol=1e-3)
+    assert len(np.unique(got[..., 0])) == len(np.unique(ct)) and got.max() < 9
+    maps = predict.predict(model, tmp_path / "ct16.png")
+    assert maps["saliency"].shape == ct.shape and all(np.isfinite(m.astype(float)).all() for m in maps.values())
+
+
 @pytest.mark.parametrize("mode, values, want", [
     ("I", np.arange(64, dtype=np.int32).reshape(8, 8) * 1000, np.arange(64).reshape(8, 8) * 1000 * 255 / 65535),
     ("F", np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8), np.linspace(0, 255, 64).reshape(8, 8)),
