@@ -105,12 +105,14 @@ def test_mismatch_message_names_what_differs(tmp_path):
 
     # the same build, recorded under other library versions / CPU kernels (the bundle came from elsewhere)
     meta["backbone"]["build"]["versions"]["timm"] = "0.0.1"
-    meta["backbone"]["build"]["cpu_capability"] = "AVX512"
+    here = torch.backends.cpu.get_cpu_capability()
+    elsewhere = "AVX2" if here != "AVX2" else "AVX512"  # a capability other than this machine's
+    meta["backbone"]["build"]["cpu_capability"] = elsewhere
     meta["backbone"]["fingerprint"] = "0" * 32
     rebuilt = backbones.create("tiny-vit", **kw)
     msg = describe_mismatch(meta["backbone"], rebuilt)
     assert msg.startswith("recorded vs now: ") and "timm 0.0.1 vs " in msg
-    assert f"CPU kernels AVX512 vs {torch.backends.cpu.get_cpu_capability()}" in msg and "seed" not in msg
+    assert f"CPU kernels {elsewhere} vs {here}" in msg and "seed" not in msg
     other = {**meta["backbone"], "id": "tiny-swin", "kwargs": {**kw, "depth": 2}}
     assert describe_mismatch(other, rebuilt).startswith(
         "recorded vs now: backbone id 'tiny-swin' vs 'tiny-vit'; kwargs {'embed_dim': 16, 'depth': 2, 'num_heads': 2} "
