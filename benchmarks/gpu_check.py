@@ -26,7 +26,8 @@
    ratios, ours against peft's mixed batch, and max |diff|.
 
 `--only depth_cache,adapter_bank` runs some sections; `--quick` shrinks every one (a 2-block 64 px
-ViT-B, 10 files per predict CLI, 1-block 32 px ViT-S), which is how it is tested on the CPU
+ViT-B for the steps, 2-block 32 px ViT-S for depth caching, 10 files per predict CLI, 1-block 32 px
+ViT-S for serving), which is how it is tested on the CPU
 (`tests/benchmarks/test_gpu_check_smoke.py`).
 
 Writes <out>/gpu_check.json and <out>/gpu_check.md and prints the table; exit status 1 when a
@@ -266,8 +267,9 @@ def check_depth_cache(device: str, quick: bool) -> dict:
 
     ps = _bench("peft_step")
     sr = sys.modules["step_runs"]  # peft_step's child-measurement module: models and data
-    depth, img, batch, warmup, reps = (2, 64, 4, 1, 2) if quick else (12, 224, 32, 3, 10)
-    spec = {"backbone": "vit_base_patch16_224", "backbone_kwargs": {"depth": depth}, "img": img, "batch": batch,
+    depth, img, batch, warmup, reps = (2, 32, 4, 1, 2) if quick else (12, 224, 32, 3, 10)
+    name = "vit_small_patch16_224" if quick else "vit_base_patch16_224"  # quick: a smoke run of the same code
+    spec = {"backbone": name, "backbone_kwargs": {"depth": depth}, "img": img, "batch": batch,
             "threads": torch.get_num_threads()}
     top, label, method = ps.depth_config(depth)
     cuda = device.startswith("cuda")
@@ -367,7 +369,7 @@ def check_depth_cache(device: str, quick: bool) -> dict:
     batches_n = -(-n // batch)
     fill_per_batch = fill_s / batches_n
     cached_step = statistics.median(times["lora_top_cached"])
-    return {"config": f"ViT-B/16 random weights, {depth} blocks, {img} px, batch {batch}"
+    return {"config": f"{'ViT-S/16' if quick else 'ViT-B/16'} random weights, {depth} blocks, {img} px, batch {batch}"
                       + (", bf16 autocast" if cuda else ", fp32") + f", {reps} interleaved repetitions",
             "top": top, "block": plan.block, "storage": storage, "examples": n, "rows": out_rows,
             "fill_s": fill_s, "fill_s_per_batch": fill_per_batch, "cache_bytes": cache_bytes,
@@ -433,8 +435,8 @@ def render(res: dict) -> str:
     d = res.get("depth_cache")
     if d:
         lines += ["", f"## Depth caching (issue 22), {d['config']}", "",
-                  f"LoRA on the top {d['top']} blocks (from block {d['block']}); the cache holds the tokens entering "
-                  f"block {d['block']} in {d['storage']}: {d['cache_bytes'] / 2**20:.1f} MiB for {d['examples']} examples "
+                  f"LoRA on the top {d['top']} block(s) (from block {d['block']}); the cache holds the tokens entering "
+                  f"block {d['block']} in {d['storage']}: {d['cache_bytes'] / 2**20:.3g} MiB for {d['examples']} examples "
                   f"({d['cache_bytes_per_example'] / 2**10:.1f} KiB each), written in {d['fill_s']:.2f} s "
                   f"({d['fill_s_per_batch']:.4f} s per batch); the caching epoch's step (fill + cached step) "
                   f"{d['caching_epoch_ratio']:.2f}x full fine-tuning's.", "",

@@ -11,8 +11,9 @@ there are) is scored as a corpus of its own:
   missed in every resample, as they are in the full score).
 
 On the full test set (every sentence once) this gives exactly the reported precision / recall / F1.
-The interval is the percentile interval of the resamples' values (seeded, `resamples` >= 1,000 by
-default). A resample holds about 63% of the distinct sentences, so its sets are smaller than the
+The interval is the percentile interval of the resamples' values (`shared.bootstrap`, the core's
+bootstrap; seeded, 1,000 resamples by default); `term_difference` gives the paired interval of the
+difference between two taggers scored on the same resamples. A resample holds about 63% of the distinct sentences, so its sets are smaller than the
 corpus's; the interval describes how the score moves with the sample of sentences, not a correction
 of the point estimate (which stays the full-set score).
 """
@@ -99,35 +100,49 @@ class SetScorer:
         tp = (pred & gold & self.is_gold).sum(1)
         return _prf(tp.astype(float), pred.sum(1).astype(float), gold.sum(1).astype(float))
 
-
-def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """The percentile bootstrap interval (numpy's linear interpolation)."""
-    a = (1 - level) / 2
-    lo, hi = np.percentile(np.asarray(values, dtype=np.float64), [100 * a, 100 * (1 - a)])
-    return float(lo), float(hi)
+    def metric(self, items: np.ndarray, name: str) -> float:
+        """One metric of the corpus made of the sentences `items` (indices, repeats allowed)."""
+        return float(self.score(np.bincount(items, minlength=self.n)[None])[name][0])
 
 
 def term_bootstrap(pred: Sequence[set[str]], gold_by_sentence: Sequence[set[str]], gold: set[str],
-                   resamples: int = 1000, seed: int = 0, level: float = 0.95, chunk: int = 100) -> dict[str, float]:
+                   resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
     """Point estimates (all sentences once) and `level` percentile intervals over `resamples` seeded
-    resamples of the sentences: {precision, recall, f1, <m>_lo, <m>_hi, bootstrap_resamples}."""
+    resamples of the sentences (`shared.bootstrap.bootstrap_interval`; each metric on the same
+    resamples): {precision, recall, f1, <m>_lo, <m>_hi, bootstrap_resamples}."""
+    from shared.bootstrap import bootstrap_interval
+
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
     scorer = SetScorer(pred, gold_by_sentence, gold)
     n = scorer.n
     point = scorer.score(np.ones(n))
     out: dict[str, float] = {m: float(point[m][0]) for m in METRICS}
-    if n == 0:
+    if n < 2:  # nothing to resample
         return {**out, **{f"{m}_{s}": out[m] for m in METRICS for s in ("lo", "hi")}, "bootstrap_resamples": 0.0}
-    rng = np.random.default_rng(seed)
-    values: dict[str, list[np.ndarray]] = {m: [] for m in METRICS}
-    for start in range(0, resamples, chunk):
-        r = min(chunk, resamples - start)
-        draws = rng.integers(0, n, size=(r, n))
-        counts = np.bincount((draws + n * np.arange(r)[:, None]).ravel(), minlength=r * n).reshape(r, n)
-        for m, v in scorer.score(counts).items():
-            values[m].append(v)
+    items = np.arange(n)
     for m in METRICS:
-        out[f"{m}_lo"], out[f"{m}_hi"] = percentile_interval(np.concatenate(values[m]), level)
+        out[f"{m}_lo"], out[f"{m}_hi"] = bootstrap_interval(lambda idx, _, m=m: scorer.metric(idx, m), items, [items],
+                                                            n_resamples=resamples, seed=seed, alpha=1 - level)
     out["bootstrap_resamples"] = float(resamples)
     return out
+
+
+def term_difference(pred_a: Sequence[set[str]], pred_b: Sequence[set[str]], gold_by_sentence: Sequence[set[str]],
+                    gold: set[str], metric: str = "f1", resamples: int = 1000, seed: int = 0,
+                    level: float = 0.95) -> dict[str, float]:
+    """Two taggers on the same test sentences: metric(A) - metric(B) on the full set and its paired
+    percentile interval (both scored on the SAME resamples): {diff, lo, hi}. An interval that
+    excludes 0 says the difference holds across test sets drawn like this one."""
+    from shared.bootstrap import bootstrap_interval
+
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    a, b = SetScorer(pred_a, gold_by_sentence, gold), SetScorer(pred_b, gold_by_sentence, gold)
+    if a.n != b.n:
+        raise ValueError(f"the two taggers scored {a.n} and {b.n} sentences")
+    items = np.arange(a.n)
+    diff = a.metric(items, metric) - b.metric(items, metric)
+    lo, hi = bootstrap_interval(lambda idx, _: a.metric(idx, metric) - b.metric(idx, metric), items, [items],
+                                n_resamples=resamples, seed=seed, alpha=1 - level)
+    return {"diff": float(diff), "lo": lo, "hi": hi}

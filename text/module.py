@@ -168,10 +168,13 @@ class TaggerModule(PeftModule):
             resamples = getattr(data, "bootstrap", 0)
             if stage == "test" and resamples:  # 95% intervals over the test sentences (text.bootstrap)
                 gold = data.gold_terms(stage)
-                ci = term_bootstrap(sentence_predictions(docs, tags, data.term_key),
-                                    sentence_gold(docs, gold, data.term_key), gold, resamples=resamples,
-                                    seed=data.seed)
+                pred, gold_by = sentence_predictions(docs, tags, data.term_key), sentence_gold(docs, gold, data.term_key)
+                ci = term_bootstrap(pred, gold_by, gold, resamples=resamples, seed=data.seed)
                 out.update({k: v for k, v in ci.items() if k not in out})
+                # per sentence, for paired comparisons of runs (text.report; written by text.train as test_terms.json)
+                self.test_terms = {"doc_ids": [d.doc_id for d in docs], "pred": [sorted(t) for t in pred],
+                                   "gold_by_sentence": [sorted(t) for t in gold_by], "gold": sorted(gold),
+                                   "term_match": data.term_match}
             return out
         docs = data.docs(stage)
         c = self.hparams.num_classes

@@ -48,9 +48,23 @@ def run_facts(model) -> dict:
     return out
 
 
+def write_test_terms(model) -> None:
+    """ACTER runs: the terms predicted in each test sentence and the gold terms that occur in it
+    (`TaggerModule.test_terms`) go to the run folder as `test_terms.json`, so `text.report` can
+    compare two runs on the same resampled sentences (`text.bootstrap.term_difference`)."""
+    import json
+
+    from shared.fs import atomic_write
+
+    terms = getattr(model, "test_terms", None)
+    if terms and model.trainer.is_global_zero:
+        atomic_write(Path(model.trainer.default_root_dir) / "test_terms.json", json.dumps(terms))
+
+
 def print_readers(model, data) -> dict:
     """After testing: the per-reader F1 table (jargon layouts), and the run's facts (`run_facts`)."""
     facts = run_facts(model)
+    write_test_terms(model)
     if data.task != "jargon":
         return facts
     m = model.evaluate("test")

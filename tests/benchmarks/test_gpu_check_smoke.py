@@ -32,14 +32,15 @@ def test_depth_cache_and_adapter_bank_rows_on_the_cpu(tmp_path, monkeypatch, cap
     assert d["ok"] and d["top"] == 1 and d["block"] == 1 and d["storage"] == "fp16" and d["examples"] == 12
     assert [r["key"] for r in d["rows"]] == ["full", "lora_top", "lora_top_cached", "linear_probe"]
     rows = {r["key"]: r for r in d["rows"]}
-    assert rows["full"]["ratio"] == 1.0 and rows["full"]["trainable"] > 1e7  # every ViT-B-width tensor trains
+    assert rows["full"]["ratio"] == 1.0 and rows["full"]["trainable"] > 3e6  # every tensor of the 2-block ViT-S trains
     assert rows["lora_top"]["trainable"] == rows["lora_top_cached"]["trainable"] < rows["full"]["trainable"] / 100
     assert all(math.isfinite(r["step_s"]) and r["step_s"] > 0 and r["step_s_min"] <= r["step_s"] for r in d["rows"])
     # the cached path is the uncached forward from block k on: equal in fp32, within the storage's rounding else
     diffs = d["logit_max_abs_diff"]
     assert diffs["fp32"] < 1e-5 and 0 < diffs["fp16"] < 1e-2 and diffs["bf16"] < 5e-2
-    # the cache holds the tokens entering block 1: 12 examples x (1 CLS + 16 patches) x 768 in fp16, + labels
-    assert d["cache_bytes"] >= 12 * 17 * 768 * 2 and d["fill_s"] > 0 and d["caching_epoch_ratio"] > 0
+    # the cache holds the tokens entering block 1: 12 examples x (1 CLS + 4 patches) x 384 in fp16, + labels
+    assert 12 * 5 * 384 * 2 <= d["cache_bytes"] < 2 * 12 * 5 * 384 * 2 and d["fill_s"] > 0
+    assert d["caching_epoch_ratio"] > 0
     assert "## Depth caching (issue 22)" in md and "from the depth cache (fp16)" in md and "<= 0.30x" in md
 
     bank = res["adapter_bank"]

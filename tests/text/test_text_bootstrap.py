@@ -108,12 +108,25 @@ def test_method_table_rows_intervals_ratios_and_the_lr_grid(tmp_path):
     rows = [row("p3", [], 1e-3, 0.20), row("p2", [], 1e-2, 0.30), row("bf", [{"name": "bitfit", "include_norms": True}], 5e-3, 0.4),
             row("lo", [{"name": "lora", "r": 8, "targets": ["query", "value"]}], 1e-3, 0.4),
             {"run": "other", "dataset": "jargon-x", "test/f1": 0.5}]  # not an ACTER run with intervals: left out
+    # two runs saved their per-sentence terms: the worse one gets its paired difference to the best
+    for r, pred in ((rows[2], PRED), (rows[3], [{"a"}, set(), set()])):
+        folder = tmp_path / r["run"]
+        folder.mkdir()
+        (folder / "test_terms.json").write_text(json.dumps({
+            "doc_ids": ["s0", "s1", "s2"], "pred": [sorted(x) for x in pred],
+            "gold_by_sentence": [sorted(x) for x in GOLD_BY], "gold": sorted(GOLD), "term_match": "reference"}))
+        r["_path"] = str(folder / "metrics.json")
+    rows[3]["test/f1"] = 0.3
+    want = BS.term_difference([{"a"}, set(), set()], PRED, GOLD_BY, GOLD)
+    assert want["diff"] == pytest.approx(2 / 5 - 4 / 7)  # {a} alone: P 1, R 1/4 -> F1 0.4
     table = report.method_table(rows, bench)
     lines = [line for line in table.splitlines() if line.startswith("| htfl")]
     assert [line.split(" | ")[-1].rstrip(" |") for line in lines] == ["lo", "bf", "p3", "p2"]  # regime order, then lr
     lo, bf, p3, p2 = lines
-    assert "| 40.0 [38.0, 43.0] | 50.0 [45.0, 55.0] | 33.3 [30.0, 36.0] | 1,500 / 2,339 | 1,155 |" in bf
+    assert "| 40.0 [38.0, 43.0] | 50.0 [45.0, 55.0] | 33.3 [30.0, 36.0] | best | 1,500 / 2,339 | 1,155 |" in bf
+    assert f"| {100 * want['diff']:+.1f} [{100 * want['lo']:+.1f}, {100 * want['hi']:+.1f}] |" in lo
+    assert want["lo"] <= want["diff"] <= want["hi"] and "| - | 1,500" in p2  # no saved terms: no difference
     assert "| 0.84x | 0.74x | 0.45x |" in bf and "| 2.5 (1) |" in bf  # BitFit's defaults match the bench row
     assert "(not chosen)" in p3 and "(chosen on val)" in p2 and "| 0.34x | 0.53x | 0.19x |" in p2
-    assert "| - | - | - |" in lo and "no row for: LoRA r8 on query,value" in table
+    assert "| - | - | - | 40.0 |" in lo and "no row for: LoRA r8 on query,value" in table
     assert report.method_table(rows[-1:], bench) == ""
