@@ -32,7 +32,9 @@ def bench_columns(path: str | Path):
     for r in rows:
         if "error" in r or "step_ratio" not in r:
             continue
-        methods = [{"name": "full"}] if r.get("key") == "full" and r.get("method") is None else r.get("method")
+        methods = r.get("method")
+        if r.get("key") == "full" and methods is None:  # the generic benchmark's full row: every tensor trains
+            methods = [{"name": "full"}]
         by_methods[_methods_key(methods if isinstance(methods, list) else [methods])] = r
     load = res.get("config", {}).get("loadavg_start", "?")
 

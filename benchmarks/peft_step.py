@@ -89,7 +89,8 @@ def train_configs(depth: int, model: str = "vit") -> list[tuple[str, str, dict |
 
 def recipe_configs(model: str) -> list[tuple[str, str, list | None]]:
     """The training rows of a model benchmarked on its recipes (`MODELS[model]["recipes"]`): one row
-    per recipe, the methods as the recipe lists them (`full` as the script's full fine-tuning row)."""
+    per recipe, the methods as the recipe lists them (`full`: [{name: full}], which trains every
+    tensor, the position table included, as the recipe's runs do)."""
     import yaml
 
     m, rows = MODELS[model], []
@@ -100,7 +101,7 @@ def recipe_configs(model: str) -> list[tuple[str, str, list | None]]:
             raise ValueError(f"{f}: model.methods is not a list")
         names = "+".join(str(x.get("name")) for x in methods)
         label = "full fine-tuning" if key == "full" else f"{key} ({names})"
-        rows.append((key, label, None if key == "full" else methods))
+        rows.append((key, label, methods))
     return rows
 
 

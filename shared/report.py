@@ -194,7 +194,7 @@ def figure(summary: list[dict[str, Any]], metric: str):
     units = sorted({s["unit"] for s in summary if s.get("unit")})
     fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
     colours = plt.get_cmap("tab10")
-    drawn, skipped, xs, ys = 0, 0, [], []
+    drawn, skipped, xs, ys, levels = 0, 0, [], [], []
     for i, s in enumerate(summary):
         t = s["trainable_params"]
         x = t if isinstance(t, int) else (max(t) if t else None)
@@ -206,7 +206,7 @@ def figure(summary: list[dict[str, Any]], metric: str):
             label = s.get("label") or f"{s['dataset']}: {s['method']}"
             ax.axhline(scale * s["mean"], color=col, linestyle="--", linewidth=1.2,
                        label=f"{label}: 0 trained, {runs_text(s['runs'])}" + (", mean" if s["runs"] > 1 else ""))
-            drawn += 1
+            drawn, levels = drawn + 1, levels + [scale * s["mean"]]
             continue
         x, y, col = max(1, x), scale * s["mean"], colours(i % 10)
         label = s.get("label") or f"{s['dataset']}: {s['method']}"
@@ -220,12 +220,18 @@ def figure(summary: list[dict[str, Any]], metric: str):
                     textcoords="offset points", fontsize=7, color=col)
         drawn, xs, ys = drawn + 1, xs + [x], ys + [y]
     ax.set_xscale("log")
-    ax.margins(x=0.12, y=0.12)  # room for the labels beside the outermost markers
+    ax.margins(x=0.2, y=0.12)  # room for the labels beside the outermost markers
     if xs and min(xs) == max(xs):  # one parameter count: a decade either side, not matplotlib's sliver
         ax.set_xlim(xs[0] / 10, xs[0] * 10)
     if ys and max(ys) - min(ys) < 1e-9:
         pad = 0.1 * abs(ys[0]) or 1.0
         ax.set_ylim(ys[0] - pad, ys[0] + pad)
+    if levels:  # the level lines inside the axis, with the margin the markers get
+        lo, hi = ax.get_ylim()
+        pad = 0.05 * (max(hi, *levels) - min(lo, *levels))
+        ax.set_ylim(min(lo, min(levels) - pad), max(hi, max(levels) + pad))
+    if pct and max(ys + levels, default=0.0) <= 100.0 and ax.get_ylim()[1] > 101.0:
+        ax.set_ylim(top=101.0)  # a ± std bar past 100 % is cut at the axis: accuracy stops at 100 %
     ax.set_xlabel("trainable parameters (count, log scale)")
     ax.set_ylabel(f"{metric} (%)" if pct else f"{metric} ({', '.join(units)})" if units else metric)
     total = sum(s["runs"] for s in summary)

@@ -232,7 +232,7 @@ def test_benchmark_rows_are_the_recipes(monkeypatch):
     rows = peft_step.train_configs(4, "whisper-tiny-en")
     assert [k for k, _, _ in rows] == list(RECIPES[1:2] + RECIPES[:1] + RECIPES[2:])
     by = {k: m for k, _, m in rows}
-    assert by["full"] is None and by["lora"] == _methods("lora")["methods"]
+    assert by["full"] == [{"name": "full"}] and by["lora"] == _methods("lora")["methods"]
     assert peft_step.depth_config(4, "whisper-tiny-en")[2]["targets"] == r"layers\.(3)\.self_attn\.(q_proj|v_proj)"
 
 
@@ -280,3 +280,32 @@ def test_baseline_refuses_unknown_speakers(tmp_path):
     with pytest.raises(ValueError, match=r"--speakers \['bob'\] are not in"):
         main(["--root", str(fsdd), "--speakers", "bob", "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_plot_draws_the_zero_training_row_as_a_level_line(tmp_path):
+    """A row with 0 trainable parameters has no place on the log axis: a dashed level line; accuracy
+    bars past 100 % are cut at the axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from shared import report
+
+    for i, (method, acc, n) in enumerate([("transcribe", 0.6, 0), ("transcribe", 0.7, 0),
+                                          ("lora", 0.9, 4000), ("lora", 1.0, 4000)]):
+        d = tmp_path / f"r{i}"
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps({"dataset": "fsdd", "backbone": "whisper", "method": method,
+                                                    "test/acc": acc, "trainable_params": n, "fold": i % 2,
+                                                    "total_params": 10_000, "run": f"r{i}"}))
+    fig = report.figure(report.summarise(report.collect(tmp_path), "test/acc"), "test/acc")
+    try:
+        ax = fig.axes[0]
+        dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
+        assert len(dashed) == 1 and list(dashed[0].get_ydata()) == pytest.approx([65.0, 65.0])
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert "fsdd: transcribe (whisper): 0 trained, 2 runs, mean" in legend
+        assert ax.get_ylim()[1] == pytest.approx(101.0) and ax.get_ylim()[0] < 65.0
+    finally:
+        plt.close(fig)

@@ -151,6 +151,7 @@ def test_linear_probe_recipe_trains_and_predicts_on_real_digits(tmp_path, capsys
                  "--data.root", str(FSDD.parent), "--data.init_args.speakers", "[jackson, nicolas, theo]",
                  "--data.init_args.max_take", "1", "--data.init_args.num_workers", "0",
                  "--data.init_args.cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "run"),
+                 "--model.depth_cache_dir", str(tmp_path / "depth"), "--trainer.check_val_every_n_epoch", "1",
                  "--trainer.max_epochs", "2", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
                  "--trainer.accelerator", "cpu"])
     assert row["backbone"] == "whisper" and 0.0 <= row["test/acc"] <= 1.0

@@ -54,10 +54,15 @@ def test_term_bootstrap_is_seeded_and_brackets_the_spread():
     gold = set().union(*gold_by)
     assert BS.term_bootstrap(pred, gold_by, gold, seed=0) != BS.term_bootstrap(pred, gold_by, gold, seed=1)
     assert a["bootstrap_resamples"] == 1000
+    # the same draws as the core's bootstrap (seeded numpy generator, n indices per resample), scored
+    # naively: the interval is their 2.5 / 97.5 percentiles moved by (median - full-set value)
+    rng = np.random.default_rng(0)
+    naive_values = [naive(np.bincount(rng.integers(0, 3, size=3), minlength=3)) for _ in range(1000)]
     for m in BS.METRICS:
+        lo, mid, hi = np.percentile([v[m] for v in naive_values], [2.5, 50, 97.5])
+        assert a[f"{m}_shift"] == pytest.approx(mid - a[m])
+        assert (a[f"{m}_lo"], a[f"{m}_hi"]) == pytest.approx((max(0.0, a[m] - (mid - lo)), min(1.0, a[m] + (hi - mid))))
         assert 0.0 <= a[f"{m}_lo"] <= a[m] <= a[f"{m}_hi"] <= 1.0
-    # three sentences: F1 ranges over the values of the 27 ordered draws; 0 (only sentence 3) is among them
-    assert a["f1_lo"] == 0.0 and a["f1_hi"] == pytest.approx(4 / 7)
     # every sentence alike: every resample is the same corpus, so the interval has no width
     same = BS.term_bootstrap([{"a"}] * 5, [{"a", "b"}] * 5, {"a", "b"}, resamples=200)
     assert same["f1_lo"] == same["f1_hi"] == same["f1"] == pytest.approx(2 / 3)
@@ -116,16 +121,22 @@ def test_method_table_rows_intervals_ratios_and_the_lr_grid(tmp_path):
             "doc_ids": ["s0", "s1", "s2"], "pred": [sorted(x) for x in pred],
             "gold_by_sentence": [sorted(x) for x in GOLD_BY], "gold": sorted(GOLD), "term_match": "reference"}))
         r["_path"] = str(folder / "metrics.json")
-    rows[3]["test/f1"] = 0.3
+    rows[2].update({"test/precision": 2 / 3, "test/recall": 0.5, "test/f1": 4 / 7})  # what its terms give
+    rows[3].update({"test/precision": 1.0, "test/recall": 0.25, "test/f1": 0.4})
     want = BS.term_difference([{"a"}, set(), set()], PRED, GOLD_BY, GOLD)
     assert want["diff"] == pytest.approx(2 / 5 - 4 / 7)  # {a} alone: P 1, R 1/4 -> F1 0.4
+    assert want["lo"] <= want["diff"] <= want["hi"]
     table = report.method_table(rows, bench)
     lines = [line for line in table.splitlines() if line.startswith("| htfl")]
     assert [line.split(" | ")[-1].rstrip(" |") for line in lines] == ["lo", "bf", "p3", "p2"]  # regime order, then lr
     lo, bf, p3, p2 = lines
-    assert "| 40.0 [38.0, 43.0] | 50.0 [45.0, 55.0] | 33.3 [30.0, 36.0] | best | 1,500 / 2,339 | 1,155 |" in bf
+    assert "| 40.0 [38.0, 43.0] | 50.0 [45.0, 55.0] | 33.3 [30.0, 36.0] | - | 1,500 / 2,339 | 1,155 |" in p2
+    ci = BS.term_bootstrap(PRED, GOLD_BY, GOLD)  # a run with saved terms: intervals recomputed from them
+    assert f"| 57.1 [{100 * ci['f1_lo']:.1f}, {100 * ci['f1_hi']:.1f}] | 66.7 [" in bf and "| best |" in bf
     assert f"| {100 * want['diff']:+.1f} [{100 * want['lo']:+.1f}, {100 * want['hi']:+.1f}] |" in lo
-    assert want["lo"] <= want["diff"] <= want["hi"] and "| - | 1,500" in p2  # no saved terms: no difference
+    rows[2]["test/f1"] = 0.5
+    with pytest.raises(ValueError, match="test_terms.json gives f1 0.571429, metrics.json 0.500000"):
+        report.method_table(rows, bench)
     assert "| 0.84x | 0.74x | 0.45x |" in bf and "| 2.5 (1) |" in bf  # BitFit's defaults match the bench row
     assert "(not chosen)" in p3 and "(chosen on val)" in p2 and "| 0.34x | 0.53x | 0.19x |" in p2
     assert "| - | - | - | 40.0 |" in lo and "no row for: LoRA r8 on query,value" in table
