@@ -7,6 +7,7 @@
     python tools/espeak_digits.py                                   # the default voice set
     python tools/espeak_digits.py --adapter runs/x/adapter --voices en-us:160:50 en-gb-x-rp+f3:140:70 flite/slt
     python tools/espeak_digits.py --keep /tmp/espeak_digits --json out.json
+    python tools/espeak_digits.py --pad 1.0 --snr 20 --gain-db -30   # as a quiet, noisy recording with silence around
 
 A voice is `VOICE[:SPEED[:PITCH]]` (espeak-ng -v VOICE -s SPEED -p PITCH; defaults 160 words per
 minute, pitch 50; formant synthesis, 22,050 Hz) or `flite/NAME` (flite's voices kal, kal16, awb,
@@ -79,8 +80,25 @@ def _flite(voice: str, out: Path) -> list[Path]:
     return files
 
 
-def evaluate(adapter: str, voices: list[str], folder: Path) -> dict:
-    """{"voices": {spec: {"correct": n, "predicted": [...]}}, "correct": n, "total": n} for the voices."""
+def degrade(f: Path, pad: float, snr: float | None, gain_db: float, seed: int) -> None:
+    """Rewrite `f` as a worse recording: `pad` seconds of silence before and after, `gain_db` of
+    gain, white noise over all of it at `snr` dB below the speech's RMS (None: no noise)."""
+    import numpy as np
+    import soundfile as sf
+
+    x, sr = sf.read(str(f), dtype="float32")
+    rms = float(np.sqrt(np.mean(x ** 2)))
+    n = int(round(pad * sr))
+    y = np.concatenate([np.zeros(n, np.float32), x, np.zeros(n, np.float32)])
+    if snr is not None:
+        y = y + np.random.default_rng(seed).standard_normal(y.size).astype(np.float32) * rms / 10 ** (snr / 20)
+    sf.write(str(f), np.clip(y * 10 ** (gain_db / 20), -1, 1), sr, subtype="PCM_16")
+
+
+def evaluate(adapter: str, voices: list[str], folder: Path, pad: float = 0.0, snr: float | None = None,
+             gain_db: float = 0.0) -> dict:
+    """{"voices": {spec: {"correct": n, "predicted": [...]}}, "correct": n, "total": n} for the voices
+    (each clip degraded first when pad / snr / gain_db are set: `degrade`)."""
     from audio.predict import frontend_config, iter_predict
     from shared import peft
     from shared.hub import resolve_adapter
@@ -91,6 +109,9 @@ def evaluate(adapter: str, voices: list[str], folder: Path) -> dict:
     rows, correct, total = {}, 0, 0
     for spec in voices:
         files = synthesise(spec, folder)
+        if pad or snr is not None or gain_db:
+            for i, f in enumerate(files):
+                degrade(f, pad, snr, gain_db, seed=i)
         got = []
         for name, top in iter_predict(model, cfg, [str(f) for f in files], top_k=1, workers=0):
             got.append((Path(name.split(" [")[0]).stem.rsplit("_", 1)[1], top[0][0], round(top[0][1], 4), name))
@@ -113,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                          "when flite is installed)")
     ap.add_argument("--keep", metavar="DIR", help="write the clips here (default: a temporary folder, removed)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--pad", type=float, default=0.0, metavar="S", help="seconds of silence added before and after")
+    ap.add_argument("--snr", type=float, default=None, metavar="DB", help="white noise over the clip at DB below it")
+    ap.add_argument("--gain-db", type=float, default=0.0, metavar="DB", help="gain applied (e.g. -30: a quiet recording)")
     args = ap.parse_args(argv)
     if args.voices is None:
         args.voices = VOICES + (FLITE_VOICES if shutil.which("flite") else [])
@@ -125,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.keep) if args.keep else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        res = evaluate(args.adapter, args.voices, folder)
+        res = evaluate(args.adapter, args.voices, folder, args.pad, args.snr, args.gain_db)
     print(f"{'voice:speed:pitch':28s} correct  predicted (zero..nine)")
     for spec, row in res["voices"].items():
         labels = " ".join(p["label"] for p in row["predicted"])
