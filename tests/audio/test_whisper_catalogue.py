@@ -89,3 +89,9 @@ def test_voices_outside_fsdd_at_least_seven_in_ten(tmp_path):
     res = evaluate(ADAPTER, ["en-us:160:50", "en-us+f3:160:60"], tmp_path)
     for spec, row in res["voices"].items():
         assert row["correct"] >= 7, (spec, [(p["word"], p["label"]) for p in row["predicted"]])
+    # as a user's recording: 1 s of silence around the word, faint noise (40 dB below it), 20 dB
+    # quieter: the bundle's trim and peak bring it back to one window (10 / 10 measured)
+    (tmp_path / "rec").mkdir()
+    res = evaluate(ADAPTER, ["en-us:160:50"], tmp_path / "rec", pad=1.0, snr=40.0, gain_db=-20.0)
+    row = res["voices"]["en-us:160:50"]
+    assert len(row["predicted"]) == 10 and row["correct"] >= 7, [(p["word"], p["file"]) for p in row["predicted"]]
