@@ -352,7 +352,8 @@ def study_tables(root: Path, bench: Path, n_resamples: int = 1000, seed: int = 0
                  f"{NAMES[k]}: {v[1]}" for k, v in BENCH_ROWS.items() if v[1]) + "). Step time / memory: "
              "benchmarks/results/peft_step_dinov2-s14.md (224 px, batch 8, 1 thread).",
              "MedMNIST v2 rows: the paper's numbers on the OFFICIAL PneumoniaMNIST split (imbalanced, 4,708 / 524 / 624); "
-             "ours is a class-balanced subset (2,428 / 270 / 468) and a label budget: not comparable number for number."]
+             "ours is a class-balanced subset (2,428 / 270 / 468) and a label budget: not comparable number for number. "
+             "The values were checked against public repositories quoting the paper's table, not against the paper itself."]
     text = "\n".join(lines + notes) + "\n"
     if grid_rows:
         g_lines = ["", "Learning-rate grid (seed 0; chosen on validation AUROC):", "",

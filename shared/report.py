@@ -179,6 +179,13 @@ def runs_text(n: int) -> str:
     return "1 run" if n == 1 else f"{n} runs"
 
 
+def _legend_label(s: dict[str, Any], short: bool) -> str:
+    """The row's label; with many rows only its method (and recipe variant), to keep the legend narrow."""
+    if short:
+        return str(s["method"]) + (f" [{s['variant']}]" if s.get("variant") else "")
+    return s.get("label") or f"{s['dataset']}: {s['method']}"
+
+
 def figure(summary: list[dict[str, Any]], metric: str):
     """The metric against trainable parameters (a matplotlib Figure, Agg): one marker per row of the
     table, labelled beside it with its method and "1 run" / "n runs"; a row of several runs is its
@@ -192,8 +199,10 @@ def figure(summary: list[dict[str, Any]], metric: str):
     pct = is_fraction(metric, summary)
     scale = 100.0 if pct else 1.0
     units = sorted({s["unit"] for s in summary if s.get("unit")})
-    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
-    colours = plt.get_cmap("tab10")
+    many = len(summary) > 6  # then the legend goes beside the axes and names the points (no labels on them)
+    fig, ax = plt.subplots(figsize=(11, 5.5) if many else (8, 5), layout="constrained")
+    colours = plt.get_cmap("tab20" if len(summary) > 10 else "tab10")
+    markers = "osD^vP*Xhp<>"
     drawn, skipped, xs, ys, levels = 0, 0, [], [], []
     for i, s in enumerate(summary):
         t = s["trainable_params"]
@@ -202,22 +211,23 @@ def figure(summary: list[dict[str, Any]], metric: str):
             skipped += 1
             continue
         if x == 0:  # nothing trained (a zero-shot baseline): no place on a log axis, a level line instead
-            col = colours(i % 10)
-            label = s.get("label") or f"{s['dataset']}: {s['method']}"
+            col = colours(i % colours.N)
+            label = _legend_label(s, many)
             ax.axhline(scale * s["mean"], color=col, linestyle="--", linewidth=1.2,
                        label=f"{label}: 0 trained, {runs_text(s['runs'])}" + (", mean" if s["runs"] > 1 else ""))
             drawn, levels = drawn + 1, levels + [scale * s["mean"]]
             continue
-        x, y, col = max(1, x), scale * s["mean"], colours(i % 10)
-        label = s.get("label") or f"{s['dataset']}: {s['method']}"
+        x, y, col = max(1, x), scale * s["mean"], colours(i % colours.N)
+        label = _legend_label(s, many)
         if s["runs"] > 1:
-            ax.errorbar(x, y, yerr=scale * s["std"], fmt="o", capsize=4, color=col,
-                        label=f"{label}: {runs_text(s['runs'])}, mean ± std")
+            ax.errorbar(x, y, yerr=scale * s["std"], fmt=markers[i % len(markers)] if many else "o", capsize=4,
+                        color=col, label=f"{label}: {runs_text(s['runs'])}, mean ± std")
         else:
             ax.plot([x], [y], marker="D", markersize=8, markerfacecolor="white", markeredgecolor=col,
                     markeredgewidth=1.8, linestyle="none", label=f"{label}: 1 run")
-        ax.annotate(f"{s['method']} ({runs_text(s['runs'])})", (x, y), xytext=(7, 6 if drawn % 2 == 0 else -12),
-                    textcoords="offset points", fontsize=7, color=col)
+        if not many:
+            ax.annotate(f"{s['method']} ({runs_text(s['runs'])})", (x, y), xytext=(7, 6 if drawn % 2 == 0 else -12),
+                        textcoords="offset points", fontsize=7, color=col)
         drawn, xs, ys = drawn + 1, xs + [x], ys + [y]
     ax.set_xscale("log")
     ax.margins(x=0.2, y=0.12)  # room for the labels beside the outermost markers
@@ -238,7 +248,9 @@ def figure(summary: list[dict[str, Any]], metric: str):
     ax.set_title(f"{metric} against trainable parameters: {drawn} row(s) of the table, {runs_text(total)}"
                  + (f" ({skipped} without a parameter count not drawn)" if skipped else ""), fontsize=9)
     ax.grid(alpha=0.3)
-    if drawn:
+    if drawn and many:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    elif drawn:
         ax.legend(fontsize=7, loc="best")
     else:
         ax.text(0.5, 0.5, "no row records its trainable parameters", ha="center", va="center", transform=ax.transAxes)
