@@ -179,7 +179,7 @@ def method_table(rows: list[dict], bench_path: Path = BENCH) -> str:
             "predicted / gold", "trainable params", "step vs full", "peak RSS vs full", "above baseline vs full",
             "val F1 %", "CPU min (threads)", "run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    rows.sort(key=lambda r: (r["dataset"], order.get(regime_key(r), 99), float((r["config"].get("model") or {})
+    rows.sort(key=lambda r: (r["dataset"] != "acter-htfl", r["dataset"], order.get(regime_key(r), 99), float((r["config"].get("model") or {})
                                                                               .get("lr", 0)), str(r.get("run"))))
     missing = set()
     for r in rows:

@@ -111,7 +111,6 @@ def test_report_averages_the_six_folds_into_one_row(tmp_path):
         report([str(tmp_path / "runs"), "--bench", str(tmp_path / "missing.json")])
 
 
-@pytest.mark.slow  # three Lightning runs: about 4 s idle, 9 s on the loaded 2-core machine
 def test_loso_runs_one_recipe_per_speaker_and_the_report_makes_one_row(tmp_path, capsys):
     """`python -m audio.loso` on a 3-speaker fixture with the tiny random Whisper: three folds, each
     testing one speaker and validating on the next, averaged into one report row."""
