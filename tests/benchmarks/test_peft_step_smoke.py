@@ -1,4 +1,5 @@
 """Smoke test of benchmarks/peft_step.py on a tiny random ViT: every row is produced, no timing claims."""
+import pytest
 import json
 import math
 from pathlib import Path
@@ -15,6 +16,7 @@ def _positive(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
+@pytest.mark.slow  # 12 s; the benchmark's real-model and gpu_check smoke tests stay in the default tier
 def test_peft_step_tiny_run_writes_every_row(tmp_path, monkeypatch, capsys):
     # The measurements run in forkserver children, which import the script by module name.
     monkeypatch.syspath_prepend(str(SCRIPT_DIR))

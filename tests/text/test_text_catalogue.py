@@ -32,6 +32,7 @@ def test_catalogue_adapter_predicts_offline(monkeypatch, capsys):
     assert any("heart failure" in t for t, s in scored.items() if s >= 0.5), scored
 
 
+@pytest.mark.slow  # 28 s: the whole htfl domain; tests/text/test_text_eval_speed.py checks a slice by default
 @pytest.mark.skipif(not ACTER.is_dir(), reason="needs ../shared/data/acter")
 def test_catalogue_adapter_reproduces_its_htfl_f1():
     from shared import peft
