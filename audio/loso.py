@@ -13,7 +13,9 @@ row (their recipes differ only in the held-out speakers), mean ± population std
 
 Own options (the others go to every fold): `--speakers a,b,c` (default: every speaker in the
 data), `--folds theo,lucas` (only the folds testing these speakers), `--skip_done` (leave a fold
-whose `metrics.json` exists: continue an interrupted loop). Exit status 0 when every fold ran.
+whose `metrics.json` exists: continue an interrupted loop), `--resume` (continue a loop that was
+stopped: a fold with a stopped run's `last.ckpt` resumes from it, a finished fold without one is
+left as it is, the others run). Exit status 0 when every fold ran.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ def split_own(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--speakers", default=None)
     ap.add_argument("--folds", default=None)
     ap.add_argument("--skip_done", action="store_true")
+    ap.add_argument("--resume", action="store_true")
     ap.add_argument("-h", "--help", action="store_true")
     return ap.parse_known_args(argv)
 
@@ -50,6 +53,13 @@ def recipe_value(argv: list[str], key: str):
         if node is not None:
             value = node
     return value
+
+
+def stopped_run(fold_dir: Path) -> bool:
+    """Whether a stopped `audio.train` run of this fold left a checkpoint that `--resume` continues."""
+    from shared.lifecycle import LAST, staging_folders
+
+    return any((stage / LAST).is_file() for stage in staging_folders(fold_dir))
 
 
 def plan(argv: list[str], speakers: str | None, folds: str | None) -> list[tuple[str, str]]:
@@ -94,13 +104,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"[loso] {len(pairs)} folds (test, validation): {pairs} -> {out}/<test speaker>", flush=True)
     for test, val in pairs:
         fold_dir = out / test
-        if own.skip_done and (fold_dir / "metrics.json").is_file():
+        stopped = own.resume and stopped_run(fold_dir)
+        if (own.skip_done or own.resume) and not stopped and (fold_dir / "metrics.json").is_file():
             print(f"[loso] fold {test}: done before ({fold_dir / 'metrics.json'}), skipped", flush=True)
             continue
         t0, c0 = time.time(), time.process_time()
         print(f"[loso] fold {test}: test {test}, validation {val}", flush=True)
         row = train(base + ["--data.init_args.test_speakers", f"[{test}]", "--data.init_args.val_speakers", f"[{val}]",
-                            "--output_dir", str(fold_dir), "--run_name", f"{name}-{test}"])
+                            "--output_dir", str(fold_dir), "--run_name", f"{name}-{test}"]
+                    + (["--resume"] if stopped else []))
         acc = row.get("test/acc")
         print(f"[loso] fold {test}: test/acc {acc if acc is None else round(acc, 4)}, "
               f"{time.time() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU", flush=True)

@@ -143,6 +143,31 @@ def test_loso_runs_one_recipe_per_speaker_and_the_report_makes_one_row(tmp_path,
               "--folds", "bob"])
 
 
+def test_loso_resume_continues_the_stopped_fold_and_leaves_finished_ones(tmp_path, monkeypatch, capsys):
+    """`audio.loso --resume`: a finished fold (metrics.json, no stopped run) is left as it is, the fold
+    whose stopped run left `last.ckpt` in its staging folder gets `--resume`, a fold never run starts
+    afresh. (Passing `--resume` to every fold made the finished ones refuse: nothing to resume.)"""
+    import audio.train
+    from audio.loso import main as loso
+
+    fsdd = _fake_fsdd(tmp_path / "fsdd", speakers=("jackson", "nicolas", "theo"), takes=1)
+    out = tmp_path / "runs" / "lora"
+    (out / "jackson").mkdir(parents=True)
+    (out / "jackson" / "metrics.json").write_text("{}")                   # finished
+    stage = out / ".nicolas.staging-abc123"
+    stage.mkdir()
+    (stage / "last.ckpt").write_bytes(b"0")                              # stopped, resumable
+    calls = []
+    monkeypatch.setattr(audio.train, "main", lambda argv: calls.append(argv) or {"test/acc": 1.0})
+    loso(["--config", str(ROOT / "domains/audio/data/fsdd.yaml"), "--resume",
+          "--config", str(ROOT / "domains/audio/real/whisper_fsdd_lora.yaml"), "--data.root", str(fsdd),
+          "--output_dir", str(out)])
+    ran = {argv[argv.index("--output_dir") + 1]: argv for argv in calls}
+    assert sorted(Path(k).name for k in ran) == ["nicolas", "theo"]
+    assert "--resume" in ran[str(out / "nicolas")] and "--resume" not in ran[str(out / "theo")]
+    assert "fold jackson: done before" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- recipes
 def _methods(key):
     return yaml.safe_load((ROOT / f"domains/audio/real/whisper_fsdd_{key}.yaml").read_text())["model"]
