@@ -311,15 +311,10 @@ def check_depth_cache(device: str, quick: bool) -> dict:
         rows = DepthRows(folder)
         cache_bytes = rows.nbytes
         loader = cached_loader(rows, like=DataLoader(range(n), batch_size=batch, shuffle=True))
-        batches = iter(())
+        batches = sr.endless(loader)
 
         def next_cached():
-            nonlocal batches
-            try:
-                r, yb = next(batches)
-            except StopIteration:
-                batches = iter(loader)
-                r, yb = next(batches)
+            r, yb = next(batches)
             return type(r)(r.block, r.tokens.to(device, non_blocking=True), r.mask, r.grid, r.input_ndim), yb.to(device)
 
         opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for k, m in models.items()}

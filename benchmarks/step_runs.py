@@ -53,7 +53,14 @@ MODELS = {
                  "houlsby_sequential", "conformer", "lora", "bitfit", "prefix", "prompt")},
 }
 
+def endless(loader):
+    """The loader's batches pass after pass, each pass a new iteration (a shuffling loader reshuffles)."""
+    while True:
+        yield from loader
+
+
 # ----------------------------------------------------------------------------- memory (Linux)
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -407,15 +414,10 @@ def run_depth_train(spec: dict, method: dict, folder: str) -> dict:
     peak_reset = _reset_peak() and peak_reset
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
-    batches = iter(())
+    batches = endless(loader)
 
     def step():
-        nonlocal batches
-        try:
-            resume, y = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            resume, y = next(batches)
+        resume, y = next(batches)
         F.cross_entropy(model(resume), y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
